@@ -1,0 +1,48 @@
+"""The installable package: version, cheap import, command line, README <-> CI."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import stablemtl
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "cv2", "matplotlib", "pandas", "h5py", "OpenEXR")
+
+
+def _loaded_after(statement: str) -> list[str]:
+    probe = f"{statement}\nimport sys\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+    return [m for m in out.strip().split(",") if m]
+
+
+def test_version_is_a_release_string():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", stablemtl.__version__)
+
+
+def test_package_import_loads_no_heavy_module():
+    # the import-time budget (< 2 s) is measured in benchmarks/bench_import.py; what keeps it
+    # small is that neither the package nor its numpy-only modules import these
+    assert _loaded_after("import stablemtl") == []
+    assert _loaded_after("import stablemtl.metrics, stablemtl.data.formats") == []
+
+
+def test_console_script_runs_and_checks_the_tasks():
+    script = Path(sys.executable).with_name("stablemtl")
+    out = subprocess.run([str(script), "run"], check=True, capture_output=True, text=True).stdout
+    for name in ("albedo", "shading", "depth", "normal", "semantic", "optical_flow", "scene_flow"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        error = float(re.search(r"round trip: ([0-9.e+-]+)", line).group(1))
+        assert error < 1e-3, line
+    bad = subprocess.run([str(script), "fly"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'fly'" in bad.stderr
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^(\./setup\.sh.*?)\s{2,}#", readme, flags=re.M)
+    assert len(commands) == 2, commands  # exactly two commands: main job and tests
+    test_command = next(c for c in commands if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command.strip() in [line.strip() for line in ci]
