@@ -1,0 +1,1 @@
+"""Data: file formats (``formats``); dataset sources, the procedural world and mixing follow."""
