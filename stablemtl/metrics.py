@@ -489,9 +489,10 @@ class _Accumulator:
 
 
 class DepthAccumulator(_Accumulator):
-    """Per-image alignment (``align``: 'depth', 'disparity' or None), clip to ``depth_range``, metrics; mean over images."""
+    """Per-image alignment (``align``: 'depth', 'disparity' or None), clip to the dataset's
+    ``depth_range`` (min, max) in metres (KITTI 1e-5..80, DIODE 0.6..350), metrics; mean over images."""
 
-    def __init__(self, align: str | None = "depth", depth_range=(1e-5, 80.0)):
+    def __init__(self, depth_range: tuple[float, float], align: str | None = "depth"):
         super().__init__()
         self.align, self.depth_range = align, depth_range
 

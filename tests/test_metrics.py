@@ -279,8 +279,8 @@ def _batch(kind, n=5, h=20, w=27):
 
 
 @pytest.mark.parametrize("make,kind", [
-    (lambda: M.DepthAccumulator(), "depth"),
-    (lambda: M.DepthAccumulator(align="disparity"), "depth"),
+    (lambda: M.DepthAccumulator((1e-5, 80.0)), "depth"),
+    (lambda: M.DepthAccumulator((0.6, 350.0), align="disparity"), "depth"),
     (M.NormalAccumulator, "normal"),
     (M.FlowAccumulator, "flow"),
     (M.SceneFlowAccumulator, "scene_flow"),
@@ -319,7 +319,7 @@ def test_semantic_accumulator_does_not_depend_on_batching():
 
 
 def test_accumulator_without_scored_images_explains():
-    acc = M.DepthAccumulator()
+    acc = M.DepthAccumulator(depth_range=(1e-5, 80.0))
     acc.update(np.ones((2, 2)), np.ones((2, 2)), np.zeros((2, 2), bool))
     with pytest.raises(ValueError, match=r"no image with valid pixels was scored \(1 skipped\)"):
         acc.compute()
