@@ -475,24 +475,24 @@ def read_normal_npy(path) -> np.ndarray:
     return read_npy(path, ndim=3, channels=3).astype(np.float32)
 
 
+def _read_npy_hw(path, what: str) -> np.ndarray:
+    """A ``[H, W]`` (or ``[H, W, 1]``) ``.npy`` array as ``[H, W]``."""
+    array = read_npy(path)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise FormatError(f"{path}: expected {what} [H, W] or [H, W, 1], got shape {array.shape}")
+    return array
+
+
 def read_mask_npy(path) -> np.ndarray:
     """A validity mask ``[H, W]`` (bool, or 0/1 numbers) as bool."""
-    mask = read_npy(path)
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 2:
-        raise FormatError(f"{path}: expected a [H, W] mask, got shape {mask.shape}")
-    return mask.astype(bool)
+    return _read_npy_hw(path, "a mask").astype(bool)
 
 
 def read_diode_depth(path) -> np.ndarray:
     """DIODE ``*_depth.npy`` (``[H, W, 1]`` metres) as float32 ``[H, W]``."""
-    depth = read_npy(path)
-    if depth.ndim == 3 and depth.shape[2] == 1:
-        depth = depth[..., 0]
-    if depth.ndim != 2:
-        raise FormatError(f"{path}: expected a DIODE depth map [H, W, 1], got shape {depth.shape}")
-    return depth.astype(np.float32)
+    return _read_npy_hw(path, "a DIODE depth map").astype(np.float32)
 
 
 def write_diode_depth(path, depth) -> Path:
