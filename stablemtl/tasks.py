@@ -89,7 +89,7 @@ def _unit_interval(x: torch.Tensor, valid: torch.Tensor, what: str) -> torch.Ten
     return x
 
 
-def masked_quantiles(values: torch.Tensor, quantiles: tuple[float, ...]) -> list[float]:
+def _quantiles(values: torch.Tensor, quantiles: tuple[float, ...]) -> list[float]:
     """Linear-interpolation quantiles of a 1-D tensor (same as ``torch.quantile``, no size limit)."""
     v = values.flatten().double().sort().values
     n = v.numel()
@@ -124,11 +124,14 @@ def _black_out(rgb: np.ndarray, valid) -> np.ndarray:
     return rgb
 
 
+def _albedo_mask(albedo: torch.Tensor) -> torch.Tensor:
+    return (albedo >= ALBEDO_MIN).all(dim=1, keepdim=True) & _finite(albedo)
+
+
 def albedo_valid_mask(albedo) -> torch.Tensor:
     """Reference albedo (and shading) mask: every channel >= 0.004 on the [0, 1] scale."""
     a = _as_batch(albedo, 3, "albedo")
-    a = a.float() / 255.0 if a.dtype == torch.uint8 else a.float()
-    return (a >= ALBEDO_MIN).all(dim=1, keepdim=True) & _finite(a)
+    return _albedo_mask(a.float() / 255.0 if a.dtype == torch.uint8 else a.float())
 
 
 # --------------------------------------------------------------------------- tasks
@@ -152,6 +155,7 @@ class Task:
         x = _as_batch(annotation, self.annotation_channels, f"{self.name} annotation")
         valid = _as_valid(valid, x, f"{self.name} annotation")
         target, valid = self._encode(x, valid)
+        # invalid pixels, non-finite annotations among them, all get the task's fill value
         target = torch.where(valid, target, torch.full_like(target, self.invalid_fill))
         return target.float().clamp(-1.0, 1.0), valid
 
@@ -186,11 +190,10 @@ class DepthTask(Task):
             values = depth[i][valid[i]]
             if values.numel() == 0:
                 continue
-            near, far = masked_quantiles(values, DEPTH_QUANTILES)
+            near, far = _quantiles(values, DEPTH_QUANTILES)
             # A constant-depth image has far == near: keep it finite (all -1), not NaN.
             span = max(far - near, 1e-12)
             target[i] = (depth[i] - near) / span * 2.0 - 1.0
-        target = torch.nan_to_num(target, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1.0, 1.0)
         return target.repeat(1, 3, 1, 1), valid
 
     def _decode(self, x):
@@ -217,7 +220,7 @@ class NormalTask(Task):
     def _encode(self, normal, valid):
         normal = normal.float()
         valid = valid & _finite(normal) & (normal.norm(dim=1, keepdim=True) > 1e-6)
-        return normal.nan_to_num(0.0), valid
+        return normal, valid
 
     def _decode(self, x):
         norm = x.norm(dim=1, keepdim=True)
@@ -258,8 +261,9 @@ class SemanticTask(Task):
 
     def _decode(self, x):
         palette = self.palette(x.device)
-        dist = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(dim=2)
-        return dist.argmin(dim=1, keepdim=True)
+        # argmin_k |x - p_k|^2 = argmax_k 2 x.p_k - |p_k|^2, without a [B, K, 3, H, W] intermediate
+        score = 2.0 * torch.einsum("bchw,kc->bkhw", x, palette) - (palette ** 2).sum(1)[None, :, None, None]
+        return score.argmax(dim=1, keepdim=True)
 
     def colorize(self, output, valid=None):
         ids = _as_batch(output, 1, "semantic output").long()[:, 0]
@@ -275,7 +279,6 @@ class _FlowTask(Task):
     def _encode(self, flow, valid):
         flow = flow.float()
         valid = valid & _finite(flow)
-        flow = flow.nan_to_num(0.0, posinf=0.0, neginf=0.0)
         normalised = flow / _per_axis_max_abs(flow, valid)
         return self._to_three(normalised), valid
 
@@ -330,8 +333,7 @@ class AlbedoTask(Task):
 
     def _encode(self, albedo, valid):
         albedo = _unit_interval(albedo, valid, "albedo annotation")
-        valid = valid & _finite(albedo) & (albedo >= ALBEDO_MIN).all(dim=1, keepdim=True)
-        return albedo.nan_to_num(0.0) * 2.0 - 1.0, valid
+        return albedo * 2.0 - 1.0, valid & _albedo_mask(albedo)
 
     def _decode(self, x):
         return (x + 1.0) / 2.0
@@ -359,7 +361,7 @@ class ShadingTask(Task):
         else:
             grey = shading
         valid = valid & torch.isfinite(grey)
-        return (grey.nan_to_num(0.0) * 2.0 - 1.0).repeat(1, 3, 1, 1), valid
+        return (grey * 2.0 - 1.0).repeat(1, 3, 1, 1), valid
 
     def _decode(self, x):
         return (x.mean(dim=1, keepdim=True) + 1.0) / 2.0

@@ -87,8 +87,8 @@ def _read_png(path, dtype, channels: int, what: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _write_png(path, img: np.ndarray, **params) -> Path:
-    """Encode ``img`` (RGB order) with OpenCV by the path's extension, atomically."""
+def _write_png(path, img: np.ndarray, jpeg_quality: int | None = None) -> Path:
+    """Encode ``img`` (RGB order) with OpenCV by the path's extension (png, jpg), atomically."""
     import cv2
 
     img = np.asarray(img)
@@ -96,9 +96,7 @@ def _write_png(path, img: np.ndarray, **params) -> Path:
         img = img[..., ::-1]
     elif img.ndim == 3 and img.shape[2] == 4:
         img = img[..., [2, 1, 0, 3]]
-    flags = []
-    if "quality" in params:
-        flags = [cv2.IMWRITE_JPEG_QUALITY, int(params["quality"])]
+    flags = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if jpeg_quality is not None else []
     ok, buf = cv2.imencode(Path(path).suffix or ".png", np.ascontiguousarray(img), flags)
     if not ok:
         raise FormatError(f"{path}: OpenCV could not encode an image of shape {img.shape} and dtype {img.dtype}")
@@ -141,8 +139,8 @@ def write_rgb(path, image, quality: int = 95) -> Path:
         if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
             raise ValueError(f"{path}: float images must be finite and in [0, 1] (got {image.min():.4g}..{image.max():.4g})")
         image = (image * 255.0).astype(np.uint8)
-    params = {"quality": quality} if Path(path).suffix.lower() in (".jpg", ".jpeg") else {}
-    return _write_png(path, image, **params)
+    is_jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
+    return _write_png(path, image, jpeg_quality=quality if is_jpeg else None)
 
 
 def read_mask_png(path) -> np.ndarray:
