@@ -38,6 +38,9 @@ HIGHER_IS_BETTER = {
 }
 
 
+IGNORE_INDEX = 250  # the semantic "ignore" label, shared by tasks, formats and metrics
+
+
 class EmptyMaskError(ValueError):
     """An image has no valid ground-truth pixel: it cannot be scored."""
 
@@ -177,7 +180,7 @@ class SemanticConfusion:
     absent from both GT and prediction) and ``miou`` = nanmean of the IoUs.
     """
 
-    def __init__(self, num_classes: int = 8, ignore_index: int = 250):
+    def __init__(self, num_classes: int = 8, ignore_index: int = IGNORE_INDEX):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -527,7 +530,6 @@ class NormalAccumulator(_Accumulator):
 class _PooledAccumulator(_Accumulator):
     """Sums over all valid pixels of all images, divided by the pixel count."""
 
-    image_ndim = 2
     keys: tuple[str, ...] = ()
 
     def _image(self, pred, gt, valid):

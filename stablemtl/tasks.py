@@ -22,6 +22,8 @@ import math
 import numpy as np
 import torch
 
+from stablemtl.metrics import IGNORE_INDEX
+
 TASK_NAMES = ("albedo", "shading", "depth", "normal", "semantic", "optical_flow", "scene_flow")
 
 SEMANTIC_CLASSES = (
@@ -32,7 +34,6 @@ SEMANTIC_PALETTE = (
     (128, 64, 128), (70, 70, 70), (153, 153, 153), (250, 170, 30),
     (220, 220, 0), (107, 142, 35), (70, 130, 180), (0, 0, 142),
 )
-IGNORE_INDEX = 250
 
 DEPTH_QUANTILES = (0.02, 0.98)
 ALBEDO_MIN = 0.004  # on the [0, 1] scale: a pixel is valid when every channel reaches it

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stablemtl.metrics import IGNORE_INDEX
+
 
 class FormatError(ValueError):
     """A file exists but does not hold what its format promises."""
@@ -243,9 +245,9 @@ def _read_u16_scaled(path, scale: float, what: str) -> np.ndarray:
 
 def _write_u16_scaled(path, values, scale: float, limit: float, what: str, hint: str, far_code=None) -> Path:
     values = _check_hw(values, None, what, path).astype(np.float64)
-    if (values[np.isfinite(values)] < 0).any():
-        raise ValueError(f"{path}: {what} must not be negative")
     finite = np.isfinite(values)
+    if (values[finite] < 0).any():
+        raise ValueError(f"{path}: {what} must not be negative")
     _check_range(values, limit, what, path, hint)
     img = _quantise(np.where(finite, values, 0.0), scale)
     if far_code is not None:
@@ -321,7 +323,6 @@ VKITTI_TO_CLASS = {
     "Road": 0, "Building": 1, "Pole": 2, "TrafficLight": 3, "TrafficSign": 4,
     "Tree": 5, "Vegetation": 5, "Sky": 6, "Truck": 7, "Car": 7, "Van": 7,
 }  # Terrain, GuardRail, Misc, Undefined -> ignore (250)
-IGNORE_INDEX = 250
 
 
 def read_vkitti_depth(path) -> np.ndarray:
