@@ -469,6 +469,25 @@ def write_npy(path, array) -> Path:
     return _atomic_write(path, write)
 
 
+def read_npz(path, key: str) -> np.ndarray:
+    """Array ``key`` of a ``.npz`` archive (FlyingThings3D ``pc/*.npz`` hold ``pc1``); never unpickles."""
+    path = _exists(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if key not in archive.files:
+                raise FormatError(f"{path}: no array {key!r} in the archive (it holds {archive.files})")
+            return archive[key]
+    except (ValueError, OSError, EOFError) as err:
+        raise FormatError(f"{path}: cannot read as .npz ({err})") from None
+
+
+def write_npz(path, **arrays) -> Path:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return _atomic_write(path, write)
+
+
 def read_normal_npy(path) -> np.ndarray:
     """Camera-frame normals ``[H, W, 3]`` float32 (Hypersim preprocessed, vKITTI estimated)."""
     return read_npy(path, ndim=3, channels=3).astype(np.float32)

@@ -1,0 +1,158 @@
+"""The partial-annotation batch sampler (REFERENCE section 4).
+
+Each optimizer step trains one task, in round-robin order over the tasks; every
+micro-batch of the step (gradient accumulation) shares that task. Each
+micro-batch comes from one dataset, drawn among the datasets annotated for the
+task with the reference probabilities. Within a (task, dataset) stream the
+samples are a seeded permutation, reshuffled each time the stream is exhausted.
+
+Every random decision is a pure function of (seed, counter), so the sampler's
+whole state is a few counters: ``state_dict()`` / ``load_state_dict()`` restore
+it mid-epoch and the continuation is identical. With several processes
+(``num_replicas``), all ranks draw the same task and dataset for a micro-batch
+and take disjoint slices of the same global batch.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from stablemtl.tasks import TASK_NAMES
+
+# task -> {dataset: probability}, the reference's training mix
+TASK_DATASET_PROBS = {
+    "albedo": {"hypersim": 1.0},
+    "shading": {"hypersim": 1.0},
+    "depth": {"hypersim": 0.9, "vkitti": 0.1},
+    "normal": {"hypersim": 0.9, "vkitti": 0.1},
+    "semantic": {"vkitti": 1.0},
+    "optical_flow": {"vkitti": 0.5, "flying_things_3d": 0.5},
+    "scene_flow": {"vkitti": 0.5, "flying_things_3d": 0.5},
+}
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    step: int  # optimizer step
+    micro: int  # micro-batch within the step (0 .. accumulation - 1)
+    task: str
+    dataset: str
+    indices: tuple[int, ...]  # this rank's indices into the (task, dataset) source
+
+
+class MixedDataset(Dataset):
+    """One index space over several sources keyed by (task, dataset); samples gain a ``task`` key."""
+
+    def __init__(self, sources: dict):
+        self.keys = list(sources)
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(sources[k]) for k in self.keys]).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def global_index(self, key, index: int) -> int:
+        return self.offsets[self.keys.index(key)] + index
+
+    def __getitem__(self, index: int) -> dict:
+        k = bisect_right(self.offsets, index) - 1
+        task, dataset = self.keys[k]
+        sample = self.sources[(task, dataset)][index - self.offsets[k]]
+        sample["task"] = task
+        return sample
+
+
+class TaskMixingSampler:
+    """Round-robin tasks per optimizer step, a dataset per micro-batch, seeded and resumable.
+
+    ``stream_sizes`` maps (task, dataset) to the number of samples of that source.
+    Iterating yields ``MicroBatch`` objects forever (or ``num_steps`` steps);
+    ``batch_sampler(mixed)`` adapts it to a DataLoader over a ``MixedDataset``.
+    """
+
+    def __init__(self, stream_sizes: dict, tasks=None, batch_size: int = 1, accumulation: int = 1,
+                 probabilities: dict | None = None, seed: int = 2024, num_replicas: int = 1, rank: int = 0,
+                 num_steps: int | None = None):
+        probabilities = TASK_DATASET_PROBS if probabilities is None else probabilities
+        tasks = list(TASK_NAMES if tasks is None else tasks)
+        tasks = [t for t in TASK_NAMES if t in tasks] + [t for t in tasks if t not in TASK_NAMES]
+        self.choices = {}
+        for task in tasks:
+            if task not in TASK_NAMES:
+                raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+            if task not in probabilities:
+                raise ValueError(f"no dataset probabilities for task {task!r}")
+            avail = {d: p for d, p in probabilities[task].items() if stream_sizes.get((task, d), 0) > 0}
+            if not avail:
+                raise ValueError(f"task {task!r}: none of its datasets {list(probabilities[task])} has samples "
+                                 f"(streams given: {sorted(stream_sizes)})")
+            total = sum(avail.values())
+            self.choices[task] = (list(avail), np.array([p / total for p in avail.values()]))
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
+        for (task, dataset), n in stream_sizes.items():
+            if task in self.choices and dataset in self.choices[task][0] and n < batch_size * num_replicas:
+                raise ValueError(f"stream ({task}, {dataset}) has {n} samples, fewer than one global batch "
+                                 f"({batch_size} x {num_replicas} processes)")
+        self.tasks = tasks
+        self.stream_sizes = dict(stream_sizes)
+        self.batch_size, self.accumulation = int(batch_size), int(accumulation)
+        self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
+        self.num_steps = num_steps
+        self.position = 0  # micro-batches drawn so far
+        self.cursors = {key: [0, 0] for key in stream_sizes}  # stream -> [epoch, offset]
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"position": self.position, "cursors": {f"{t}/{d}": list(c) for (t, d), c in self.cursors.items()},
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+        self.position = int(state["position"])
+        for key, cursor in state["cursors"].items():
+            task, dataset = key.split("/", 1)
+            if (task, dataset) in self.cursors:
+                self.cursors[(task, dataset)] = [int(cursor[0]), int(cursor[1])]
+
+    # ----------------------------------------------------------------- drawing
+    def task_of_step(self, step: int) -> str:
+        return self.tasks[step % len(self.tasks)]
+
+    def _permutation(self, key, epoch: int) -> np.ndarray:
+        stream = sorted(self.stream_sizes).index(key)
+        return np.random.default_rng([self.seed, 1, stream, epoch]).permutation(self.stream_sizes[key])
+
+    def _take(self, key, count: int) -> list[int]:
+        epoch, offset = self.cursors[key]
+        n = self.stream_sizes[key]
+        if offset + count > n:  # drop the incomplete tail, as drop_last; reshuffle
+            epoch, offset = epoch + 1, 0
+        out = self._permutation(key, epoch)[offset:offset + count].tolist()
+        self.cursors[key] = [epoch, offset + count]
+        return out
+
+    def next(self) -> MicroBatch:
+        step, micro = divmod(self.position, self.accumulation)
+        task = self.task_of_step(step)
+        datasets, probs = self.choices[task]
+        u = np.random.default_rng([self.seed, 0, self.position]).random()
+        dataset = datasets[min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(datasets) - 1)]
+        global_batch = self._take((task, dataset), self.batch_size * self.num_replicas)
+        mine = global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        self.position += 1
+        return MicroBatch(step, micro, task, dataset, tuple(mine))
+
+    def __iter__(self):
+        while self.num_steps is None or self.position < self.num_steps * self.accumulation:
+            yield self.next()
+
+    def batch_sampler(self, mixed: MixedDataset):
+        """Global index lists for ``DataLoader(mixed, batch_sampler=...)``."""
+        for mb in self:
+            yield [mixed.global_index((mb.task, mb.dataset), i) for i in mb.indices]

@@ -1,0 +1,655 @@
+"""One ``torch.utils.data.Dataset`` per dataset, reading the dataset's real layout.
+
+Each source reads a split list (see ``stablemtl.data.splits``) under a root
+directory laid out as the real dataset (or its StableMTL preprocessing), and
+returns samples as dicts of tensors:
+
+- ``rgb`` (and ``rgb_next`` for the flow tasks): float32 ``[3, H, W]`` in [0, 1];
+- per task ``t``: ``sample[t]`` the annotation in natural units (depth ``[1]``
+  metres, normal ``[3]`` unit vectors, semantic ``[1]`` int64 class ids with 250
+  = ignore, albedo ``[3]`` and shading ``[3]`` in [0, 1], optical_flow ``[2]``
+  pixels, scene_flow ``[3]`` metres) and ``sample[f"{t}_valid"]`` bool ``[1, H, W]``;
+- ``dataset``, ``id`` (the split line's first file), ``index``, ``K`` (3 x 3
+  intrinsics of the returned raster, NaN where the dataset does not give them),
+  ``depth_range`` (the dataset's valid depth range).
+
+Conventions shared by every source: normals are camera-frame (x right, y down,
+z forward) unit vectors facing the camera (n . ray < 0). The reference's files
+store normals pointing away from the camera (Hypersim preprocessed: facing in
+OpenGL axes with x negated; vKITTI: estimated normals negated; DIODE: (-nx, ny,
+nz)); the sources negate them once, here. Resizing (``resolution=(H, W)``)
+uses nearest-exact sampling for every raster, as the reference, and rescales
+flow vectors with the image (the reference did not: a documented fix).
+``rgb_resize="antialias"`` uses antialiased bilinear resizing for the images.
+
+Geometry constants (crops, intrinsics) default to the real datasets' values.
+A dataset root may carry ``stablemtl_dataset.json`` whose ``geometry`` entry
+overrides them: the procedural miniatures do, as they are rendered smaller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from stablemtl.data import formats
+from stablemtl.metrics import IGNORE_INDEX
+from stablemtl.tasks import ALBEDO_MIN, TASK_NAMES
+
+META_FILE = "stablemtl_dataset.json"
+README_DATA = "README.md, section 'Real datasets'"
+REPO_SPLITS = Path(__file__).resolve().parents[2] / "data_split"
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset root, split list or listed file is missing or not where the layout says."""
+
+
+def _kb_crop(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner of the KITTI benchmark crop: bottom rows, centred columns."""
+    ch, cw = crop
+    if height < ch or width < cw:
+        raise ValueError(f"image {height}x{width} is smaller than the KITTI benchmark crop {ch}x{cw}")
+    return height - ch, (width - cw) // 2
+
+
+def eigen_mask(height: int, width: int) -> np.ndarray:
+    """The Eigen evaluation crop (fractions of the KB-cropped image): rows 0.3324324..0.91351351 H,
+    columns 0.0359477..0.96405229 W."""
+    mask = np.zeros((height, width), dtype=bool)
+    mask[int(0.3324324 * height):int(0.91351351 * height), int(0.0359477 * width):int(0.96405229 * width)] = True
+    return mask
+
+
+class Source(Dataset):
+    """Common machinery: root and split checks, per-task loading, crop, resize, flips, colour jitter."""
+
+    name = ""  # the kit's dataset name (data_split/<name>/)
+    root_hint = ""  # the directory under $PREPROCESSED_DIR, for messages
+    tasks_provided: tuple[str, ...] = ()
+    split_files: dict[str, str] = {}
+    layout = ""  # one line describing the expected layout, for messages
+    depth_range = (1e-5, math.inf)
+    geometry: dict = {}
+    jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue (flow tasks)
+    vertical_flip = False
+
+    def __init__(self, root, split: str, tasks=None, resolution=None, augment: bool = False,
+                 rgb_resize: str = "nearest-exact", resize_targets: bool = True, seed: int = 2024):
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetLayoutError(
+                f"{type(self).__name__}: dataset root {root} does not exist; expected {self.layout} "
+                f"(usually $PREPROCESSED_DIR/{self.root_hint}); see {README_DATA} for how to obtain it, "
+                f"or write the procedural miniature with stablemtl.data.synthetic.write_mini_datasets"
+            )
+        self.root = root
+        tasks = list(self.tasks_provided) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+        for task in tasks:
+            if task not in TASK_NAMES:
+                raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+            if task not in self.tasks_provided:
+                raise ValueError(f"{type(self).__name__} does not provide {task!r}; it provides: "
+                                 f"{', '.join(self.tasks_provided)}")
+        if not tasks:
+            raise ValueError(f"{type(self).__name__}: no task requested")
+        self.tasks = tasks
+        self.split = split
+        self.resolution = None if resolution is None else (int(resolution[0]), int(resolution[1]))
+        if rgb_resize not in ("nearest-exact", "antialias"):
+            raise ValueError(f"rgb_resize must be 'nearest-exact' (reference) or 'antialias', got {rgb_resize!r}")
+        self.rgb_resize = rgb_resize
+        self.resize_targets = resize_targets
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.meta = self._read_meta()
+        self.geometry = {**type(self).geometry, **self.meta.get("geometry", {})}
+        self.entries = self._read_split(split)
+
+    # ----------------------------------------------------------------- split and layout
+    def _read_meta(self) -> dict:
+        path = self.root / META_FILE
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise formats.FormatError(f"{path}: not valid JSON ({err})") from None
+
+    def split_paths(self, split: str) -> list[Path]:
+        """Where a split name is looked for, in order."""
+        if Path(split).suffix == ".txt" and Path(split).is_file():
+            return [Path(split)]
+        names = [self.split_files.get(split, f"{split}.txt")]
+        return [self.root / "data_split" / n for n in names] + [REPO_SPLITS / self.name / n for n in names]
+
+    def _split_lines(self, split: str) -> list[list[str]]:
+        candidates = self.split_paths(split)
+        for path in candidates:
+            if path.is_file():
+                self.split_file = path
+                lines = [line.split() for line in path.read_text().splitlines()]
+                return [line for line in lines if line and not line[0].startswith("#")]
+        raise DatasetLayoutError(
+            f"{type(self).__name__}: no split list {split!r}; looked for "
+            + ", ".join(str(p) for p in candidates)
+            + f". Build it from the dataset with stablemtl.data.splits.build_split('{self.name}', root) "
+            f"or see {README_DATA}"
+        )
+
+    def _read_split(self, split: str) -> list[tuple[str, ...]]:
+        return [tuple(line) for line in self._split_lines(split)]
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        res = "native" if self.resolution is None else f"{self.resolution[0]}x{self.resolution[1]}"
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
+                f"tasks={self.tasks}, resolution={res}, augment={self.augment})")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentations are a function of (seed, epoch, index): set the epoch for a new pass."""
+        self.epoch = int(epoch)
+
+    # ----------------------------------------------------------------- loading
+    def _load(self, entry: tuple[str, ...]) -> dict:
+        """Numpy arrays at native resolution: ``rgb`` [H, W, 3] in [0, 1], per task the annotation
+        ([H, W] or [H, W, C]) and ``<task>_valid`` [H, W]; ``K`` (3 x 3) if known."""
+        raise NotImplementedError
+
+    def needs_next_frame(self) -> bool:
+        return any(t in ("optical_flow", "scene_flow") for t in self.tasks)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{type(self).__name__}: index {index} out of range (n={len(self)})")
+        entry = self.entries[index]
+        try:
+            raw = self._load(entry)
+        except (FileNotFoundError, formats.FormatError) as err:
+            raise type(err)(f"{type(self).__name__} sample {index} (split line {' '.join(entry)!r} "
+                            f"in {getattr(self, 'split_file', '?')}): {err}") from None
+        sample = self._to_tensors(raw)
+        if self.resolution is not None:
+            sample = self._resize(sample, self.resolution)
+        if self.augment:
+            sample = self._augment(sample, index)
+        sample.update(dataset=self.name, id=entry[0], index=index,
+                      depth_range=tuple(float(v) for v in self.depth_range))
+        return sample
+
+    def _to_tensors(self, raw: dict) -> dict:
+        out = {}
+        for key in ("rgb", "rgb_next"):
+            if key in raw:
+                out[key] = torch.from_numpy(np.ascontiguousarray(raw[key], dtype=np.float32)).permute(2, 0, 1)
+        for task in self.tasks:
+            value = np.asarray(raw[task])
+            value = value[..., None] if value.ndim == 2 else value
+            dtype = np.int64 if task == "semantic" else np.float32
+            out[task] = torch.from_numpy(np.ascontiguousarray(value, dtype=dtype)).permute(2, 0, 1)
+            valid = np.asarray(raw[f"{task}_valid"], dtype=bool)
+            out[f"{task}_valid"] = torch.from_numpy(np.ascontiguousarray(valid))[None]
+        out["K"] = torch.as_tensor(raw.get("K", np.full((3, 3), np.nan)), dtype=torch.float64)
+        return out
+
+    def _resize(self, sample: dict, size: tuple[int, int]) -> dict:
+        import torch.nn.functional as F
+
+        h, w = sample["rgb"].shape[-2:]
+        if (h, w) == tuple(size):
+            return sample
+        sy, sx = size[0] / h, size[1] / w
+
+        def nearest(x):
+            return F.interpolate(x[None].float(), size=size, mode="nearest-exact")[0].to(x.dtype)
+
+        for key in ("rgb", "rgb_next"):
+            if key in sample:
+                if self.rgb_resize == "antialias":
+                    sample[key] = F.interpolate(sample[key][None], size=size, mode="bilinear",
+                                                antialias=True, align_corners=False)[0].clamp(0, 1)
+                else:
+                    sample[key] = nearest(sample[key])
+        if self.resize_targets:
+            for task in self.tasks:
+                sample[task] = nearest(sample[task])
+                sample[f"{task}_valid"] = nearest(sample[f"{task}_valid"])
+                if task == "optical_flow":  # vectors scale with the image (the reference forgot this)
+                    sample[task] = sample[task] * torch.tensor([sx, sy])[:, None, None]
+        K = sample["K"].clone()
+        K[0, 0], K[0, 2] = K[0, 0] * sx, (K[0, 2] + 0.5) * sx - 0.5
+        K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
+        sample["K"] = K
+        return sample
+
+    def _augment(self, sample: dict, index: int) -> dict:
+        """Flips (p = 0.5, with the sign changes) and, for flow tasks, colour jitter."""
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+        flips = [(-1, 0)]  # (tensor axis, vector component to negate)
+        if self.vertical_flip:
+            flips.append((-2, 1))
+        for axis, component in flips:
+            if torch.rand((), generator=g) < 0.5:
+                for key in [k for k in sample if isinstance(sample[k], torch.Tensor) and sample[k].ndim == 3]:
+                    sample[key] = sample[key].flip(axis)
+                for task in ("optical_flow", "scene_flow", "normal"):
+                    if task in sample:
+                        sample[task][component] = -sample[task][component]
+        if self.jitter is not None and self.needs_next_frame():
+            params = color_jitter_params(self.jitter, g)
+            for key in ("rgb", "rgb_next"):
+                sample[key] = color_jitter(sample[key], *params)
+        return sample
+
+    # helpers for subclasses
+    def _rgb(self, relative: str) -> np.ndarray:
+        return formats.read_rgb(self.path(relative)).astype(np.float32) / 255.0
+
+    def _depth_valid(self, depth: np.ndarray) -> np.ndarray:
+        lo, hi = self.depth_range
+        return np.isfinite(depth) & (depth > lo) & (depth < hi)
+
+
+# --------------------------------------------------------------------------- colour jitter
+
+def color_jitter_params(strength, generator) -> tuple[float, float, float, float]:
+    """Draw (brightness, contrast, saturation, hue) factors as torchvision's ColorJitter ranges."""
+    b, c, s, h = strength
+    u = torch.rand(4, generator=generator).tolist()
+    return (1 - b + 2 * b * u[0], 1 - c + 2 * c * u[1], 1 - s + 2 * s * u[2], -h + 2 * h * u[3])
+
+
+def color_jitter(rgb: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float) -> torch.Tensor:
+    """Brightness, contrast, saturation, then a hue rotation (a fraction of the colour circle, in YIQ)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype)[:, None, None]
+    x = (rgb * brightness).clamp(0, 1)
+    grey_mean = (x * weights).sum(0).mean()
+    x = (grey_mean + contrast * (x - grey_mean)).clamp(0, 1)
+    grey = (x * weights).sum(0, keepdim=True)
+    x = (grey + saturation * (x - grey)).clamp(0, 1)
+    if hue:
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=rgb.dtype)
+        a = 2 * math.pi * hue
+        rot = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]], dtype=rgb.dtype)
+        m = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+        x = torch.einsum("ij,jhw->ihw", m, x).clamp(0, 1)
+    return x
+
+
+def _albedo_valid(albedo: np.ndarray) -> np.ndarray:
+    return (albedo >= ALBEDO_MIN).all(axis=-1)
+
+
+def _facing(normal: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference-convention normals (pointing away from the camera) -> the kit's facing normals."""
+    finite = np.isfinite(normal).all(-1)
+    valid = valid & finite & (np.linalg.norm(np.where(finite[..., None], normal, 0), axis=-1) > 1e-6)
+    return np.where(valid[..., None], -normal, 0.0).astype(np.float32), valid
+
+
+# --------------------------------------------------------------------------- training sources
+
+class Hypersim(Source):
+    """Hypersim, StableMTL-preprocessed: ``<scene>/rgb_cam_XX_frNNNN.png`` with ``depth_plane_``
+    (uint16 mm), ``normal_cam_`` (.npy) + ``normal_valid_mask_`` (.npy), ``albedo_`` and ``shading_`` PNGs.
+
+    Split lines have 5 columns (rgb, depth, normal npy, normal png, normal mask npy).
+    Albedo is read from ``albedo_*.png``, the name the preprocessing writes (the
+    reference loader looked for ``reflectance_*``: a documented fix).
+    """
+
+    name = "hypersim"
+    root_hint = "hypersim/train"
+    tasks_provided = ("depth", "normal", "albedo", "shading")
+    split_files = {"train": "filename_list_train.txt"}
+    layout = "<root>/<scene>/{rgb,depth_plane,normal_cam,normal_valid_mask,albedo,shading}_cam_XX_frNNNN.*"
+    depth_range = (1e-5, 65.0)
+    geometry = {"focal": 886.81, "size": [768, 1024]}
+
+    def _load(self, entry):
+        if len(entry) != 5:
+            raise formats.FormatError(f"expected 5 columns (rgb depth normal.npy normal.png mask.npy), got {len(entry)}")
+        rgb_path, depth_path, normal_path, _, mask_path = entry
+        out = {"rgb": self._rgb(rgb_path)}
+        h, w = out["rgb"].shape[:2]
+        folder, file = rgb_path.rsplit("/", 1) if "/" in rgb_path else ("", rgb_path)
+        sibling = lambda prefix: f"{folder}/{file.replace('rgb_', prefix + '_', 1)}".lstrip("/")  # noqa: E731
+        if "depth" in self.tasks:
+            d = formats.read_hypersim_depth(self.path(depth_path))
+            out["depth"], out["depth_valid"] = d, self._depth_valid(d)
+        if "normal" in self.tasks:
+            n = formats.read_normal_npy(self.path(normal_path))
+            out["normal"], out["normal_valid"] = _facing(n, formats.read_mask_npy(self.path(mask_path)))
+        if "albedo" in self.tasks or "shading" in self.tasks:
+            albedo = formats.read_rgb(self.path(sibling("albedo"))).astype(np.float32) / 255.0
+            out["albedo"], out["albedo_valid"] = albedo, _albedo_valid(albedo)
+            if "shading" in self.tasks:
+                out["shading"] = formats.read_rgb(self.path(sibling("shading"))).astype(np.float32) / 255.0
+                out["shading_valid"] = out["albedo_valid"]
+        f = self.geometry["focal"] * w / self.geometry["size"][1]
+        out["K"] = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]])
+        return out
+
+
+_VKITTI_RGB = re.compile(r"^original/(Scene\d+)/([^/]+)/frames/rgb/(Camera_\d)/rgb_(\d{5})\.jpg$")
+_VKITTI_ANNOTATIONS = {  # task -> (folder under frames/, file prefix, extension, top directory)
+    "depth": ("depth", "depth", "png", "original"),
+    "normal": ("normal", "normal", "npy", "normal_estimated"),
+    "semantic": ("classSegmentation", "classgt", "png", "original"),
+    "optical_flow": ("forwardFlow", "flow", "png", "original"),
+    "scene_flow": ("forwardSceneFlow", "sceneFlow", "png", "original"),
+}
+
+
+class VirtualKITTI2(Source):
+    """Virtual KITTI 2 under ``vkitti_v2/``: ``original/SceneXX/<variation>/frames/<kind>/Camera_k/``
+    (rgb jpg, depth png cm, classSegmentation colour png, forwardFlow and forwardSceneFlow 16-bit
+    png) and ``normal_estimated/.../frames/normal/Camera_k/normal_NNNNN.npy``.
+
+    The split is per task as the reference's lists (``vkitti_<task>_<split>.txt``, one
+    annotation path per line); with several tasks the frames listed for all of them are used.
+    """
+
+    name = "vkitti"
+    root_hint = "vkitti_v2"
+    tasks_provided = ("depth", "normal", "semantic", "optical_flow", "scene_flow")
+    layout = "<root>/original/SceneXX/<variation>/frames/{rgb,depth,classSegmentation,forwardFlow,forwardSceneFlow}/Camera_k/ and <root>/normal_estimated/"
+    depth_range = (1e-5, 80.0)
+    geometry = {"focal": 725.0087, "cx": 620.5, "cy": 187.0}
+    jitter = (0.4, 0.4, 0.2, 0.127)
+
+    def _read_split(self, split):
+        frames = None
+        for task in self.tasks:
+            self.split_files = {split: f"vkitti_{task}_{split}.txt"}
+            keys = []
+            for line in self._split_lines(split):
+                parts = line[0].split("/")  # <top>/SceneXX/<variation>/frames/<kind>/Camera_k/<prefix>_NNNNN.<ext>
+                number = re.search(r"_(\d{5})\.\w+$", parts[-1])
+                if len(parts) != 7 or parts[3] != "frames" or number is None:
+                    raise formats.FormatError(f"{self.split_file}: not a vKITTI 2 frame path "
+                                              f"(<top>/SceneXX/<variation>/frames/<kind>/Camera_k/<name>_NNNNN.<ext>): {line[0]!r}")
+                keys.append((parts[1], parts[2], parts[5], int(number.group(1))))
+            frames = keys if frames is None else [k for k in frames if k in set(keys)]
+        self.split_files = {}
+        return [(f"original/{s}/{v}/frames/rgb/{c}/rgb_{n:05d}.jpg",) for s, v, c, n in frames]
+
+    def annotation_path(self, rgb_path: str, task: str, frame_offset: int = 0) -> str:
+        m = _VKITTI_RGB.match(rgb_path)
+        scene, variation, camera, number = m.group(1), m.group(2), m.group(3), int(m.group(4)) + frame_offset
+        if task == "rgb":
+            return f"original/{scene}/{variation}/frames/rgb/{camera}/rgb_{number:05d}.jpg"
+        folder, prefix, ext, top = _VKITTI_ANNOTATIONS[task]
+        return f"{top}/{scene}/{variation}/frames/{folder}/{camera}/{prefix}_{number:05d}.{ext}"
+
+    def _load(self, entry):
+        rgb_path = entry[0]
+        out = {"rgb": self._rgb(rgb_path)}
+        h, w = out["rgb"].shape[:2]
+        if self.needs_next_frame():
+            out["rgb_next"] = self._rgb(self.annotation_path(rgb_path, "rgb", 1))
+        if "depth" in self.tasks or "normal" in self.tasks:
+            depth = formats.read_vkitti_depth(self.path(self.annotation_path(rgb_path, "depth")))
+            depth_valid = self._depth_valid(depth)
+            if "depth" in self.tasks:
+                out["depth"], out["depth_valid"] = np.where(depth_valid, depth, 0.0), depth_valid
+            if "normal" in self.tasks:
+                n = formats.read_normal_npy(self.path(self.annotation_path(rgb_path, "normal")))
+                out["normal"], out["normal_valid"] = _facing(n, depth_valid)
+        if "semantic" in self.tasks:
+            labels = formats.read_vkitti_semantic(self.path(self.annotation_path(rgb_path, "semantic")))
+            out["semantic"], out["semantic_valid"] = labels, labels != IGNORE_INDEX
+        if self.needs_next_frame():
+            flow, flow_valid = formats.read_vkitti_flow(self.path(self.annotation_path(rgb_path, "optical_flow")))
+            if "optical_flow" in self.tasks:
+                out["optical_flow"], out["optical_flow_valid"] = flow, flow_valid
+            if "scene_flow" in self.tasks:
+                sf, _ = formats.read_vkitti_scene_flow(self.path(self.annotation_path(rgb_path, "scene_flow")))
+                out["scene_flow"], out["scene_flow_valid"] = np.where(flow_valid[..., None], sf, 0.0), flow_valid
+        g = self.geometry
+        out["K"] = np.array([[g["focal"], 0, g["cx"]], [0, g["focal"], g["cy"]], [0, 0, 1]])
+        return out
+
+
+def _center_crop(height: int, width: int, crop_hw) -> tuple[int, int]:
+    ch, cw = crop_hw
+    if height < ch or width < cw:
+        raise ValueError(f"image {height}x{width} is smaller than the centre crop {ch}x{cw}")
+    return (height - ch) // 2, (width - cw) // 2
+
+
+class FlyingThings3D(Source):
+    """FlyingThings3D as StableMTL preprocesses it: ``<split>/image_clean/NNNNNNN.png`` (frame 2 =
+    id + 1), ``flow_2d/`` (KITTI-style 16-bit flow png), ``pc/`` (.npz, ``pc1`` N x 3) and
+    ``flow_3d/`` (.npy, N x 3). Split lines name the flow_2d file.
+
+    Everything is centre-cropped to 536 x 960. Scene flow is splatted onto the
+    crop by projecting ``pc1`` with f = 1050, cx = 479.5, cy = 269.5 and the
+    crop offset (the reference ignored the 2-row offset: a documented fix).
+    """
+
+    name = "flying_things_3d"
+    root_hint = "FlyingThings3D_preprocessed"
+    tasks_provided = ("optical_flow", "scene_flow")
+    layout = "<root>/<split>/{image_clean,flow_2d,pc,flow_3d}/NNNNNNN.{png,npz,npy}"
+    depth_range = (1e-5, 35.0)
+    geometry = {"focal": 1050.0, "cx": 479.5, "cy": 269.5, "crop": [536, 960]}
+    jitter = (0.3, 0.3, 0.3, 0.159)
+    vertical_flip = True
+
+    def _load(self, entry):
+        flow_path = entry[0]
+        folder, file = flow_path.rsplit("/flow_2d/", 1)
+        number = int(Path(file).stem)
+        image = lambda n: f"{folder}/image_clean/{n:07d}.png"  # noqa: E731
+        rgb, rgb_next = self._rgb(image(number)), self._rgb(image(number + 1))
+        h, w = rgb.shape[:2]
+        top, left = _center_crop(h, w, self.geometry["crop"])
+        ch, cw = self.geometry["crop"]
+        crop = lambda a: a[top:top + ch, left:left + cw]  # noqa: E731
+        out = {"rgb": crop(rgb), "rgb_next": crop(rgb_next)}
+        g = self.geometry
+        if "optical_flow" in self.tasks:
+            flow, valid = formats.read_kitti_flow(self.path(flow_path))
+            out["optical_flow"], out["optical_flow_valid"] = crop(flow), crop(valid)
+        if "scene_flow" in self.tasks:
+            pc1 = formats.read_npz(self.path(f"{folder}/pc/{number:07d}.npz"), "pc1").reshape(-1, 3)
+            sf = formats.read_npy(self.path(f"{folder}/flow_3d/{number:07d}.npy"), ndim=2, channels=3)
+            if len(sf) != len(pc1):
+                raise formats.FormatError(f"{folder}/flow_3d/{number:07d}.npy has {len(sf)} vectors for {len(pc1)} points")
+            scene_flow = np.zeros((ch, cw, 3), np.float32)
+            valid = np.zeros((ch, cw), bool)
+            z = pc1[:, 2]
+            ok = z > 0
+            u = np.round(g["focal"] * pc1[ok, 0] / z[ok] + g["cx"]).astype(np.int64) - left
+            v = np.round(g["focal"] * pc1[ok, 1] / z[ok] + g["cy"]).astype(np.int64) - top
+            inside = (u >= 0) & (u < cw) & (v >= 0) & (v < ch)
+            scene_flow[v[inside], u[inside]] = sf[ok][inside]
+            valid[v[inside], u[inside]] = True
+            out["scene_flow"], out["scene_flow_valid"] = scene_flow, valid
+        out["K"] = np.array([[g["focal"], 0, g["cx"] - left], [0, g["focal"], g["cy"] - top], [0, 0, 1]])
+        return out
+
+
+# --------------------------------------------------------------------------- evaluation sources
+
+class Cityscapes(Source):
+    """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and ``gtFine/<split>/<city>/*_gtFine_labelIds.png``,
+    label ids mapped to the 8 classes (car and bus -> vehicle, everything else ignore)."""
+
+    name = "cityscapes"
+    root_hint = "cityscapes"
+    tasks_provided = ("semantic",)
+    split_files = {"val": "cityscapes_val_full.txt"}
+    layout = "<root>/leftImg8bit/val/<city>/*_leftImg8bit.png and <root>/gtFine/val/<city>/*_gtFine_labelIds.png"
+
+    @staticmethod
+    def label_path(rgb_path: str) -> str:
+        return rgb_path.replace("leftImg8bit/", "gtFine/", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+
+    def _load(self, entry):
+        labels = formats.read_cityscapes_labels(self.path(self.label_path(entry[0])))
+        return {"rgb": self._rgb(entry[0]), "semantic": labels, "semantic_valid": labels != IGNORE_INDEX}
+
+
+class KittiDepth(Source):
+    """KITTI Eigen test split (Marigold's ``kitti_eigen_split_test`` layout): lines
+    ``<date>/<drive>/image_02/data/N.png <drive>/proj_depth/groundtruth/image_02/N.png <focal>``;
+    lines whose depth is ``None`` are skipped (and counted in ``n_skipped``). Depth png / 256 m,
+    KITTI benchmark crop 352 x 1216, valid 1e-5..80 m and (``eigen_crop=True``) the Eigen crop."""
+
+    name = "kitti_depth"
+    root_hint = "kitti/kitti_eigen_split_test"
+    tasks_provided = ("depth",)
+    split_files = {"test": "eigen_test_files_with_gt.txt"}
+    layout = "<root>/<date>/<drive>/image_02/data/*.png and <root>/<drive>/proj_depth/groundtruth/image_02/*.png"
+    depth_range = (1e-5, 80.0)
+    geometry = {"kb_crop": [352, 1216]}
+
+    def __init__(self, *args, eigen_crop: bool = True, **kwargs):
+        self.eigen_crop = eigen_crop
+        super().__init__(*args, **kwargs)
+
+    def _read_split(self, split):
+        lines = self._split_lines(split)
+        kept = [tuple(line) for line in lines if len(line) >= 2 and line[1] != "None"]
+        self.n_skipped = len(lines) - len(kept)
+        return kept
+
+    def _load(self, entry):
+        rgb = self._rgb(entry[0])
+        depth = formats.read_kitti_depth(self.path(entry[1]))
+        if depth.shape != rgb.shape[:2]:
+            raise formats.FormatError(f"depth {depth.shape} and image {rgb.shape[:2]} sizes differ")
+        top, left = _kb_crop(*depth.shape, self.geometry["kb_crop"])
+        ch, cw = self.geometry["kb_crop"]
+        rgb, depth = rgb[top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
+        valid = self._depth_valid(depth)
+        if self.eigen_crop:
+            valid &= eigen_mask(ch, cw)
+        out = {"rgb": rgb, "depth": depth, "depth_valid": valid}
+        if len(entry) >= 3:
+            f = float(entry[2])
+            out["K"] = np.array([[f, 0, np.nan], [0, f, np.nan], [0, 0, 1]])
+        return out
+
+
+class KittiFlow(Source):
+    """KITTI 2015 scene flow, ``training/``: ``image_2/N_10.png`` and ``_11``, ``flow_occ`` (16-bit),
+    ``disp_occ_0`` / ``disp_occ_1`` (/256, the latter in the reference frame's pixels),
+    ``calib_cam_to_cam/N.txt`` (P_rect_02). Scene flow = backprojection of (pixel + flow, disp1)
+    minus backprojection of (pixel, disp0), baseline 0.54 m. Everything KB-cropped.
+
+    Optical flow keeps its own valid mask (the reference overwrote it with the
+    scene-flow mask: a documented fix); scene flow needs flow and both disparities.
+    """
+
+    name = "kitti_flow"
+    root_hint = "kitti/flow_2015"
+    tasks_provided = ("optical_flow", "scene_flow")
+    split_files = {"train": "training.txt"}
+    layout = "<root>/training/{image_2,flow_occ,disp_occ_0,disp_occ_1,calib_cam_to_cam}/"
+    geometry = {"kb_crop": [352, 1216], "baseline": 0.54}
+
+    def _load(self, entry):
+        flow_path = entry[0]
+        rgb_path = flow_path.replace("flow_occ/", "image_2/", 1)
+        rgb, rgb_next = self._rgb(rgb_path), self._rgb(rgb_path.replace("_10.", "_11."))
+        flow, flow_valid = formats.read_kitti_flow(self.path(flow_path))
+        h, w = flow.shape[:2]
+        top, left = _kb_crop(h, w, self.geometry["kb_crop"])
+        ch, cw = self.geometry["kb_crop"]
+        crop = lambda a: a[top:top + ch, left:left + cw]  # noqa: E731
+        calib_path = flow_path.replace("flow_occ/", "calib_cam_to_cam/", 1).replace("_10.png", ".txt")
+        calib = formats.read_kitti_calib(self.path(calib_path))
+        if "P_rect_02" not in calib:
+            raise formats.FormatError(f"{self.path(calib_path)}: no P_rect_02 line")
+        P = np.asarray(calib["P_rect_02"], dtype=np.float64).reshape(3, 4)
+        f, cx, cy = P[0, 0], P[0, 2], P[1, 2]
+        out = {"rgb": crop(rgb), "rgb_next": crop(rgb_next)}
+        if "optical_flow" in self.tasks:
+            out["optical_flow"], out["optical_flow_valid"] = crop(flow), crop(flow_valid)
+        if "scene_flow" in self.tasks:
+            d0, v0 = formats.read_kitti_disparity(self.path(flow_path.replace("flow_occ/", "disp_occ_0/", 1)))
+            d1, v1 = formats.read_kitti_disparity(self.path(flow_path.replace("flow_occ/", "disp_occ_1/", 1)))
+            valid = v0 & v1 & flow_valid
+            fb = f * self.geometry["baseline"]
+            vv, uu = np.mgrid[0:h, 0:w].astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z0, z1 = fb / d0, fb / d1
+            p1 = np.stack([(uu - cx) * z0 / f, (vv - cy) * z0 / f, z0], -1)
+            p2 = np.stack([(uu + flow[..., 0] - cx) * z1 / f, (vv + flow[..., 1] - cy) * z1 / f, z1], -1)
+            with np.errstate(invalid="ignore"):
+                sf = np.where(valid[..., None], p2 - p1, 0.0)
+            out["scene_flow"], out["scene_flow_valid"] = crop(sf), crop(valid)
+        out["K"] = np.array([[f, 0, cx - left], [0, f, cy - top], [0, 0, 1]])
+        return out
+
+
+class DIODE(Source):
+    """DIODE val (indoors + outdoor): lines ``<rgb>.png <rgb>_depth.npy <rgb>_depth_mask.npy``;
+    normals in ``<rgb>_normal.npy``. Depth valid = the depth mask (the only depth mask, as the
+    reference); normals (-nx, ny, nz) then negated to face the camera, valid where |n| in (0.5, 1.5)."""
+
+    name = "diode"
+    root_hint = "diode/diode_val"
+    tasks_provided = ("depth", "normal")
+    split_files = {"val": "diode_val_all_filename_list.txt"}
+    layout = "<root>/{indoors,outdoor}/scene_XXXXX/scan_XXXXX/*.png with _depth.npy, _depth_mask.npy, _normal.npy"
+    depth_range = (0.6, 350.0)
+
+    def _load(self, entry):
+        if len(entry) != 3:
+            raise formats.FormatError(f"expected 3 columns (rgb depth.npy depth_mask.npy), got {len(entry)}")
+        out = {"rgb": self._rgb(entry[0])}
+        if "depth" in self.tasks:
+            out["depth"] = formats.read_diode_depth(self.path(entry[1]))
+            out["depth_valid"] = formats.read_diode_mask(self.path(entry[2])) & np.isfinite(out["depth"])
+        if "normal" in self.tasks:
+            n, valid = formats.read_diode_normal(self.path(entry[1].replace("_depth.npy", "_normal.npy")))
+            out["normal"], out["normal_valid"] = _facing(n, valid)
+        return out
+
+
+class MIDIntrinsics(Source):
+    """MIT multi-illumination (MID) test set as StableMTL preprocesses it: ``test/<scene>_dir_K_mip2.jpg``
+    (tone-mapped), ``..._albedo.jpg`` and ``..._shading.jpg``; both masked where albedo < 0.004."""
+
+    name = "mid"
+    root_hint = "mid_intrinsics"
+    tasks_provided = ("albedo", "shading")
+    layout = "<root>/test/<scene>_dir_K_mip2.jpg with _albedo.jpg and _shading.jpg"
+
+    def _load(self, entry):
+        stem = entry[0][: -len(".jpg")]
+        albedo = self._rgb(f"{stem}_albedo.jpg")
+        valid = _albedo_valid(albedo)
+        out = {"rgb": self._rgb(entry[0])}
+        if "albedo" in self.tasks:
+            out["albedo"], out["albedo_valid"] = albedo, valid
+        if "shading" in self.tasks:
+            out["shading"], out["shading_valid"] = self._rgb(f"{stem}_shading.jpg"), valid
+        return out
+
+
+SOURCES = {cls.name: cls for cls in (Hypersim, VirtualKITTI2, FlyingThings3D, Cityscapes, KittiDepth,
+                                     KittiFlow, DIODE, MIDIntrinsics)}
+
+
+def get_source(name: str) -> type[Source]:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(SOURCES)}") from None

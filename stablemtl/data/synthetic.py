@@ -1,0 +1,692 @@
+"""The procedural world: a small physically consistent ray caster.
+
+Every sample is a pure function of ``(kind, seed, domain)``: the scene (objects,
+materials, lights, camera motion) is drawn from a generator seeded by those
+alone, so the same scene renders at any resolution. A pinhole camera casts one
+ray per pixel (pixel ``(row i, column j)`` is the ray through ``(u, v) = (j, i)``)
+against primitives (quads, boxes, spheres, capped cylinders) placed by rigid
+poses at time 1 and time 2; from the hits come
+
+- geometry: planar depth z, camera-frame unit normals facing the camera,
+  semantic classes (the reference's 8; ignore where none fits);
+- appearance: albedo from solid procedural textures attached to each object
+  (they move with it), shading = ambient + Lambertian lights with cast shadows,
+  RGB = albedo x shading, plus a Blinn-Phong highlight on glossy materials whose
+  pixels are flagged non-Lambertian;
+- motion: frame 2 is rendered from the moved camera with the moved objects;
+  optical flow = projection of each surface point at time 2 minus its pixel;
+  scene flow = X2 - X1 (camera-2 coordinates at time 2 minus camera-1
+  coordinates at time 1, the KITTI-2015 convention); ``valid_flow`` marks points
+  that land inside frame 2 and are not occluded there (a visibility ray from
+  camera 2 must reach the very point).
+
+Camera frame: x right, y down, z forward. World = camera 1 at time 1.
+
+Two domains: ``train`` looks synthetic-clean (saturated checker/stripe/noise
+textures, white light, ideal sensor); ``real`` is the zero-shot stand-in (other
+texture families and palettes, tinted light, other intrinsics, more glossy
+materials, and a sensor: blur, white balance, gamma, vignetting and noise
+applied to ``rgb`` only; ``rgb_linear`` keeps the image before the sensor).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stablemtl.metrics import IGNORE_INDEX
+
+KINDS = ("indoor", "street", "flying")
+DOMAINS = ("train", "real")
+
+# Semantic ids of the reference's 8 classes.
+ROAD, BUILDING, POLE, LIGHT, SIGN, VEGETATION, SKY, VEHICLE = range(8)
+
+_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+def rotation(yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0) -> np.ndarray:
+    """Rotation about y (yaw), then x (pitch), then z (roll), camera axes."""
+    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    return rz @ rx @ ry
+
+
+@dataclass
+class Material:
+    family: str
+    color_a: np.ndarray
+    color_b: np.ndarray
+    scale: float
+    seed: int
+    gloss: float = 0.0  # Blinn-Phong specular strength; 0 = Lambertian
+
+
+@dataclass
+class Primitive:
+    shape: str  # quad (local y = 0, |x|<=a, |z|<=c), box (|p|<=size), sphere (radius), cylinder (axis y)
+    size: tuple
+    rotation: np.ndarray  # local -> world at time 1
+    position: np.ndarray
+    semantic: int
+    material: Material
+    motion: tuple = (np.eye(3), np.zeros(3))  # world-frame rigid motion from time 1 to time 2
+
+    def pose(self, time: int) -> tuple[np.ndarray, np.ndarray]:
+        if time == 1:
+            return self.rotation, self.position
+        rm, tm = self.motion
+        return rm @ self.rotation, rm @ self.position + tm
+
+
+@dataclass
+class Light:
+    direction: np.ndarray | None  # unit vector from surface to light (directional) ...
+    position: np.ndarray | None  # ... or a point light
+    color: np.ndarray
+    intensity: float
+
+
+@dataclass
+class Scene:
+    kind: str
+    domain: str
+    objects: list
+    lights: list
+    ambient: np.ndarray
+    sky: tuple  # (horizon colour, zenith colour), or None where every ray hits
+    focal: float  # fx = fy = focal * width
+    principal: tuple  # (cx, cy) offsets as fractions of (width, height) from the centre
+    cam2_rotation: np.ndarray  # camera 2 -> world
+    cam2_position: np.ndarray
+    sensor: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- ray casting
+
+def _safe(d: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(d) < 1e-12, np.where(d < 0, -1e-12, 1e-12), d)
+
+
+def _hit_quad(o, d, size):
+    a, c = size
+    dy = _safe(d[:, 1])
+    t = -o[:, 1] / dy
+    p = o + t[:, None] * d
+    ok = (t > _EPS) & (np.abs(p[:, 0]) <= a) & (np.abs(p[:, 2]) <= c)
+    n = np.zeros_like(o)
+    n[:, 1] = -np.sign(dy)
+    return np.where(ok, t, np.inf), n
+
+
+def _hit_box(o, d, size):
+    h = np.asarray(size, dtype=np.float64)
+    ds = _safe(d)
+    t1, t2 = (-h - o) / ds, (h - o) / ds
+    tnear, tfar = np.minimum(t1, t2), np.maximum(t1, t2)
+    t_in, t_out = tnear.max(axis=1), tfar.min(axis=1)
+    inside = t_in <= _EPS  # the ray starts inside the box (rooms): the hit is the exit face
+    t = np.where(inside, t_out, t_in)
+    axis = np.where(inside, tfar.argmin(axis=1), tnear.argmax(axis=1))
+    ok = (t_out >= t_in) & (t > _EPS)
+    n = np.zeros_like(o)
+    rows = np.arange(len(o))
+    n[rows, axis] = -np.sign(ds[rows, axis])  # entering or leaving, the face looks back along the ray
+    return np.where(ok, t, np.inf), n
+
+
+def _hit_sphere(o, d, size):
+    (r,) = size
+    a = (d * d).sum(1)
+    b = (o * d).sum(1)
+    c = (o * o).sum(1) - r * r
+    disc = b * b - a * c
+    sq = np.sqrt(np.maximum(disc, 0))
+    t0, t1 = (-b - sq) / a, (-b + sq) / a
+    t = np.where(t0 > _EPS, t0, t1)
+    ok = (disc >= 0) & (t > _EPS)
+    n = (o + t[:, None] * d) / r
+    return np.where(ok, t, np.inf), n
+
+
+def _hit_cylinder(o, d, size):
+    r, hh = size
+    a = d[:, 0] ** 2 + d[:, 2] ** 2
+    b = o[:, 0] * d[:, 0] + o[:, 2] * d[:, 2]
+    c = o[:, 0] ** 2 + o[:, 2] ** 2 - r * r
+    a_safe = np.maximum(a, 1e-12)
+    disc = b * b - a * c
+    sq = np.sqrt(np.maximum(disc, 0))
+    best = np.full(len(o), np.inf)
+    n = np.zeros_like(o)
+    for t in ((-b - sq) / a_safe, (-b + sq) / a_safe):
+        y = o[:, 1] + t * d[:, 1]
+        ok = (disc >= 0) & (a > 1e-12) & (t > _EPS) & (np.abs(y) <= hh) & (t < best)
+        best = np.where(ok, t, best)
+        p = o + t[:, None] * d
+        side = np.stack([p[:, 0] / r, np.zeros(len(o)), p[:, 2] / r], 1)
+        n = np.where(ok[:, None], side, n)
+    dy = _safe(d[:, 1])
+    for cap in (-hh, hh):
+        t = (cap - o[:, 1]) / dy
+        p = o + t[:, None] * d
+        ok = (t > _EPS) & (p[:, 0] ** 2 + p[:, 2] ** 2 <= r * r) & (t < best)
+        best = np.where(ok, t, best)
+        n = np.where(ok[:, None], np.array([0.0, np.sign(cap), 0.0]), n)
+    return best, n
+
+
+_HIT = {"quad": _hit_quad, "box": _hit_box, "sphere": _hit_sphere, "cylinder": _hit_cylinder}
+
+
+@dataclass
+class Hits:
+    t: np.ndarray  # ray parameter (rays have unit z in their camera, so t is not metric)
+    index: np.ndarray  # object index, -1 where the ray escapes
+    local: np.ndarray  # hit point in the object's frame
+    normal: np.ndarray  # world-frame unit normal facing the ray origin
+
+
+def _bounding_radius(obj: Primitive) -> float:
+    size = np.asarray(obj.size, dtype=np.float64)
+    if obj.shape == "sphere":
+        return float(size[0])
+    return float(np.linalg.norm(size)) * 1.0001
+
+
+def cast(objects, origins: np.ndarray, dirs: np.ndarray, time: int) -> Hits:
+    """Closest hit of every ray ``origin + t * dir`` among ``objects`` posed at ``time``.
+
+    Rays are first tested against each object's bounding sphere, so small
+    objects (poles, signs) only cost the rays that pass near them.
+    """
+    n_rays = len(dirs)
+    origins = np.broadcast_to(origins, dirs.shape)
+    best = Hits(np.full(n_rays, np.inf), np.full(n_rays, -1), np.zeros((n_rays, 3)), np.zeros((n_rays, 3)))
+    dd = (dirs * dirs).sum(1)
+    for k, obj in enumerate(objects):
+        rot, pos = obj.pose(time)
+        radius = _bounding_radius(obj)
+        oc = pos - origins
+        along = (oc * dirs).sum(1) / dd  # ray parameter of the closest approach to the centre
+        miss = (oc * oc).sum(1) - along**2 * dd
+        near = (miss <= radius**2) & ((along > 0) | ((oc * oc).sum(1) <= radius**2))
+        idx = np.nonzero(near)[0]
+        if idx.size == 0:
+            continue
+        o_local = (origins[idx] - pos) @ rot  # R^T (o - p), row vectors
+        d_local = dirs[idx] @ rot
+        t, n_local = _HIT[obj.shape](o_local, d_local, obj.size)
+        closer = t < best.t[idx]
+        if not closer.any():
+            continue
+        sel = idx[closer]
+        best.t[sel] = t[closer]
+        best.index[sel] = k
+        best.local[sel] = o_local[closer] + t[closer, None] * d_local[closer]
+        best.normal[sel] = n_local[closer] @ rot.T
+    norm = np.linalg.norm(best.normal, axis=1, keepdims=True)
+    best.normal = np.where(norm > 0, best.normal / np.maximum(norm, 1e-12), 0.0)
+    facing = (best.normal * dirs).sum(1) > 0
+    best.normal[facing] *= -1
+    return best
+
+
+def _blocked(objects, points: np.ndarray, to_light: np.ndarray, distance: np.ndarray, time: int) -> np.ndarray:
+    """True where a segment from ``points`` towards the light hits something before ``distance``."""
+    start = points + 1e-4 * to_light
+    hits = cast(objects, start, to_light, time)
+    return hits.t < distance - 1e-4
+
+
+# --------------------------------------------------------------------------- textures
+
+def _hash3(ix, iy, iz, seed: int) -> np.ndarray:
+    h = (ix * 73856093) ^ (iy * 19349663) ^ (iz * 83492791) ^ (seed * 2654435761)
+    h = (h ^ (h >> 13)) * 1274126177
+    return ((h ^ (h >> 16)) & 0xFFFF) / 65535.0
+
+
+def value_noise(p: np.ndarray, seed: int) -> np.ndarray:
+    """Smooth 3-D value noise in [0, 1] (trilinear with smoothstep weights)."""
+    f = np.floor(p)
+    w = p - f
+    w = w * w * (3 - 2 * w)
+    i = f.astype(np.int64)
+    out = 0.0
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                weight = (w[:, 0] if dx else 1 - w[:, 0]) * (w[:, 1] if dy else 1 - w[:, 1]) * (w[:, 2] if dz else 1 - w[:, 2])
+                out = out + weight * _hash3(i[:, 0] + dx, i[:, 1] + dy, i[:, 2] + dz, seed)
+    return out
+
+
+def _fbm(p, seed, octaves=3):
+    total, amp, norm = 0.0, 1.0, 0.0
+    for o in range(octaves):
+        total = total + amp * value_noise(p * 2**o, seed + o)
+        norm += amp
+        amp *= 0.5
+    return total / norm
+
+
+def _soft(x, sharpness=6.0):
+    return 0.5 + 0.5 * np.tanh(sharpness * x)
+
+
+def texture(material: Material, local: np.ndarray) -> np.ndarray:
+    """Albedo of a solid texture at object-local points, in [0.02, 0.95]."""
+    p = local / material.scale
+    fam = material.family
+    if fam == "checker":  # smooth-edged 3-D checker
+        mix = _soft(np.sin(np.pi * p[:, 0]) * np.sin(np.pi * p[:, 1]) * np.sin(np.pi * p[:, 2]) * 4)
+    elif fam == "stripes":
+        mix = _soft(np.sin(np.pi * (p[:, 0] + p[:, 1] + 0.5 * p[:, 2])))
+    elif fam == "noise":
+        mix = _fbm(p, material.seed, 2)
+    elif fam == "flat":
+        mix = 0.15 * value_noise(p, material.seed)
+    elif fam == "marble":
+        mix = 0.5 + 0.5 * np.sin(2.0 * p[:, 0] + 5.0 * _fbm(p, material.seed, 3))
+    elif fam == "bricks":
+        row = np.floor(p[:, 1] * 2)
+        shifted = p[:, 0] + p[:, 2] + 0.5 * (row % 2)
+        mortar = np.minimum(_soft(np.sin(np.pi * 2 * p[:, 1]) ** 2 - 0.05, 20), _soft(np.sin(np.pi * shifted) ** 2 - 0.05, 20))
+        mix = 1 - mortar + 0.2 * value_noise(p * 3, material.seed)
+    elif fam == "wood":
+        r = np.sqrt(p[:, 0] ** 2 + p[:, 2] ** 2) * 3 + 2 * _fbm(p, material.seed, 2)
+        mix = 0.5 + 0.5 * np.sin(2 * np.pi * r)
+    elif fam == "grain":
+        mix = 0.6 * _fbm(p * 2, material.seed, 2) + 0.4 * value_noise(p, material.seed + 7)
+    else:
+        raise ValueError(f"unknown texture family {fam!r}")
+    mix = np.clip(mix, 0, 1)[:, None]
+    return np.clip(material.color_a * (1 - mix) + material.color_b * mix, 0.02, 0.95)
+
+
+TEXTURE_FAMILIES = {"train": ("checker", "stripes", "noise", "flat"), "real": ("marble", "bricks", "wood", "grain")}
+
+
+# --------------------------------------------------------------------------- scene generation
+
+_KIND_ID = {k: i for i, k in enumerate(KINDS)}
+_DOMAIN_ID = {d: i for i, d in enumerate(DOMAINS)}
+
+
+def _material(rng, domain: str, base: np.ndarray, spread: float = 0.25, gloss: float = 0.0, family=None) -> Material:
+    """A material around ``base`` colour: train = saturated, real = muted and darker."""
+    fam = family or rng.choice(TEXTURE_FAMILIES[domain])
+    base = np.asarray(base, dtype=np.float64)
+    if domain == "real":
+        grey = base.mean()
+        base = 0.55 * base + 0.45 * grey  # desaturate
+        base = base * rng.uniform(0.7, 0.95)
+    a = np.clip(base + rng.uniform(-spread, spread, 3) * 0.5, 0.05, 0.9)
+    b = np.clip(base * rng.uniform(0.4, 1.3) + rng.uniform(-spread, spread, 3), 0.05, 0.9)
+    scale = rng.uniform(0.4, 1.2) if domain == "train" else rng.uniform(0.25, 0.9)
+    return Material(str(fam), a, b, float(scale), int(rng.integers(1 << 30)), gloss)
+
+
+def _translation(t) -> tuple:
+    return (np.eye(3), np.asarray(t, dtype=np.float64))
+
+
+def _street(rng, domain: str) -> tuple[list, dict]:
+    objs = []
+    cam_h = rng.uniform(1.5, 1.7)
+    add = lambda *a, **k: objs.append(Primitive(*a, **k))  # noqa: E731
+    eye = np.eye(3)
+    road_half = rng.uniform(3.5, 5.0)
+    add("quad", (road_half, 45.0), eye, np.array([0, cam_h, 40.0]), ROAD, _material(rng, domain, [0.35, 0.33, 0.38], 0.1))
+    for side in (-1, 1):  # sidewalks / terrain: ignore in the reference's 8-class map
+        add("quad", (4.0, 45.0), eye, np.array([side * (road_half + 4.0), cam_h - 0.12, 40.0]), IGNORE_INDEX,
+            _material(rng, domain, [0.55, 0.5, 0.45], 0.2))
+        z = rng.uniform(-2, 4)
+        while z < 70:  # building facades
+            width = rng.uniform(6, 14)
+            height = rng.uniform(5, 16)
+            x = side * (road_half + 8.0 + rng.uniform(0, 4))
+            colour = rng.choice([[0.6, 0.55, 0.5], [0.7, 0.4, 0.3], [0.45, 0.5, 0.6], [0.8, 0.8, 0.75]])
+            add("box", (2.5, height / 2, width / 2), rotation(rng.uniform(-0.05, 0.05)),
+                np.array([x, cam_h - height / 2, z + width / 2]), BUILDING, _material(rng, domain, colour))
+            z += width + rng.uniform(0.5, 6)
+        for _ in range(rng.integers(1, 4)):  # trees: trunk + crown, both "vegetation" (vKITTI Tree)
+            z = rng.uniform(6, 40)
+            x = side * (road_half + rng.uniform(1.5, 3.5))
+            top = rng.uniform(3, 5)
+            add("cylinder", (0.15, top / 2), eye, np.array([x, cam_h - top / 2, z]), VEGETATION,
+                _material(rng, domain, [0.35, 0.25, 0.15], 0.1))
+            add("sphere", (rng.uniform(1.2, 2.2),), eye, np.array([x, cam_h - top - 1.0, z]), VEGETATION,
+                _material(rng, domain, [0.25, 0.55, 0.15], 0.2, family="noise" if domain == "train" else "grain"))
+        for _ in range(rng.integers(1, 3)):  # poles with a light or a sign
+            z = rng.uniform(5, 35)
+            x = side * (road_half + rng.uniform(0.5, 1.2))
+            top = rng.uniform(3.5, 5.5)
+            add("cylinder", (0.1, top / 2), eye, np.array([x, cam_h - top / 2, z]), POLE,
+                _material(rng, domain, [0.6, 0.6, 0.6], 0.05, family="flat"))
+            if rng.random() < 0.5:
+                add("box", (0.2, 0.45, 0.2), eye, np.array([x, cam_h - top - 0.45, z]), LIGHT,
+                    _material(rng, domain, [0.9, 0.65, 0.1], 0.1, gloss=0.3))
+            else:  # a disc facing the road
+                add("cylinder", (0.45, 0.03), rotation(pitch=np.pi / 2), np.array([x, cam_h - top + 0.3, z - 0.1]), SIGN,
+                    _material(rng, domain, [0.9, 0.9, 0.1], 0.1, family="flat"))
+    speed_range = (-0.8, 1.2)
+    for _ in range(rng.integers(2, 6)):  # vehicles: body + cabin, moving together
+        lane = rng.uniform(-road_half + 1.2, road_half - 1.2)
+        z = rng.uniform(5, 35)
+        length, width = rng.uniform(3.8, 4.8), rng.uniform(1.6, 1.9)
+        yaw = rng.uniform(-0.15, 0.15)
+        motion = _translation([0, 0, rng.uniform(*speed_range)]) if rng.random() < 0.7 else _translation([0, 0, 0])
+        colour = rng.uniform(0.1, 0.9, 3)
+        mat = _material(rng, domain, colour, 0.05, gloss=0.4 if domain == "train" else 0.7, family="flat")
+        add("box", (width / 2, 0.45, length / 2), rotation(yaw), np.array([lane, cam_h - 0.75, z]), VEHICLE, mat, motion)
+        add("box", (width / 2 * 0.9, 0.35, length / 4), rotation(yaw), np.array([lane, cam_h - 1.5, z - 0.2]), VEHICLE,
+            _material(rng, domain, colour * 0.6, 0.05, gloss=mat.gloss, family="flat"), motion)
+    camera = dict(forward=rng.uniform(0.4, 1.4), yaw=rng.uniform(-0.03, 0.03), side=rng.uniform(-0.05, 0.05))
+    return objs, camera
+
+
+def _indoor(rng, domain: str) -> tuple[list, dict]:
+    objs = []
+    add = lambda *a, **k: objs.append(Primitive(*a, **k))  # noqa: E731
+    w, h, d = rng.uniform(4, 8), rng.uniform(2.6, 3.4), rng.uniform(5, 10)
+    cam_y = rng.uniform(1.2, 1.7)  # camera height above the floor
+    centre = np.array([rng.uniform(-0.3, 0.3) * w / 2, cam_y - h / 2, d / 2 - 0.8])
+    add("box", (w / 2, h / 2, d / 2), rotation(rng.uniform(-0.3, 0.3)), centre, IGNORE_INDEX,
+        _material(rng, domain, rng.uniform(0.4, 0.85, 3), 0.2))
+    floor_y = cam_y
+    for _ in range(rng.integers(3, 8)):  # furniture and objects on the floor
+        shape = rng.choice(["box", "box", "sphere", "cylinder"])
+        x, z = rng.uniform(-w / 2 + 0.6, w / 2 - 0.6), rng.uniform(1.5, d - 1.5)
+        if shape == "box":
+            size = (rng.uniform(0.2, 0.9), rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.9))
+            y = floor_y - size[1]
+        elif shape == "sphere":
+            size = (rng.uniform(0.2, 0.6),)
+            y = floor_y - size[0] - rng.uniform(0, 0.8)
+        else:
+            size = (rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.9))
+            y = floor_y - size[1]
+        moving = rng.random() < 0.3
+        motion = (rotation(rng.uniform(-0.1, 0.1)), rng.uniform(-0.15, 0.15, 3) * [1, 0, 1]) if moving else (np.eye(3), np.zeros(3))
+        pos = np.array([x, y, z])
+        if moving:  # rotate about the object's own centre
+            motion = (motion[0], pos - motion[0] @ pos + motion[1])
+        add(shape, size, rotation(rng.uniform(-np.pi, np.pi)), pos, IGNORE_INDEX,
+            _material(rng, domain, rng.uniform(0.1, 0.9, 3), 0.3, gloss=rng.choice([0.0, 0.0, 0.5])), motion)
+    camera = dict(forward=rng.uniform(0.05, 0.3), yaw=rng.uniform(-0.06, 0.06), side=rng.uniform(-0.1, 0.1))
+    return objs, camera
+
+
+def _flying(rng, domain: str) -> tuple[list, dict]:
+    objs = []
+    # the backdrop: a far textured wall (FlyingThings3D keeps everything within 35 m)
+    objs.append(Primitive("box", (40.0, 30.0, 1.0), rotation(rng.uniform(-0.2, 0.2), rng.uniform(-0.1, 0.1)),
+                          np.array([0, 0, rng.uniform(28, 33)]), IGNORE_INDEX,
+                          _material(rng, domain, rng.uniform(0.2, 0.8, 3), 0.4)))
+    for _ in range(rng.integers(5, 11)):
+        shape = rng.choice(["box", "sphere", "cylinder"])
+        size = {"box": tuple(rng.uniform(0.3, 1.5, 3)), "sphere": (rng.uniform(0.4, 1.5),),
+                "cylinder": (rng.uniform(0.2, 0.8), rng.uniform(0.4, 1.5))}[shape]
+        z = rng.uniform(4, 22)
+        pos = np.array([rng.uniform(-0.5, 0.5) * z, rng.uniform(-0.3, 0.3) * z, z])
+        rot = rotation(*rng.uniform(-np.pi, np.pi, 3))
+        spin = rotation(*rng.uniform(-0.15, 0.15, 3))
+        shift = rng.uniform(-0.6, 0.6, 3)
+        objs.append(Primitive(shape, size, rot, pos, IGNORE_INDEX,
+                              _material(rng, domain, rng.uniform(0.1, 0.9, 3), 0.4, gloss=rng.choice([0.0, 0.4])),
+                              (spin, pos - spin @ pos + shift)))
+    camera = dict(forward=rng.uniform(-0.3, 0.5), yaw=rng.uniform(-0.05, 0.05), side=rng.uniform(-0.3, 0.3))
+    return objs, camera
+
+
+def make_scene(kind: str, seed: int, domain: str = "train", light_seed: int | None = None) -> Scene:
+    """Draw the scene of ``(kind, seed, domain)``; independent of the image size.
+
+    ``light_seed`` redraws only the lights (same geometry and materials), as
+    the multi-illumination MID dataset shows one scene under many lights.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown scene kind {kind!r}; expected one of {KINDS}")
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, _KIND_ID[kind], _DOMAIN_ID[domain], 20240611])
+    objects, cam = {"street": _street, "indoor": _indoor, "flying": _flying}[kind](rng, domain)
+    real = domain == "real"
+    lrng = rng if light_seed is None else \
+        np.random.default_rng([int(light_seed) & 0xFFFFFFFF, _KIND_ID[kind], _DOMAIN_ID[domain], 7])
+    lights = []
+    if kind == "indoor":
+        room_rot, room_pos = objects[0].rotation, objects[0].position
+        half = np.asarray(objects[0].size)
+        for _ in range(lrng.integers(1, 3)):
+            local = lrng.uniform(-0.7, 0.7, 3) * half
+            local[1] = -half[1] * 0.85  # under the ceiling
+            colour = np.ones(3) if not real else np.array([1.0, lrng.uniform(0.8, 0.95), lrng.uniform(0.6, 0.85)])
+            lights.append(Light(None, room_rot @ local + room_pos, colour, lrng.uniform(3, 6)))
+        ambient = lrng.uniform(0.2, 0.3) * (np.ones(3) if not real else np.array([0.9, 0.95, 1.05]))
+    else:
+        elevation = lrng.uniform(0.5, 1.2) if not real else lrng.uniform(0.25, 0.6)
+        azimuth = lrng.uniform(-np.pi, np.pi)
+        direction = np.array([np.cos(elevation) * np.sin(azimuth), -np.sin(elevation), np.cos(elevation) * np.cos(azimuth)])
+        if kind == "flying":  # light from the camera's side: the backdrop would shadow everything otherwise
+            direction[2] = -abs(direction[2])
+        colour = np.ones(3) if not real else np.array([1.0, lrng.uniform(0.85, 0.95), lrng.uniform(0.7, 0.85)])
+        lights.append(Light(direction, None, colour, lrng.uniform(0.6, 0.75)))
+        ambient = lrng.uniform(0.25, 0.35) * (np.ones(3) if not real else np.array([0.8, 0.9, 1.1]))
+    sky = None
+    if kind == "street":
+        sky = (np.array([0.75, 0.85, 0.95]), np.array([0.3, 0.5, 0.85])) if not real else \
+              (np.array([0.8, 0.8, 0.82]), np.array([0.55, 0.6, 0.7]))
+    focal = {"street": 0.584, "indoor": 0.866, "flying": 1.094}[kind] * (rng.uniform(0.85, 1.15) if real else 1.0)
+    principal = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)) if real else (0.0, 0.0)
+    cam2_rot = rotation(cam["yaw"], rng.uniform(-0.01, 0.01))
+    cam2_pos = np.array([cam["side"], rng.uniform(-0.02, 0.02), cam["forward"]])
+    sensor = {}
+    if real:
+        sensor = dict(blur=rng.uniform(0.5, 1.0), gains=rng.uniform(0.85, 1.15, 3), gamma=rng.uniform(0.8, 1.25),
+                      vignette=rng.uniform(0.1, 0.3), noise=rng.uniform(0.01, 0.03), noise_seed=int(rng.integers(1 << 30)))
+    return Scene(kind, domain, objects, lights, ambient, sky, focal, principal, cam2_rot, cam2_pos, sensor)
+
+
+# --------------------------------------------------------------------------- rendering
+
+def intrinsics(scene: Scene, height: int, width: int) -> np.ndarray:
+    f = scene.focal * width
+    cx = (width - 1) / 2 + scene.principal[0] * width
+    cy = (height - 1) / 2 + scene.principal[1] * height
+    return np.array([[f, 0, cx], [0, f, cy], [0, 0, 1.0]])
+
+
+def _pixel_rays(K: np.ndarray, height: int, width: int) -> np.ndarray:
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    pix = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], 1)
+    return pix @ np.linalg.inv(K).T  # unit z: t along these rays is the planar depth
+
+
+def _shade(scene: Scene, hits: Hits, origins, dirs, time: int):
+    """Albedo, shading and the specular term of every ray's hit (zero where it escapes)."""
+    n = len(dirs)
+    albedo, shading, spec = np.zeros((n, 3)), np.zeros((n, 3)), np.zeros((n, 3))
+    hit = hits.index >= 0
+    if not hit.any():
+        return albedo, shading, spec
+    idx = np.nonzero(hit)[0]
+    points = origins[idx] + hits.t[idx, None] * dirs[idx]
+    normals = hits.normal[idx]
+    for k in np.unique(hits.index[idx]):
+        sel = hits.index[idx] == k
+        albedo[idx[sel]] = texture(scene.objects[k].material, hits.local[idx[sel]])
+    shade = np.tile(scene.ambient, (len(idx), 1))
+    view = -dirs[idx] / np.linalg.norm(dirs[idx], axis=1, keepdims=True)
+    gloss = np.array([scene.objects[k].material.gloss for k in hits.index[idx]])
+    highlight = np.zeros((len(idx), 3))
+    for light in scene.lights:
+        if light.direction is not None:
+            to_light = np.broadcast_to(light.direction, points.shape)
+            dist = np.full(len(idx), np.inf)
+            power = np.full(len(idx), light.intensity)
+        else:
+            delta = light.position - points
+            dist = np.linalg.norm(delta, axis=1)
+            to_light = delta / dist[:, None]
+            power = light.intensity / (1.0 + dist**2)
+        cos = (normals * to_light).sum(1)
+        lit = cos > 0
+        lit[lit] &= ~_blocked(scene.objects, points[lit], to_light[lit], dist[lit], time)
+        shade += (np.where(lit, cos * power, 0.0))[:, None] * light.color
+        half = to_light + view
+        half /= np.linalg.norm(half, axis=1, keepdims=True)
+        highlight += (np.where(lit, gloss * np.clip((normals * half).sum(1), 0, 1) ** 40, 0.0))[:, None] * light.color
+    shading[idx] = np.clip(shade, 0, 1)
+    spec[idx] = highlight
+    return albedo, shading, spec
+
+
+def _sky(scene: Scene, dirs: np.ndarray, rotation_to_world: np.ndarray) -> np.ndarray:
+    horizon, zenith = scene.sky
+    d = dirs @ rotation_to_world.T
+    up = np.clip(-d[:, 1] / np.linalg.norm(d, axis=1), 0, 1) ** 0.5
+    return horizon * (1 - up[:, None]) + zenith * up[:, None]
+
+
+def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def _sensor(img: np.ndarray, sensor: dict, frame: int) -> np.ndarray:
+    """The "real" camera: blur, white balance, gamma, vignetting and noise."""
+    if not sensor:
+        return img
+    h, w = img.shape[:2]
+    out = _gaussian_blur(img, sensor["blur"] * max(h, w) / 256).astype(np.float64)
+    out = np.clip(out * sensor["gains"], 0, 1) ** sensor["gamma"]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r2 = ((xx - (w - 1) / 2) / (w / 2)) ** 2 + ((yy - (h - 1) / 2) / (h / 2)) ** 2
+    out *= (1 - sensor["vignette"] * r2 / 2)[..., None]
+    noise = np.random.default_rng([sensor["noise_seed"], frame]).normal(0, sensor["noise"], out.shape)
+    return np.clip(out + noise, 0, 1)
+
+
+def _render_frame(scene: Scene, K: np.ndarray, height: int, width: int, time: int):
+    """Cast the camera of frame ``time`` (1 or 2) into the scene posed at ``time``."""
+    rot, pos = (np.eye(3), np.zeros(3)) if time == 1 else (scene.cam2_rotation, scene.cam2_position)
+    cam_dirs = _pixel_rays(K, height, width)
+    dirs = cam_dirs @ rot.T
+    origins = np.broadcast_to(pos, dirs.shape)
+    hits = cast(scene.objects, origins, dirs, time)
+    albedo, shading, spec = _shade(scene, hits, origins, dirs, time)
+    rgb = albedo * shading + spec
+    escaped = hits.index < 0
+    if scene.sky is not None and escaped.any():
+        rgb[escaped] = _sky(scene, cam_dirs[escaped], rot)
+    return hits, dirs, albedo, shading, spec, np.clip(rgb, 0, 1)
+
+
+def render_sample(kind: str, seed: int, height: int, width: int, domain: str = "train",
+                  light_seed: int | None = None) -> dict:
+    """Render one sample; see the module docstring for the conventions.
+
+    Returns float32 arrays (H x W [x C]): ``rgb``, ``rgb_next``, ``rgb_linear``,
+    ``rgb_next_linear``, ``depth`` (0 where nothing is hit), ``normal``,
+    ``semantic`` (int32; 250 = ignore), ``albedo``, ``shading``,
+    ``optical_flow``, ``scene_flow``, ``valid_flow`` (visible in frame 2),
+    ``flow_defined`` (a surface point in front of camera 2, occluded or not), ``lambertian``,
+    ``object_id`` (int32, -1 = sky), ``K`` (3 x 3), ``cam2_from_cam1`` (4 x 4:
+    maps camera-1 coordinates of a static point to its camera-2 coordinates),
+    and ``kind``, ``domain``, ``seed``.
+    """
+    if height < 2 or width < 2:
+        raise ValueError(f"image size must be at least 2 x 2, got {height} x {width}")
+    scene = make_scene(kind, seed, domain, light_seed)
+    K = intrinsics(scene, height, width)
+    hits, dirs, albedo, shading, spec, rgb = _render_frame(scene, K, height, width, 1)
+    hit = hits.index >= 0
+    depth = np.where(hit, hits.t, 0.0)  # rays have unit z, so t is planar depth
+    points1 = np.where(hit[:, None], hits.t[:, None] * dirs, 0.0)
+
+    # frame 2: every surface point moves with its object; express it in camera 2
+    world2 = np.zeros_like(points1)
+    for k in np.unique(hits.index[hit]):
+        sel = hits.index == k
+        rot2, pos2 = scene.objects[k].pose(2)
+        world2[sel] = hits.local[sel] @ rot2.T + pos2
+    cam2 = (world2 - scene.cam2_position) @ scene.cam2_rotation  # R^T (X - c)
+    z2 = cam2[:, 2]
+    proj = cam2 @ K.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv2 = proj[:, :2] / proj[:, 2:3]
+    v, u = np.mgrid[0:height, 0:width]
+    uv1 = np.stack([u.ravel(), v.ravel()], 1).astype(np.float64)
+    flow = np.where(hit[:, None] & (z2[:, None] > _EPS), uv2 - uv1, 0.0)
+    scene_flow = np.where(hit[:, None], cam2 - points1, 0.0)
+
+    # flow is defined for every surface point in front of camera 2 (occluded or not, as in
+    # FlyingThings3D and KITTI's flow_occ); valid_flow adds: inside frame 2 and visible there
+    defined = hit & (z2 > 0.05)
+    flow = np.where(defined[:, None], flow, 0.0)
+    inside = defined & (uv2[:, 0] >= 0) & (uv2[:, 0] <= width - 1) & (uv2[:, 1] >= 0) & (uv2[:, 1] <= height - 1)
+    valid_flow = np.zeros(len(dirs), bool)
+    if inside.any():
+        towards = world2[inside] - scene.cam2_position
+        reach = cast(scene.objects, np.broadcast_to(scene.cam2_position, towards.shape), towards, 2)
+        same = (reach.index == hits.index[inside]) & (np.abs(reach.t - 1.0) < 1e-4)
+        valid_flow[np.nonzero(inside)[0][same]] = True
+
+    _, _, _, _, _, rgb_next = _render_frame(scene, K, height, width, 2)
+    semantic = np.full(len(dirs), IGNORE_INDEX, np.int32)
+    semantic[hit] = [scene.objects[k].semantic for k in hits.index[hit]]
+    if scene.sky is not None:
+        semantic[~hit] = SKY
+    normal_cam = hits.normal  # world = camera 1
+    lambertian = hit & (spec.max(1) < 1e-6)
+
+    shape = (height, width)
+    img = lambda a, c=3: a.reshape(*shape, c).astype(np.float32)  # noqa: E731
+    rgb1, rgb2 = img(rgb), img(rgb_next)
+    motion = np.eye(4)
+    motion[:3, :3] = scene.cam2_rotation.T
+    motion[:3, 3] = -scene.cam2_rotation.T @ scene.cam2_position
+    return {
+        "rgb": _sensor(rgb1, scene.sensor, 1).astype(np.float32),
+        "rgb_next": _sensor(rgb2, scene.sensor, 2).astype(np.float32),
+        "rgb_linear": rgb1,
+        "rgb_next_linear": rgb2,
+        "depth": depth.reshape(shape).astype(np.float32),
+        "normal": img(normal_cam),
+        "semantic": semantic.reshape(shape),
+        "albedo": img(albedo),
+        "shading": img(shading),
+        "optical_flow": img(flow, 2),
+        "scene_flow": img(scene_flow),
+        "valid_flow": valid_flow.reshape(shape),
+        "flow_defined": defined.reshape(shape),
+        "lambertian": lambertian.reshape(shape),
+        "object_id": hits.index.reshape(shape).astype(np.int32),
+        "K": K.astype(np.float64),
+        "cam2_from_cam1": motion,
+        "kind": kind,
+        "domain": domain,
+        "seed": int(seed),
+    }
+
+
+def stable_seed(*parts) -> int:
+    """A seed from names and numbers that is the same on every machine and Python run."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def write_mini_datasets(root, preset="demo", **kwargs) -> dict:
+    """Write the procedural miniature of every dataset under ``root``; see ``stablemtl.data.mini``."""
+    from stablemtl.data.mini import write_mini_datasets as write
+
+    return write(root, preset, **kwargs)

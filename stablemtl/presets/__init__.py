@@ -1,0 +1,34 @@
+"""Presets as data: ``smoke`` (CI), ``demo`` (the default main job), later ``paper``.
+
+A preset is a YAML file next to this module; ``load_preset`` returns it as a
+plain dict, or reads any YAML path a user gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).resolve().parent
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(preset) -> dict:
+    """A preset by name (``smoke``, ``demo``), by YAML path, or a dict passed through."""
+    import yaml
+
+    if isinstance(preset, dict):
+        return preset
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} "
+                         f"(or the path of a YAML file)")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a preset must be a YAML mapping, got {type(data).__name__}")
+    return data
