@@ -64,10 +64,33 @@ def _self_check() -> list[str]:
     return lines
 
 
+def default_data_root() -> str:
+    """``$PREPROCESSED_DIR``, else ``data/preprocessed`` under the current directory (git-ignored)."""
+    import os
+
+    return os.environ.get("PREPROCESSED_DIR") or os.path.join("data", "preprocessed")
+
+
+def cmd_data(args) -> int:
+    """Write (or reuse) the procedural mini datasets and summarise them."""
+    from stablemtl.data import mini, sources
+
+    roots = mini.write_mini_datasets(args.root, args.preset)
+    print(f"\n{'dataset':<18}{'class':<16}{'images':>7}  tasks")
+    for name, root in roots.items():
+        cls = sources.SOURCES[name]
+        ds = cls(root)
+        print(f"{name:<18}{cls.__name__:<16}{len(ds):>7}  {', '.join(cls.tasks_provided)}   ({root})")
+    return 0
+
+
 def cmd_run(args) -> int:
     print(f"stablemtl {stablemtl.__version__}: StableMTL (arXiv 2506.08013) research kit\n")
-    print("The numbered notebooks (data, model, training, evaluation, results) are not in this")
-    print("version yet, so there is no study to run. What the installed kit provides now:\n")
+    print("The numbered notebooks (model, training, evaluation, results) are not in this version")
+    print("yet. This runs the stages that exist: the data stage, then a check of the tasks.\n")
+    print(f"Data: procedural miniatures of the eight datasets (preset {args.preset!r}) under {args.root}")
+    cmd_data(args)
+    print()
     print("Tasks (stablemtl.tasks), checked now on synthetic annotations:")
     for line in _self_check():
         print(line)
@@ -98,7 +121,13 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stablemtl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="the kit's main job").set_defaults(func=cmd_run)
+    for name, func, text in (("run", cmd_run, "the kit's main job"),
+                             ("data", cmd_data, "write the procedural mini datasets (cached)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--preset", default="demo", help="smoke | demo (default) | a preset YAML path")
+        p.add_argument("--root", default=default_data_root(),
+                       help="where datasets go (default: $PREPROCESSED_DIR or data/preprocessed)")
+        p.set_defaults(func=func)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -28,11 +28,14 @@ def test_package_import_loads_no_heavy_module():
     assert _loaded_after("import stablemtl.metrics, stablemtl.data.formats") == []
 
 
-def test_console_script_runs_and_checks_the_tasks():
+def test_console_script_runs_and_checks_the_tasks(tmp_path):
     script = Path(sys.executable).with_name("stablemtl")
-    out = subprocess.run([str(script), "run"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([str(script), "run", "--preset", "smoke", "--root", str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout
+    assert (tmp_path / "kitti/flow_2015/training/flow_occ/000000_10.png").is_file()
+    assert re.search(r"^mid\s+MIDIntrinsics\s+4\s+albedo, shading", out, re.M)
     for name in ("albedo", "shading", "depth", "normal", "semantic", "optical_flow", "scene_flow"):
-        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        line = next(line for line in out.splitlines() if line.strip().startswith(name) and "round trip" in line)
         error = float(re.search(r"round trip: ([0-9.e+-]+)", line).group(1))
         assert error < 1e-3, line
     bad = subprocess.run([str(script), "fly"], capture_output=True, text=True)

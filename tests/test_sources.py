@@ -9,8 +9,7 @@ import torch
 from stablemtl.data import mini, sources, splits, synthetic
 from stablemtl.data.sources import DatasetLayoutError
 
-SPLIT = {"hypersim": "train", "vkitti": "train", "flying_things_3d": "train", "cityscapes": "val",
-         "kitti_depth": "test", "kitti_flow": "train", "diode": "val", "mid": "test"}
+SPLIT = {name: cls.default_split for name, cls in sources.SOURCES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +217,18 @@ def test_generation_is_cached_and_regenerated_when_parameters_change(tmp_path):
     mini.write_mini_dataset(tmp_path, "cityscapes", {"count": 3, "size": [16, 32]}, workers=1, progress=False)
     assert len(sources.Cityscapes(root, "val")) == 3
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_official_lists_filter_frames_and_mark_missing_ground_truth(roots, tmp_path):
+    csv = tmp_path / "metadata_images_split_scene_v1.csv"
+    csv.write_text("scene_name,camera_name,frame_id,included_in_public_release,exclude_reason,split_partition_name\n"
+                   "ai_001_001,cam_00,0,True,,train\nai_001_001,cam_00,1,True,,val\nai_001_001,cam_00,2,False,,train\n")
+    lines = splits.hypersim_lines(roots["hypersim"], split_csv=csv)["filename_list_train.txt"]
+    assert [line.split()[0] for line in lines] == ["ai_001_001/rgb_cam_00_fr0000.png"]
+    written = (roots["kitti_depth"] / "data_split/eigen_test_files_with_gt.txt").read_text().splitlines()
+    eigen = tmp_path / "eigen_test_files.txt"
+    eigen.write_text("\n".join(line.split()[0] for line in written))
+    built = splits.kitti_depth_lines(roots["kitti_depth"], eigen_list=eigen)["eigen_test_files_with_gt.txt"]
+    assert [line.split()[:2] for line in built] == [line.split()[:2] for line in written]
+    out = splits.build_split("kitti_flow", roots["kitti_flow"], out_dir=tmp_path / "lists")
+    assert (tmp_path / "lists/training.txt").read_text().splitlines() == out["training.txt"]

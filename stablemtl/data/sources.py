@@ -73,6 +73,7 @@ class Source(Dataset):
     name = ""  # the kit's dataset name (data_split/<name>/)
     root_hint = ""  # the directory under $PREPROCESSED_DIR, for messages
     tasks_provided: tuple[str, ...] = ()
+    default_split = "train"  # the split the study uses (training sources: train; benchmarks: their test set)
     split_files: dict[str, str] = {}
     layout = ""  # one line describing the expected layout, for messages
     depth_range = (1e-5, math.inf)
@@ -80,7 +81,7 @@ class Source(Dataset):
     jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue (flow tasks)
     vertical_flip = False
 
-    def __init__(self, root, split: str, tasks=None, resolution=None, augment: bool = False,
+    def __init__(self, root, split: str | None = None, tasks=None, resolution=None, augment: bool = False,
                  rgb_resize: str = "nearest-exact", resize_targets: bool = True, seed: int = 2024):
         root = Path(root)
         if not root.is_dir():
@@ -100,6 +101,7 @@ class Source(Dataset):
         if not tasks:
             raise ValueError(f"{type(self).__name__}: no task requested")
         self.tasks = tasks
+        split = self.default_split if split is None else split
         self.split = split
         self.resolution = None if resolution is None else (int(resolution[0]), int(resolution[1]))
         if rgb_resize not in ("nearest-exact", "antialias"):
@@ -123,15 +125,16 @@ class Source(Dataset):
         except json.JSONDecodeError as err:
             raise formats.FormatError(f"{path}: not valid JSON ({err})") from None
 
-    def split_paths(self, split: str) -> list[Path]:
-        """Where a split name is looked for, in order."""
+    def split_paths(self, split: str, file: str | None = None) -> list[Path]:
+        """Where a split list is looked for, in order: a path given as ``split``, the dataset's
+        own ``<root>/data_split/``, then the repository's ``data_split/<dataset>/``."""
         if Path(split).suffix == ".txt" and Path(split).is_file():
             return [Path(split)]
-        names = [self.split_files.get(split, f"{split}.txt")]
-        return [self.root / "data_split" / n for n in names] + [REPO_SPLITS / self.name / n for n in names]
+        name = file or self.split_files.get(split, f"{split}.txt")
+        return [self.root / "data_split" / name, REPO_SPLITS / self.name / name]
 
-    def _split_lines(self, split: str) -> list[list[str]]:
-        candidates = self.split_paths(split)
+    def _split_lines(self, split: str, file: str | None = None) -> list[list[str]]:
+        candidates = self.split_paths(split, file)
         for path in candidates:
             if path.is_file():
                 self.split_file = path
@@ -312,6 +315,7 @@ class Hypersim(Source):
 
     name = "hypersim"
     root_hint = "hypersim/train"
+    default_split = "train"
     tasks_provided = ("depth", "normal", "albedo", "shading")
     split_files = {"train": "filename_list_train.txt"}
     layout = "<root>/<scene>/{rgb,depth_plane,normal_cam,normal_valid_mask,albedo,shading}_cam_XX_frNNNN.*"
@@ -364,6 +368,7 @@ class VirtualKITTI2(Source):
 
     name = "vkitti"
     root_hint = "vkitti_v2"
+    default_split = "train"
     tasks_provided = ("depth", "normal", "semantic", "optical_flow", "scene_flow")
     layout = "<root>/original/SceneXX/<variation>/frames/{rgb,depth,classSegmentation,forwardFlow,forwardSceneFlow}/Camera_k/ and <root>/normal_estimated/"
     depth_range = (1e-5, 80.0)
@@ -373,17 +378,16 @@ class VirtualKITTI2(Source):
     def _read_split(self, split):
         frames = None
         for task in self.tasks:
-            self.split_files = {split: f"vkitti_{task}_{split}.txt"}
             keys = []
-            for line in self._split_lines(split):
+            for line in self._split_lines(split, f"vkitti_{task}_{split}.txt"):
                 parts = line[0].split("/")  # <top>/SceneXX/<variation>/frames/<kind>/Camera_k/<prefix>_NNNNN.<ext>
                 number = re.search(r"_(\d{5})\.\w+$", parts[-1])
                 if len(parts) != 7 or parts[3] != "frames" or number is None:
                     raise formats.FormatError(f"{self.split_file}: not a vKITTI 2 frame path "
                                               f"(<top>/SceneXX/<variation>/frames/<kind>/Camera_k/<name>_NNNNN.<ext>): {line[0]!r}")
                 keys.append((parts[1], parts[2], parts[5], int(number.group(1))))
-            frames = keys if frames is None else [k for k in frames if k in set(keys)]
-        self.split_files = {}
+            listed = set(keys)
+            frames = keys if frames is None else [k for k in frames if k in listed]
         return [(f"original/{s}/{v}/frames/rgb/{c}/rgb_{n:05d}.jpg",) for s, v, c, n in frames]
 
     def annotation_path(self, rgb_path: str, task: str, frame_offset: int = 0) -> str:
@@ -442,6 +446,7 @@ class FlyingThings3D(Source):
 
     name = "flying_things_3d"
     root_hint = "FlyingThings3D_preprocessed"
+    default_split = "train"
     tasks_provided = ("optical_flow", "scene_flow")
     layout = "<root>/<split>/{image_clean,flow_2d,pc,flow_3d}/NNNNNNN.{png,npz,npy}"
     depth_range = (1e-5, 35.0)
@@ -491,6 +496,7 @@ class Cityscapes(Source):
 
     name = "cityscapes"
     root_hint = "cityscapes"
+    default_split = "val"
     tasks_provided = ("semantic",)
     split_files = {"val": "cityscapes_val_full.txt"}
     layout = "<root>/leftImg8bit/val/<city>/*_leftImg8bit.png and <root>/gtFine/val/<city>/*_gtFine_labelIds.png"
@@ -512,6 +518,7 @@ class KittiDepth(Source):
 
     name = "kitti_depth"
     root_hint = "kitti/kitti_eigen_split_test"
+    default_split = "test"
     tasks_provided = ("depth",)
     split_files = {"test": "eigen_test_files_with_gt.txt"}
     layout = "<root>/<date>/<drive>/image_02/data/*.png and <root>/<drive>/proj_depth/groundtruth/image_02/*.png"
@@ -558,6 +565,7 @@ class KittiFlow(Source):
 
     name = "kitti_flow"
     root_hint = "kitti/flow_2015"
+    default_split = "train"
     tasks_provided = ("optical_flow", "scene_flow")
     split_files = {"train": "training.txt"}
     layout = "<root>/training/{image_2,flow_occ,disp_occ_0,disp_occ_1,calib_cam_to_cam}/"
@@ -605,6 +613,7 @@ class DIODE(Source):
 
     name = "diode"
     root_hint = "diode/diode_val"
+    default_split = "val"
     tasks_provided = ("depth", "normal")
     split_files = {"val": "diode_val_all_filename_list.txt"}
     layout = "<root>/{indoors,outdoor}/scene_XXXXX/scan_XXXXX/*.png with _depth.npy, _depth_mask.npy, _normal.npy"
@@ -629,6 +638,7 @@ class MIDIntrinsics(Source):
 
     name = "mid"
     root_hint = "mid_intrinsics"
+    default_split = "test"
     tasks_provided = ("albedo", "shading")
     layout = "<root>/test/<scene>_dir_K_mip2.jpg with _albedo.jpg and _shading.jpg"
 

@@ -24,10 +24,29 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def hypersim_lines(root: Path) -> dict[str, list[str]]:
+def _hypersim_official(split_csv, partition: str) -> set[tuple[str, str, int]]:
+    """(scene, camera, frame) of ``partition`` in ml-hypersim's ``metadata_images_split_scene_v1.csv``."""
+    import csv
+
+    with open(split_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"scene_name", "camera_name", "frame_id", "included_in_public_release", "split_partition_name"}
+    if not rows or not need <= set(rows[0]):
+        raise formats.FormatError(f"{split_csv}: expected the columns {sorted(need)} of metadata_images_split_scene_v1.csv")
+    return {(r["scene_name"], r["camera_name"], int(r["frame_id"])) for r in rows
+            if r["split_partition_name"] == partition and r["included_in_public_release"].strip().lower() == "true"}
+
+
+def hypersim_lines(root: Path, split_csv=None, partition: str = "train") -> dict[str, list[str]]:
+    """Every preprocessed frame with its files; with ``split_csv`` (ml-hypersim's official scene
+    split) only the frames of ``partition`` included in the public release."""
+    official = _hypersim_official(split_csv, partition) if split_csv is not None else None
     lines = []
     for rgb in sorted(root.glob("*/rgb_cam_*_fr*.png")):
         stem = rgb.name[len("rgb_"):-len(".png")]  # cam_XX_frNNNN
+        camera, frame = stem.rsplit("_fr", 1)
+        if official is not None and (rgb.parent.name, camera, int(frame)) not in official:
+            continue
         cols = [rgb, rgb.parent / f"depth_plane_{stem}.png", rgb.parent / f"normal_cam_{stem}.npy",
                 rgb.parent / f"normal_cam_{stem}.png", rgb.parent / f"normal_valid_mask_{stem}.npy"]
         if all(c.is_file() for c in cols[:3]) and cols[4].is_file():
