@@ -183,6 +183,8 @@ def test_horizontal_flip_negates_x_components(roots):
                 torch.testing.assert_close(a["normal"][0], -b["normal"][0].flip(-1))
                 torch.testing.assert_close(a["normal"][1:], b["normal"][1:].flip(-1))
                 torch.testing.assert_close(a["optical_flow"][0], -b["optical_flow"][0].flip(-1))
+                width = b["rgb"].shape[-1]
+                assert a["K"][0, 2].item() == pytest.approx(width - 1 - b["K"][0, 2].item())
                 assert not torch.equal(a["rgb"], b["rgb"].flip(-1))  # colour jitter for the flow task
     assert flipped > 0
     ds.set_epoch(1)
@@ -214,6 +216,7 @@ def test_generation_is_cached_and_regenerated_when_parameters_change(tmp_path):
     stamp = (root / sources.META_FILE).stat().st_mtime_ns
     mini.write_mini_dataset(tmp_path, "cityscapes", spec, workers=1, progress=False)
     assert (root / sources.META_FILE).stat().st_mtime_ns == stamp
+    (tmp_path / ".cityscapes.partial-999").mkdir()  # as a run killed while writing leaves it
     mini.write_mini_dataset(tmp_path, "cityscapes", {"count": 3, "size": [16, 32]}, workers=1, progress=False)
     assert len(sources.Cityscapes(root, "val")) == 3
     assert not list(tmp_path.glob(".*partial*"))

@@ -272,8 +272,9 @@ def write_mini_dataset(root, dataset: str, spec: dict, seed: int = 2024, workers
     if final.exists() and not (final / META_FILE).is_file():
         raise FileExistsError(f"{final} exists and is not a procedural mini dataset (no {META_FILE}); "
                               f"refusing to overwrite it: choose another root")
+    for stale in final.parent.glob(f".{final.name}.partial-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     jobs = [(dataset, str(tmp), i, spec, seed) for i in range(_count(dataset, spec))]
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)

@@ -239,7 +239,8 @@ class Source(Dataset):
 
     def _augment(self, sample: dict, index: int) -> dict:
         """Flips (p = 0.5, with the sign changes) and, for flow tasks, colour jitter."""
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        g = torch.Generator().manual_seed(int(state))
         flips = [(-1, 0)]  # (tensor axis, vector component to negate)
         if self.vertical_flip:
             flips.append((-2, 1))
@@ -250,6 +251,8 @@ class Source(Dataset):
                 for task in ("optical_flow", "scene_flow", "normal"):
                     if task in sample:
                         sample[task][component] = -sample[task][component]
+                size = sample["rgb"].shape[axis]
+                sample["K"][component, 2] = size - 1 - sample["K"][component, 2]  # the principal point mirrors
         if self.jitter is not None and self.needs_next_frame():
             params = color_jitter_params(self.jitter, g)
             for key in ("rgb", "rgb_next"):
