@@ -143,8 +143,8 @@ class Source(Dataset):
         raise DatasetLayoutError(
             f"{type(self).__name__}: no split list {split!r}; looked for "
             + ", ".join(str(p) for p in candidates)
-            + f". Build it from the dataset with stablemtl.data.splits.build_split('{self.name}', root) "
-            f"or see {README_DATA}"
+            + f" (the dataset is expected as {self.layout}). Build the list from the dataset with "
+            f"stablemtl.data.splits.build_split('{self.name}', root) or see {README_DATA}"
         )
 
     def _read_split(self, split: str) -> list[tuple[str, ...]]:
