@@ -29,7 +29,7 @@ from stablemtl.data import formats, synthetic
 from stablemtl.data.sources import META_FILE, SOURCES
 from stablemtl.metrics import IGNORE_INDEX
 
-WORLD_VERSION = 1  # bump when the renderer or a writer changes what is written
+WORLD_VERSION = 2  # bump when the renderer or a writer changes what is written
 
 # dataset -> (directory under the root, scene kind, domain)
 MINI_LAYOUT = {

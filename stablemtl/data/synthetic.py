@@ -470,7 +470,7 @@ def make_scene(kind: str, seed: int, domain: str = "train", light_seed: int | No
             local = lrng.uniform(-0.7, 0.7, 3) * half
             local[1] = -half[1] * 0.85  # under the ceiling
             colour = np.ones(3) if not real else np.array([1.0, lrng.uniform(0.8, 0.95), lrng.uniform(0.6, 0.85)])
-            lights.append(Light(None, room_rot @ local + room_pos, colour, lrng.uniform(3, 6)))
+            lights.append(Light(None, room_rot @ local + room_pos, colour, lrng.uniform(0.8, 1.3)))
         ambient = lrng.uniform(0.2, 0.3) * (np.ones(3) if not real else np.array([0.9, 0.95, 1.05]))
     else:
         elevation = lrng.uniform(0.5, 1.2) if not real else lrng.uniform(0.25, 0.6)
@@ -537,7 +537,7 @@ def _shade(scene: Scene, hits: Hits, origins, dirs, time: int):
             delta = light.position - points
             dist = np.linalg.norm(delta, axis=1)
             to_light = delta / dist[:, None]
-            power = light.intensity / (1.0 + dist**2)
+            power = light.intensity / (1.0 + (dist / 2.0) ** 2)  # inverse square, softened near the lamp
         cos = (normals * to_light).sum(1)
         lit = cos > 0
         lit[lit] &= ~_blocked(scene.objects, points[lit], to_light[lit], dist[lit], time)
