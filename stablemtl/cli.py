@@ -84,12 +84,32 @@ def cmd_data(args) -> int:
     return 0
 
 
+def default_base_dir(preset: str) -> str:
+    """``$OUTPUT_DIR/<preset>/base``, else ``outputs/<preset>/base`` (git-ignored)."""
+    import os
+
+    return os.path.join(os.environ.get("OUTPUT_DIR") or "outputs", os.path.basename(str(preset)).split(".")[0], "base")
+
+
+def cmd_base(args) -> int:
+    """Build (or reuse) the tiny base model and print its build report."""
+    from stablemtl.model import base
+
+    out = args.out or default_base_dir(args.preset)
+    base.build_tiny_base(out, args.preset, progress=True)
+    print(f"base model ready in {out}")
+    print(base.format_build_report(base.build_report(out)))
+    return 0
+
+
 def cmd_run(args) -> int:
     print(f"stablemtl {stablemtl.__version__}: StableMTL (arXiv 2506.08013) research kit\n")
-    print("The numbered notebooks (model, training, evaluation, results) are not in this version")
-    print("yet. This runs the stages that exist: the data stage, then a check of the tasks.\n")
+    print("The numbered notebooks (training, evaluation, results) are not in this version yet.")
+    print("This runs the stages that exist: data, the base model, then a check of the tasks.\n")
     print(f"Data: procedural miniatures of the eight datasets (preset {args.preset!r}) under {args.root}")
     cmd_data(args)
+    print(f"\nModel: the tiny Stable-Diffusion-shaped base (preset {args.preset!r}; cached)")
+    cmd_base(args)
     print()
     print("Tasks (stablemtl.tasks), checked now on synthetic annotations:")
     for line in _self_check():
@@ -122,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stablemtl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("run", cmd_run, "the kit's main job"),
-                             ("data", cmd_data, "write the procedural mini datasets (cached)")):
+                             ("data", cmd_data, "write the procedural mini datasets (cached)"),
+                             ("base", cmd_base, "build the tiny base model (cached)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--preset", default="demo", help="smoke | demo (default) | a preset YAML path")
         p.add_argument("--root", default=default_data_root(),
                        help="where datasets go (default: $PREPROCESSED_DIR or data/preprocessed)")
+        p.add_argument("--out", default=None,
+                       help="where the base model goes (default: $OUTPUT_DIR/<preset>/base or outputs/<preset>/base)")
         p.set_defaults(func=func)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)

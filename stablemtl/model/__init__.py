@@ -1,0 +1,1 @@
+"""The StableMTL model on stock diffusers components: base loading, streams, pipeline."""

@@ -1,0 +1,449 @@
+"""The single-stream latent regressor and the multi-stream model with task attention.
+
+Single stream (REFERENCE section 3): the base UNet with ``conv_in`` widened to
+12 input channels (kernel tiled 3 times x 1/3, bias kept; recorded with
+``register_to_config``), input ``[z_image, z_image2, zeros]`` (``z_image2`` is
+the next frame's latent for the flow tasks, else ``z_image`` again), fixed
+timestep 999, output = the task latent (``sample`` prediction), the task chosen
+by its prompt through the frozen text encoder. Prompt embeddings are computed
+once and cached; prompts of different lengths are batched with an attention
+mask over the padding, which gives the same result as unpadded prompts.
+
+Multi stream: a trainable main UNet and a frozen auxiliary copy, both
+initialised from the single-stream UNet. In the auxiliary stream an attention
+processor on every ``attn1`` captures the self-attention branch output (after
+the output projection, before the residual add); in the main stream the
+processor adds task attention to that branch: per pixel, the main task's query
+attends to the other tasks' features (keys/values through per-task LayerNorm +
+MLP C -> C/2 -> C; query through LayerNorm + per-main-task MLP C -> 640 -> 640
+-> 640 -> C; 4 heads; zero-initialised output projection, so the untrained
+multi-stream model equals the single-stream one). During training, with
+probability 0.4 per layer, the attention probabilities (averaged over batch,
+pixels and heads, without gradient) pick one auxiliary task to mask out.
+
+All requested tasks are predicted together: the single stream makes one UNet
+call over the batch of (task, image) pairs; the multi stream one auxiliary call
+(features of every needed task, once) and one main call. The reference instead
+re-ran the auxiliary stream for every main task (49 UNet passes for 7 tasks);
+``MultiStream.predict_latents_reference`` keeps that scheme for comparison only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stablemtl.tasks import TASK_NAMES
+
+TIMESTEP = 999
+MODEL_FILE = "stablemtl_model.json"
+FLOW_TASKS = ("optical_flow", "scene_flow")
+
+
+def _check_tasks(tasks, allowed) -> list[str]:
+    tasks = list(allowed if tasks is None else [tasks] if isinstance(tasks, str) else tasks)
+    for task in tasks:
+        if task not in TASK_NAMES:
+            raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+        if task not in allowed:
+            raise ValueError(f"this model was built for {', '.join(allowed)}; it cannot predict {task!r}")
+    if not tasks:
+        raise ValueError("no task requested")
+    return tasks
+
+
+def widen_conv_in(unet, factor: int = 3) -> None:
+    """Tile ``conv_in``'s kernel ``factor`` times along the input axis, scaled by 1/factor; keep the bias."""
+    old = unet.conv_in
+    if old.in_channels != unet.config.in_channels or old.in_channels * factor == old.in_channels:
+        raise ValueError("conv_in does not match the UNet config")
+    new = nn.Conv2d(old.in_channels * factor, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.repeat(1, factor, 1, 1) / factor)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=old.in_channels * factor)
+
+
+class _Frozen(nn.Module):
+    """Frozen base components shared by the streams: VAE, text encoder, tokenizer, prompt cache."""
+
+    def __init__(self, vae, text_encoder, tokenizer, base_path=None):
+        super().__init__()
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.base_path = base_path
+        for m in (vae, text_encoder):
+            m.requires_grad_(False).eval()
+        self._prompts: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen parts stay in eval mode
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def prompt(self, task: str) -> torch.Tensor:
+        """``[L, D]`` embedding of the task prompt (BOS + tokens + EOS, no padding), cached."""
+        if task not in self._prompts:
+            from stablemtl.tasks import get_task
+
+            ids = self.tokenizer(get_task(task).prompt, padding=False, return_tensors="pt").input_ids
+            device = next(self.text_encoder.parameters()).device
+            with torch.no_grad():
+                self._prompts[task] = self.text_encoder(ids.to(device))[0][0].cpu()
+        return self._prompts[task]
+
+    def prompts(self, tasks, repeat: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts of ``tasks`` each repeated ``repeat`` times, padded: (``[T*repeat, L, D]``, mask ``[T*repeat, L]``)."""
+        embs = [self.prompt(t) for t in tasks]
+        length = max(e.shape[0] for e in embs)
+        out = torch.zeros(len(tasks), length, embs[0].shape[1], device=device, dtype=dtype)
+        mask = torch.zeros(len(tasks), length, device=device, dtype=dtype)
+        for i, e in enumerate(embs):
+            out[i, : e.shape[0]] = e.to(device, dtype)
+            mask[i, : e.shape[0]] = 1
+        return out.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        """RGB in [-1, 1] ``[B, 3, H, W]`` -> scaled posterior-mean latents."""
+        with torch.no_grad():
+            return self.vae.encode(rgb).latent_dist.mean * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+
+def _inputs(z_image, z_next, tasks) -> torch.Tensor:
+    """Task-major batch ``[T*B, 12, h, w]``: [z_image, z_image2, zeros] per task."""
+    rows = []
+    for task in tasks:
+        second = z_next if (task in FLOW_TASKS and z_next is not None) else z_image
+        rows.append(torch.cat([z_image, second, torch.zeros_like(z_image)], 1))
+    return torch.cat(rows, 0)
+
+
+def _unet(unet, x, prompts, mask):
+    t = torch.full((x.shape[0],), TIMESTEP, device=x.device, dtype=torch.long)
+    return unet(x, t, encoder_hidden_states=prompts, encoder_attention_mask=mask).sample
+
+
+def _save_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+class SingleStream(nn.Module):
+    """The single-stream latent regressor; ``unet`` is the only trainable part."""
+
+    kind = "single_stream"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, base_path=None):
+        super().__init__()
+        if unet.config.in_channels != 3 * vae.config.latent_channels:
+            raise ValueError(f"the UNet takes {unet.config.in_channels} channels; the single stream needs "
+                             f"3 x {vae.config.latent_channels} (use SingleStream.from_base to widen conv_in)")
+        self.unet = unet
+        self.frozen = _Frozen(vae, text_encoder, tokenizer, base_path)
+        self.tasks = list(tasks)
+
+    def trainable_parameters(self):
+        """Exactly the UNet (the VAE and the text encoder are frozen)."""
+        return list(self.unet.parameters())
+
+    @classmethod
+    def from_base(cls, base, tasks=TASK_NAMES) -> "SingleStream":
+        unet = copy.deepcopy(base.unet)
+        if unet.config.in_channels == base.vae.config.latent_channels:
+            widen_conv_in(unet)
+        return cls(unet, base.vae, base.text_encoder, base.tokenizer, tasks, base.path)
+
+    def predict_latents(self, z_image, z_next, tasks) -> torch.Tensor:
+        """Task latents ``[T, B, 4, h, w]`` for scaled image latents ``[B, 4, h, w]``, one UNet call."""
+        tasks = _check_tasks(tasks, self.tasks)
+        prompts, mask = self.frozen.prompts(tasks, z_image.shape[0], z_image.device, z_image.dtype)
+        out = _unet(self.unet, _inputs(z_image, z_next, tasks), prompts, mask)
+        return out.view(len(tasks), *z_image.shape)
+
+    # ---------------------------------------------------------------- persistence
+    def _config(self) -> dict:
+        return {"kind": self.kind, "tasks": self.tasks, "base": str(self.frozen.base_path) if self.frozen.base_path else None}
+
+    def save_pretrained(self, path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        _save_json(path / MODEL_FILE, self._config())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path, base=None):
+        return load_model(path, base, expect=cls.kind)
+
+
+# --------------------------------------------------------------------------- multi stream
+
+class _MLP(nn.Sequential):
+    def __init__(self, *widths):
+        layers = []
+        for i in range(len(widths) - 1):
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < len(widths) - 2:
+                layers.append(nn.GELU())
+        super().__init__(*layers)
+
+
+class TaskAttention(nn.Module):
+    """Per-pixel attention of each main task's query over the other tasks' features, at one site."""
+
+    def __init__(self, dim: int, tasks, query_hidden: int = 640, heads: int = 4):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"feature width {dim} is not divisible by {heads} heads")
+        self.tasks, self.heads = list(tasks), heads
+        self.kv_norm = nn.ModuleDict({t: nn.LayerNorm(dim) for t in tasks})
+        self.key = nn.ModuleDict({t: _MLP(dim, dim // 2, dim) for t in tasks})
+        self.value = nn.ModuleDict({t: _MLP(dim, dim // 2, dim) for t in tasks})
+        self.query_norm = nn.LayerNorm(dim)
+        self.query = nn.ModuleDict({t: _MLP(dim, query_hidden, query_hidden, query_hidden, dim) for t in tasks})
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h, main_tasks, features, aux_tasks, mask_prob: float = 0.0):
+        """``h`` ``[Tm, B, N, C]``, ``features`` ``[Ta, B, N, C]`` -> the addition to ``h``."""
+        tm, b, n, c = h.shape
+        d = c // self.heads
+        split = lambda x: x.reshape(*x.shape[:-1], self.heads, d)  # noqa: E731
+        q = torch.stack([split(self.query[t](self.query_norm(h[i]))) for i, t in enumerate(main_tasks)])
+        k = torch.stack([split(self.key[t](self.kv_norm[t](features[j]))) for j, t in enumerate(aux_tasks)])
+        v = torch.stack([split(self.value[t](self.kv_norm[t](features[j]))) for j, t in enumerate(aux_tasks)])
+        scores = torch.einsum("mbnhd,abnhd->mbnha", q, k) / math.sqrt(d)
+        bias = torch.zeros(tm, len(aux_tasks), device=h.device, dtype=h.dtype)
+        for i, t in enumerate(main_tasks):  # 1 query vs the N-1 other tasks
+            if t in aux_tasks:
+                bias[i, aux_tasks.index(t)] = float("-inf")
+        if mask_prob > 0 and torch.rand(()) < mask_prob:
+            with torch.no_grad():  # attention-guided masking: drop one task, drawn by its mean attention
+                probs = (scores + bias[:, None, None, None, :]).softmax(-1).mean(dim=(1, 2, 3))
+                for i in range(tm):
+                    if torch.isfinite(bias[i]).sum() >= 2:
+                        bias[i, torch.multinomial(probs[i], 1)] = float("-inf")
+        probs = (scores + bias[:, None, None, None, :]).softmax(-1)
+        out = torch.einsum("mbnha,abnhd->mbnhd", probs, v).reshape(tm, b, n, c)
+        return self.out(out)
+
+
+class _Store:
+    """What the processors share during one forward: captured features and the batch layout."""
+
+    def __init__(self):
+        self.features: dict[str, torch.Tensor] = {}
+        self.layout = None  # (main_tasks, aux_tasks, batch) while the main stream runs with task attention
+        self.mask_prob = 0.0
+        self.calls = 0
+
+
+class _CaptureProcessor:
+    """Auxiliary stream: standard attention; keep the branch output for the main stream."""
+
+    def __init__(self, store: _Store, site: str):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.base, self.store, self.site = AttnProcessor2_0(), store, site
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        out = self.base(attn, hidden_states, *args, **kwargs)
+        self.store.features[self.site] = out
+        return out
+
+
+class _TaskAttentionProcessor:
+    """Main stream: standard attention, then the task attention added to the branch output."""
+
+    def __init__(self, store: _Store, site: str, module: TaskAttention):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.base, self.store, self.site = AttnProcessor2_0(), store, site
+        self.module = [module]  # a list: the processor must not register the module inside the UNet
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        h = self.base(attn, hidden_states, *args, **kwargs)
+        if self.store.layout is None:
+            return h
+        main_tasks, aux_tasks, b = self.store.layout
+        f = self.store.features[self.site]
+        n, c = h.shape[1], h.shape[2]
+        h4 = h.view(len(main_tasks), b, n, c)
+        extra = self.module[0](h4, main_tasks, f.view(len(aux_tasks), b, n, c), aux_tasks, self.store.mask_prob)
+        return (h4 + extra).view_as(h)
+
+
+def attention_sites(unet) -> dict[str, int]:
+    """Self-attention (``attn1``) modules of the UNet -> their feature width, in module order."""
+    sites = {}
+    for name, module in unet.named_modules():
+        if name.endswith(".attn1"):
+            sites[name] = module.to_out[0].out_features
+    return sites
+
+
+def _site_key(site: str) -> str:
+    return site.replace(".", "_")
+
+
+class MultiStream(nn.Module):
+    """Main UNet (trainable) + frozen auxiliary UNet + task attention at every ``attn1``."""
+
+    kind = "multi_stream"
+
+    def __init__(self, main_unet, aux_unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, query_hidden: int = 640,
+                 heads: int = 4, mask_prob: float = 0.4, base_path=None):
+        super().__init__()
+        self.unet, self.aux_unet = main_unet, aux_unet
+        self.aux_unet.requires_grad_(False).eval()
+        self.frozen = _Frozen(vae, text_encoder, tokenizer, base_path)
+        self.tasks = list(tasks)
+        if len(self.tasks) < 2:
+            raise ValueError("the multi-stream model needs at least 2 tasks")
+        self.settings = {"query_hidden": query_hidden, "heads": heads, "mask_prob": mask_prob}
+        self.store = _Store()
+        sites = attention_sites(main_unet)
+        self.task_attention = nn.ModuleDict({_site_key(s): TaskAttention(c, self.tasks, query_hidden, heads)
+                                             for s, c in sites.items()})
+        self._install(sites)
+
+    def _install(self, sites) -> None:
+        for unet, make in ((self.aux_unet, lambda s: _CaptureProcessor(self.store, s)),
+                           (self.unet, lambda s: _TaskAttentionProcessor(self.store, s, self.task_attention[_site_key(s)]))):
+            processors = {}
+            for name, proc in unet.attn_processors.items():
+                site = name[: -len(".processor")]
+                processors[name] = make(site) if site in sites else proc
+            unet.set_attn_processor(processors)
+
+    @classmethod
+    def from_single_stream(cls, single: SingleStream, query_hidden: int = 640, heads: int = 4,
+                           mask_prob: float = 0.4) -> "MultiStream":
+        f = single.frozen
+        return cls(copy.deepcopy(single.unet), copy.deepcopy(single.unet), f.vae, f.text_encoder, f.tokenizer,
+                   single.tasks, query_hidden, heads, mask_prob, f.base_path)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.aux_unet.eval()
+        return self
+
+    def aux_tasks_for(self, tasks) -> list[str]:
+        """Every task other than a main task is needed; with 2+ main tasks, all of them."""
+        return [t for t in self.tasks if any(t != m for m in tasks)]
+
+    def predict_latents(self, z_image, z_next, tasks) -> torch.Tensor:
+        """Task latents ``[T, B, 4, h, w]``: one auxiliary call for every needed task, one main call."""
+        tasks = _check_tasks(tasks, self.tasks)
+        aux = self.aux_tasks_for(tasks)
+        b = z_image.shape[0]
+        prompts, mask = self.frozen.prompts(aux, b, z_image.device, z_image.dtype)
+        self.store.layout = None
+        try:
+            with torch.no_grad():
+                _unet(self.aux_unet, _inputs(z_image, z_next, aux), prompts, mask)
+            self.store.layout = (tasks, aux, b)
+            self.store.mask_prob = self.settings["mask_prob"] if self.training else 0.0
+            prompts, mask = self.frozen.prompts(tasks, b, z_image.device, z_image.dtype)
+            out = _unet(self.unet, _inputs(z_image, z_next, tasks), prompts, mask)
+        finally:
+            self.store.layout = None
+            self.store.features.clear()
+        return out.view(len(tasks), *z_image.shape)
+
+    def predict_latents_reference(self, z_image, z_next, tasks) -> torch.Tensor:
+        """The reference's scheme, for comparison: per main task, one auxiliary pass per other task."""
+        tasks = _check_tasks(tasks, self.tasks)
+        outs = []
+        for task in tasks:
+            aux = [t for t in self.tasks if t != task]
+            captured: dict[str, list] = {}
+            for t in aux:
+                prompts, mask = self.frozen.prompts([t], z_image.shape[0], z_image.device, z_image.dtype)
+                with torch.no_grad():
+                    _unet(self.aux_unet, _inputs(z_image, z_next, [t]), prompts, mask)
+                for site, f in self.store.features.items():
+                    captured.setdefault(site, []).append(f)
+            self.store.features = {site: torch.cat(f, 0) for site, f in captured.items()}
+            self.store.layout, self.store.mask_prob = ([task], aux, z_image.shape[0]), 0.0
+            try:
+                prompts, mask = self.frozen.prompts([task], z_image.shape[0], z_image.device, z_image.dtype)
+                outs.append(_unet(self.unet, _inputs(z_image, z_next, [task]), prompts, mask))
+            finally:
+                self.store.layout = None
+                self.store.features = {}
+        return torch.stack(outs)
+
+    def trainable_parameters(self):
+        """Exactly the main UNet and the task-attention modules."""
+        return list(self.unet.parameters()) + list(self.task_attention.parameters())
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        self.aux_unet.save_pretrained(path / "aux_unet", safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.task_attention.state_dict().items()},
+                  str(path / "task_attention.safetensors"))
+        _save_json(path / MODEL_FILE, {"kind": self.kind, "tasks": self.tasks, **self.settings,
+                                       "base": str(self.frozen.base_path) if self.frozen.base_path else None})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path, base=None):
+        return load_model(path, base, expect=cls.kind)
+
+
+def load_model(path, base=None, expect: str | None = None):
+    """Load a saved ``SingleStream`` or ``MultiStream`` (safetensors + JSON only; nothing is unpickled).
+
+    The frozen VAE, text encoder and tokenizer come from ``base`` (a ``Base`` or
+    a base directory), by default the base directory recorded at save time.
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from stablemtl.model.base import Base, load_base
+
+    path = Path(path)
+    config_file = path / MODEL_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no {MODEL_FILE}; not a stablemtl model checkpoint")
+    config = json.loads(config_file.read_text())
+    kind = config.get("kind")
+    if expect is not None and kind != expect:
+        raise ValueError(f"{path} holds a {kind!r} model, not a {expect!r} one")
+    if not isinstance(base, Base):
+        base_dir = base if base is not None else config.get("base")
+        if base_dir is None:
+            raise ValueError(f"{path}: no base directory recorded; pass base=")
+        base = load_base(base_dir)
+    kw = dict(local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
+    if kind == SingleStream.kind:
+        return SingleStream(unet, base.vae, base.text_encoder, base.tokenizer, config["tasks"], base.path)
+    if kind == MultiStream.kind:
+        aux = UNet2DConditionModel.from_pretrained(path / "aux_unet", **kw)
+        model = MultiStream(unet, aux, base.vae, base.text_encoder, base.tokenizer, config["tasks"],
+                            config["query_hidden"], config["heads"], config["mask_prob"], base.path)
+        state = load_file(str(path / "task_attention.safetensors"))
+        missing, unexpected = model.task_attention.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}/task_attention.safetensors does not fit the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        return model
+    raise ValueError(f"{config_file}: unknown model kind {kind!r}; expected single_stream or multi_stream")
