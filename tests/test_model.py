@@ -141,6 +141,8 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(single, base, tmp_path):
     for model in (single, multi):
         path = model.save_pretrained(tmp_path / model.kind)
         assert sorted(p.name for p in (path / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+        assert json.loads((path / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "sample"
+        assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # nothing to unpickle
         loaded = S.load_model(path)
         assert type(loaded) is type(model)
         a = StableMTLPipeline(model)(images, next_images=nxt, return_latents=True)
@@ -252,3 +254,14 @@ def test_sd2_architecture_from_its_config():
         for m in modules.values():
             torch.nn.init.normal_(m.out.weight, std=0.01)
         assert not torch.allclose(unet(x, t, encoder_hidden_states=prompts).sample, plain)
+
+
+def test_paper_base_directory_comes_from_base_ckpt_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("BASE_CKPT_DIR", str(tmp_path))
+    assert B.paper_base_dir() == tmp_path / "stable-diffusion-2"
+    with pytest.raises(B.BaseModelError, match="missing component"):
+        (tmp_path / "stable-diffusion-2" / "unet").mkdir(parents=True)
+        B.load_base(B.paper_base_dir())
+    monkeypatch.delenv("BASE_CKPT_DIR")
+    with pytest.raises(B.BaseModelError, match="BASE_CKPT_DIR is not set"):
+        B.paper_base_dir()

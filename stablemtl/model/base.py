@@ -58,6 +58,17 @@ class Base:
 
 # --------------------------------------------------------------------------- loading
 
+def paper_base_dir() -> Path:
+    """Where the paper preset reads Stable Diffusion 2: ``$BASE_CKPT_DIR/stable-diffusion-2``."""
+    import os
+
+    root = os.environ.get("BASE_CKPT_DIR")
+    if not root:
+        raise BaseModelError("BASE_CKPT_DIR is not set; put stabilityai/stable-diffusion-2 (diffusers layout) at "
+                             "$BASE_CKPT_DIR/stable-diffusion-2")
+    return Path(root) / "stable-diffusion-2"
+
+
 def load_base(path) -> Base:
     """Load a Stable-Diffusion-2-layout directory offline; errors name what is missing or mismatched."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

@@ -138,6 +138,13 @@ def _save_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def _save_scheduler(path: Path) -> None:
+    """The scheduler only records the fixed single-step use: ``prediction_type = sample``."""
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(num_train_timesteps=TIMESTEP + 1, prediction_type="sample").save_pretrained(path / "scheduler")
+
+
 class SingleStream(nn.Module):
     """The single-stream latent regressor; ``unet`` is the only trainable part."""
 
@@ -178,6 +185,7 @@ class SingleStream(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        _save_scheduler(path)
         _save_json(path / MODEL_FILE, self._config())
         return path
 
@@ -397,6 +405,7 @@ class MultiStream(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(path / "unet", safe_serialization=True)
         self.aux_unet.save_pretrained(path / "aux_unet", safe_serialization=True)
+        _save_scheduler(path)
         save_file({k: v.contiguous() for k, v in self.task_attention.state_dict().items()},
                   str(path / "task_attention.safetensors"))
         _save_json(path / MODEL_FILE, {"kind": self.kind, "tasks": self.tasks, **self.settings,
