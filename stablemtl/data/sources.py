@@ -404,7 +404,6 @@ class VirtualKITTI2(Source):
     def _load(self, entry):
         rgb_path = entry[0]
         out = {"rgb": self._rgb(rgb_path)}
-        h, w = out["rgb"].shape[:2]
         if self.needs_next_frame():
             out["rgb_next"] = self._rgb(self.annotation_path(rgb_path, "rgb", 1))
         if "depth" in self.tasks or "normal" in self.tasks:
