@@ -186,6 +186,7 @@ class Source(Dataset):
         sample = self._to_tensors(raw)
         if self.resolution is not None:
             sample = self._resize(sample, self.resolution)
+        sample["flip"] = (False, False)  # (horizontal, vertical), set by the augmentation
         if self.augment:
             sample = self._augment(sample, index)
         sample.update(dataset=self.name, id=entry[0], index=index,
@@ -244,8 +245,10 @@ class Source(Dataset):
         flips = [(-1, 0)]  # (tensor axis, vector component to negate)
         if self.vertical_flip:
             flips.append((-2, 1))
+        flipped = [False, False]
         for axis, component in flips:
             if torch.rand((), generator=g) < 0.5:
+                flipped[component] = True
                 for key in [k for k in sample if isinstance(sample[k], torch.Tensor) and sample[k].ndim == 3]:
                     sample[key] = sample[key].flip(axis)
                 for task in ("optical_flow", "scene_flow", "normal"):
@@ -253,11 +256,16 @@ class Source(Dataset):
                         sample[task][component] = -sample[task][component]
                 size = sample["rgb"].shape[axis]
                 sample["K"][component, 2] = size - 1 - sample["K"][component, 2]  # the principal point mirrors
+        sample["flip"] = tuple(flipped)
         if self.jitter is not None and self.needs_next_frame():
             params = color_jitter_params(self.jitter, g)
             for key in ("rgb", "rgb_next"):
                 sample[key] = color_jitter(sample[key], *params)
         return sample
+
+    def jitters(self) -> bool:
+        """Whether augmented RGB differs beyond flips (colour jitter), i.e. image latents cannot be cached."""
+        return self.augment and self.jitter is not None and self.needs_next_frame()
 
     # helpers for subclasses
     def _rgb(self, relative: str) -> np.ndarray:

@@ -159,6 +159,9 @@ class SingleStream(nn.Module):
         self.frozen = _Frozen(vae, text_encoder, tokenizer, base_path)
         self.tasks = list(tasks)
 
+    def forward(self, z_image, z_next, tasks):
+        return self.predict_latents(z_image, z_next, tasks)
+
     def trainable_parameters(self):
         """Exactly the UNet (the VAE and the text encoder are frozen)."""
         return list(self.unet.parameters())
@@ -369,6 +372,9 @@ class MultiStream(nn.Module):
             self.store.layout = None
             self.store.features.clear()
         return out.view(len(tasks), *z_image.shape)
+
+    def forward(self, z_image, z_next, tasks):
+        return self.predict_latents(z_image, z_next, tasks)
 
     def predict_latents_reference(self, z_image, z_next, tasks) -> torch.Tensor:
         """The reference's scheme, for comparison: per main task, one auxiliary pass per other task."""

@@ -1,0 +1,433 @@
+"""Training of the single-stream and multi-stream models (REFERENCE section 4), under accelerate.
+
+One plain configuration (``TrainConfig``; presets supply the numbers) drives
+one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
+
+- each optimizer step trains one task, round-robin (``stablemtl.data.mixing``);
+  its micro-batches (gradient accumulation) share the task, each micro-batch
+  comes from one dataset drawn with the reference probabilities; gradients are
+  zeroed between steps, so tasks never mix in one update;
+- loss: MSE between predicted and target latents over valid latent elements,
+  a latent pixel being valid when its whole VAE window is (``~maxpool(~valid)``);
+- Adam (lr 1e-4, no weight decay), linear warm-up then exponential decay
+  towards 0.01x, gradient-norm clipping at 5.0, fp32 by default;
+- ``checkpoint/latest`` every ``checkpoint_every`` steps and backups
+  ``checkpoint/iter_XXXXXX``: trainable weights (safetensors), optimizer,
+  LR scheduler, sampler and RNG states, written into a partial folder and
+  renamed, so a kill during the write never leaves a broken ``latest``; a run
+  resumes from ``latest`` automatically and continues exactly (bitwise on CPU);
+- ``train_log.csv``: step, task, dataset, loss, lr, seconds per step, data time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler
+from stablemtl.tasks import TASK_NAMES, get_task
+
+KINDS = ("single_stream", "multi_stream")
+FLOW_TASKS = ("optical_flow", "scene_flow")
+LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
+
+
+@dataclass
+class TrainConfig:
+    """Every number of a training run; defaults are the reference's (the ``paper`` preset)."""
+
+    kind: str = "single_stream"  # or "multi_stream"; a single-task baseline is single_stream with one task
+    tasks: list = field(default_factory=lambda: list(TASK_NAMES))
+    base: str = ""  # base model directory (SD2 layout)
+    init: str | None = None  # multi_stream: the trained single-stream checkpoint it starts from
+    data_root: str = ""  # $PREPROCESSED_DIR: the dataset directories below it
+    resolution: dict = field(default_factory=lambda: {"hypersim": [288, 384], "vkitti": [187, 621],
+                                                      "flying_things_3d": [268, 480]})
+    probabilities: dict = field(default_factory=lambda: {t: dict(p) for t, p in TASK_DATASET_PROBS.items()})
+    effective_batch: int = 32
+    batch_per_device: int = 16
+    iterations: int = 20000
+    lr: float = 1e-4
+    warmup: int = 100
+    decay_steps: int = 25000
+    decay_to: float = 0.01
+    grad_clip: float = 5.0
+    seed: int = 2024
+    mixed_precision: str = "no"  # "no" (fp32, the reference), "fp16", "bf16"
+    checkpoint_every: int = 500
+    backup_every: int = 1000
+    output_dir: str = "outputs/run/single_stream"
+    augment: bool = True
+    loss: str = "latent"  # the reference's latent MSE; "pixel" = per-task pixel-space losses (loss ablation)
+    cache_latents: bool = False  # keep frozen-VAE latents of targets (and of un-jittered images) in memory
+    tensorboard: bool = False
+    task_attention: dict = field(default_factory=lambda: {"query_hidden": 640, "heads": 4, "mask_prob": 0.4})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+    def accumulation(self, num_processes: int = 1) -> int:
+        per_step = self.batch_per_device * num_processes
+        if self.effective_batch % per_step:
+            raise ValueError(f"effective batch {self.effective_batch} is not a multiple of {self.batch_per_device} "
+                             f"per device x {num_processes} process(es) = {per_step}; choose a batch_per_device "
+                             f"or a process count that divides it")
+        return self.effective_batch // per_step
+
+    def validate(self, num_processes: int = 1) -> None:
+        """Fail before any work starts, naming the bad value."""
+        from stablemtl.data.sources import SOURCES
+
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown model kind {self.kind!r}; valid: {', '.join(KINDS)}")
+        if not self.tasks:
+            raise ValueError("no task to train")
+        for task in self.tasks:
+            if task not in TASK_NAMES:
+                raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+            if task not in self.probabilities:
+                raise ValueError(f"no dataset probabilities for task {task!r}")
+            for dataset in self.probabilities[task]:
+                if dataset not in SOURCES:
+                    raise ValueError(f"unknown dataset {dataset!r} for task {task!r}; valid: {', '.join(SOURCES)}")
+                if task not in SOURCES[dataset].tasks_provided:
+                    raise ValueError(f"dataset {dataset!r} does not annotate {task!r}")
+        if self.kind == "multi_stream" and len(self.tasks) < 2:
+            raise ValueError("a multi-stream model needs at least 2 tasks")
+        self.accumulation(num_processes)
+        if self.loss not in ("latent", "pixel"):
+            raise ValueError(f"loss must be 'latent' (the reference) or 'pixel', got {self.loss!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if not self.base or not Path(self.base).is_dir():
+            raise FileNotFoundError(f"base model directory {self.base!r} does not exist; build the tiny one with "
+                                    f"stablemtl.model.base.build_tiny_base or set BASE_CKPT_DIR for SD2")
+        if self.kind == "multi_stream":
+            if not self.init or not (Path(self.init) / "stablemtl_model.json").is_file():
+                raise FileNotFoundError(f"a multi-stream run starts from a trained single-stream checkpoint; "
+                                        f"init={self.init!r} is not one (train the single stream first)")
+        if not self.data_root or not Path(self.data_root).is_dir():
+            raise FileNotFoundError(f"data root {self.data_root!r} does not exist (write the mini datasets with "
+                                    f"stablemtl.data.synthetic.write_mini_datasets or set PREPROCESSED_DIR)")
+
+
+def lr_factor(step: int, warmup: int, decay_steps: int, decay_to: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then exponential decay reaching ``decay_to`` at ``decay_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
+    return decay_to ** progress
+
+
+def latent_valid(valid: torch.Tensor, factor: int) -> torch.Tensor:
+    """A latent pixel is valid when every pixel of its ``factor x factor`` window is: ``~maxpool(~valid)``."""
+    invalid = (~valid.bool()).float()
+    return torch.nn.functional.max_pool2d(invalid, factor, factor) == 0
+
+
+def masked_latent_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.expand_as(target).to(pred.dtype)
+    return ((pred - target) ** 2 * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def pixel_loss(decoded: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, task: str) -> torch.Tensor:
+    """Per-task pixel-space losses on decoded predictions, for the loss ablation: affine-invariant L1
+    for depth (least-squares scale and shift per image), mean angular error for normals, L1 otherwise."""
+    valid = valid.bool()
+    if task == "depth":
+        losses = []
+        for p, t, v in zip(decoded.mean(1), target[:, 0], valid[:, 0]):
+            if v.sum() < 2:
+                continue
+            x, y = p[v], t[v]
+            a = torch.stack([x, torch.ones_like(x)], 1)
+            sol = torch.linalg.lstsq(a, y[:, None]).solution
+            losses.append((a @ sol - y[:, None]).abs().mean())
+        return torch.stack(losses).mean() if losses else decoded.sum() * 0
+    mask = valid.expand_as(decoded)
+    if task == "normal":
+        cos = (torch.nn.functional.normalize(decoded, dim=1) * target).sum(1, keepdim=True)
+        angle = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
+        return angle[valid].mean() if valid.any() else decoded.sum() * 0
+    return (decoded - target).abs()[mask].mean() if mask.any() else decoded.sum() * 0
+
+
+def _collate(samples: list[dict], task: str) -> dict:
+    keys = ["rgb", task, f"{task}_valid"] + (["rgb_next"] if task in FLOW_TASKS else [])
+    batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
+    batch["keys"] = [(s["index"], tuple(s.get("flip", (False, False)))) for s in samples]
+    return batch
+
+
+class Trainer:
+    """Builds the model, data, optimizer and schedule of a ``TrainConfig`` and runs or resumes it."""
+
+    def __init__(self, config: TrainConfig, accelerator=None, progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        from stablemtl.data.sources import SOURCES
+        from stablemtl.model.base import load_base
+        from stablemtl.model.streams import MultiStream, SingleStream, load_model
+
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched without GPUs
+            mixed_precision=config.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        config.validate(self.accelerator.num_processes)
+        self.config, self.progress = config, progress
+        self.out = Path(config.output_dir)
+        self.accumulation = config.accumulation(self.accelerator.num_processes)
+        torch.manual_seed(config.seed)
+        base = load_base(config.base)
+        if config.kind == "single_stream":
+            model = SingleStream.from_base(base, config.tasks)
+        else:
+            single = load_model(config.init, base, expect="single_stream")
+            model = MultiStream.from_single_stream(single, **config.task_attention)
+        self.model = model
+        self.sources = {}
+        for task in config.tasks:
+            for dataset in config.probabilities[task]:
+                cls = SOURCES[dataset]
+                self.sources[(task, dataset)] = cls(Path(config.data_root) / cls.root_hint, tasks=[task],
+                                                    resolution=config.resolution.get(dataset),
+                                                    augment=config.augment, seed=config.seed)
+        self.sampler = TaskMixingSampler({k: len(v) for k, v in self.sources.items()}, config.tasks,
+                                         config.batch_per_device, self.accumulation, config.probabilities,
+                                         config.seed, self.accelerator.num_processes, self.accelerator.process_index)
+        params = model.trainable_parameters()
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.warmup, config.decay_steps, config.decay_to))
+        self.ddp_model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.step = 0
+        self.latent_cache: dict = {}
+        self.writer = None
+        self.resumed_from = self.load_checkpoint()
+
+    # ----------------------------------------------------------------- checkpoints
+    def _trainable_state(self) -> dict:
+        state = {f"unet.{k}": v for k, v in self.model.unet.state_dict().items()}
+        if hasattr(self.model, "task_attention"):
+            state.update({f"task_attention.{k}": v for k, v in self.model.task_attention.state_dict().items()})
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint/latest`` atomically (and a backup every ``backup_every`` steps)."""
+        from safetensors.torch import save_file
+
+        self.accelerator.wait_for_everyone()
+        root = self.out / "checkpoint"
+        latest = root / "latest"
+        if self.accelerator.is_main_process:
+            tmp, previous = root / ".latest.partial", root / ".latest.previous"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(self._trainable_state(), str(tmp / "weights.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "states.pt")
+            (tmp / "sampler.json").write_text(json.dumps(self.sampler.state_dict()))
+            # the marker goes last: a folder without it is never loaded
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=1))
+            if latest.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+                os.replace(latest, previous)
+            os.replace(tmp, latest)
+            shutil.rmtree(previous, ignore_errors=True)
+            if self.config.backup_every and self.step % self.config.backup_every == 0:
+                backup = root / f"iter_{self.step:06d}"
+                shutil.rmtree(backup, ignore_errors=True)
+                shutil.copytree(latest, backup)
+        self.accelerator.wait_for_everyone()
+        return latest
+
+    def _checkpoint_dir(self) -> Path | None:
+        root = self.out / "checkpoint"
+        for candidate in (root / "latest", root / ".latest.previous"):  # the latter: killed between renames
+            if (candidate / "state.json").is_file():
+                return candidate
+        return None
+
+    def load_checkpoint(self) -> Path | None:
+        """Resume from ``checkpoint/latest`` when there is one; returns its path."""
+        from safetensors.torch import load_file
+
+        path = self._checkpoint_dir()
+        if path is None:
+            return None
+        state = load_file(str(path / "weights.safetensors"))
+        unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+        self.model.unet.load_state_dict(unet, strict=True)
+        if hasattr(self.model, "task_attention"):
+            ta = {k[len("task_attention."):]: v for k, v in state.items() if k.startswith("task_attention.")}
+            self.model.task_attention.load_state_dict(ta, strict=True)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        states = torch.load(path / "states.pt", weights_only=True)
+        self.scheduler.load_state_dict(states["scheduler"])
+        torch.set_rng_state(states["rng"])
+        self.sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
+        self.step = json.loads((path / "state.json").read_text())["step"]
+        return path
+
+    # ----------------------------------------------------------------- training
+    def _encode_cached(self, images: torch.Tensor, keys: list | None) -> torch.Tensor:
+        """Frozen-VAE latents, from the in-memory cache when ``keys`` (one per image) are given."""
+        frozen = self.model.frozen
+        if keys is None:
+            return frozen.encode(images)
+        missing = [i for i, k in enumerate(keys) if k not in self.latent_cache]
+        if missing:
+            fresh = frozen.encode(images[missing])
+            for i, z in zip(missing, fresh):
+                self.latent_cache[keys[i]] = z.detach().cpu()
+        return torch.stack([self.latent_cache[k] for k in keys]).to(images.device)
+
+    def loss(self, batch: dict, task: str, dataset: str | None = None) -> torch.Tensor:
+        frozen = self.model.frozen
+        device = self.accelerator.device
+        cache = self.config.cache_latents and dataset is not None
+        source = self.sources.get((task, dataset)) if dataset is not None else None
+        image_keys = None
+        if cache and source is not None and not source.jitters():
+            image_keys = [("rgb", dataset, i, f) for i, f in batch["keys"]]
+        z = self._encode_cached(batch["rgb"].to(device) * 2 - 1, image_keys)
+        z_next = frozen.encode(batch["rgb_next"].to(device) * 2 - 1) if task in FLOW_TASKS else None
+        target, valid = get_task(task).encode(batch[task].to(device), batch[f"{task}_valid"].to(device))
+        target_keys = [(task, dataset, i, f) for i, f in batch["keys"]] if cache else None
+        pred = self.ddp_model(z, z_next, [task])[0]
+        if self.config.loss == "pixel":
+            decoded = frozen.vae.decode(pred / frozen.vae.config.scaling_factor).sample
+            return pixel_loss(decoded, target, valid, task)
+        z_target = self._encode_cached(target, target_keys)
+        return masked_latent_mse(pred, z_target, latent_valid(valid, frozen.vae_factor))
+
+    def _append_log(self, rows: list[dict]) -> None:
+        if not self.accelerator.is_main_process or not rows:
+            return
+        path = self.out / "train_log.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def _trim_log(self) -> None:
+        """After a resume, drop log rows of steps that will be trained again."""
+        path = self.out / "train_log.csv"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) < self.step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def train(self, until: int | None = None) -> dict:
+        """Train to ``config.iterations`` (or ``until``) steps; returns a summary."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stop = cfg.iterations if until is None else min(until, cfg.iterations)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._trim_log()
+        if cfg.tensorboard and self.writer is None and self.accelerator.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from err
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        self.ddp_model.train()
+        bar = tqdm(total=stop, initial=self.step, desc=f"train {cfg.kind}", unit="step",
+                   disable=not (self.progress and self.accelerator.is_main_process))
+        rows, losses = [], []
+        while self.step < stop:
+            start = time.perf_counter()
+            data_s = 0.0
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(self.accumulation):
+                t0 = time.perf_counter()
+                mb = self.sampler.next()
+                source = self.sources[(mb.task, mb.dataset)]
+                batch = _collate([source[i] for i in mb.indices], mb.task)
+                data_s += time.perf_counter() - t0
+                sync = micro == self.accumulation - 1
+                context = self.accelerator.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
+                with context:
+                    loss = self.loss(batch, mb.task, mb.dataset)
+                    if not torch.isfinite(loss):
+                        last = self._checkpoint_dir()
+                        raise FloatingPointError(
+                            f"non-finite loss {loss.item()} at step {self.step}, task {mb.task!r}, dataset "
+                            f"{mb.dataset!r}; stopped; the last good checkpoint is {last or 'none (none written yet)'}")
+                    self.accelerator.backward(loss / self.accumulation)
+                step_loss += loss.item() / self.accumulation
+            if cfg.grad_clip:
+                self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), cfg.grad_clip)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            losses.append(step_loss)
+            rows.append({"step": self.step - 1, "task": mb.task, "dataset": mb.dataset, "loss": f"{step_loss:.6g}",
+                         "lr": f"{lr:.6g}", "step_s": f"{time.perf_counter() - start:.4f}", "data_s": f"{data_s:.4f}"})
+            bar.update()
+            bar.set_postfix(task=mb.task, loss=f"{step_loss:.4f}")
+            if self.writer is not None:
+                self.writer.add_scalar(f"loss/{mb.task}", step_loss, self.step)
+                self.writer.add_scalar("lr", lr, self.step)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == stop:
+                self._append_log(rows)
+                rows = []
+                self.save_checkpoint()
+        self._append_log(rows)
+        bar.close()
+        return {"step": self.step, "losses": losses}
+
+    def save_model(self, path=None) -> Path:
+        """The trained model in the ``save_pretrained`` layout (default ``<output_dir>/model``)."""
+        path = Path(path) if path is not None else self.out / "model"
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def preset_config(preset, kind: str = "single_stream", **overrides) -> TrainConfig:
+    """The ``TrainConfig`` of a preset's ``train`` section for ``kind``, with ``overrides`` on top."""
+    from stablemtl.presets import load_preset
+
+    config = load_preset(preset)
+    section = dict(config.get("train") or {})
+    if not section:
+        raise ValueError(f"preset {config.get('name', preset)!r} has no train section")
+    per_kind = {k: section.pop(k, {}) for k in KINDS}
+    values = {**section, **per_kind.get(kind, {}), "kind": kind, "seed": int(config.get("seed", 2024))}
+    if kind == "multi_stream" and "task_attention" in config.get("model", {}):
+        values["task_attention"] = dict(config["model"]["task_attention"])
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def train(config: TrainConfig | dict, until: int | None = None, progress: bool = True) -> Trainer:
+    """Run (or resume) a training configuration; returns the trainer (``.model``, ``.step``)."""
+    config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    trainer = Trainer(config, progress=progress)
+    trainer.train(until)
+    return trainer

@@ -1,0 +1,199 @@
+"""Training: losses fall, resume is exact, checkpoints survive kills, two processes agree."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablemtl import train as T
+from stablemtl.data import mini
+from stablemtl.model import base as B
+from stablemtl.presets import load_preset
+from stablemtl.tasks import TASK_NAMES
+
+RES = {"hypersim": [32, 48], "vkitti": [32, 104], "flying_things_3d": [32, 64]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    mini.write_mini_datasets(root / "data", "smoke", workers=1, progress=False)
+    cfg = dict(load_preset("smoke")["model"]["base"])
+    cfg.update({"vae_steps": 3, "vae_images": 6, "report_images": 2})
+    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
+    B.save_base(base, root / "base", info)
+    return root
+
+
+def config(setup, out, **changes):
+    values = dict(base=str(setup / "base"), data_root=str(setup / "data"), resolution=RES, effective_batch=2,
+                  batch_per_device=2, iterations=4, warmup=2, decay_steps=50, checkpoint_every=2, backup_every=4,
+                  output_dir=str(out), task_attention={"query_hidden": 16, "heads": 4, "mask_prob": 0.4})
+    values.update(changes)
+    return T.TrainConfig.from_dict(values)
+
+
+def state(trainer):
+    return trainer._trainable_state()
+
+
+def log(path):
+    with open(Path(path) / "train_log.csv", newline="") as f:
+        return [(r["step"], r["task"], r["dataset"], r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_schedule_and_latent_mask_follow_the_reference():
+    assert T.lr_factor(0, 100, 25000, 0.01) == pytest.approx(0.01)
+    assert T.lr_factor(99, 100, 25000, 0.01) == 1.0
+    assert T.lr_factor(25000, 100, 25000, 0.01) == pytest.approx(0.01)
+    assert T.lr_factor(12550, 100, 25000, 0.01) == pytest.approx(0.1)
+    valid = torch.ones(1, 1, 4, 8, dtype=torch.bool)
+    valid[0, 0, 0, 1] = False  # one invalid pixel spoils its whole 2 x 2 latent window
+    mask = T.latent_valid(valid, 2)
+    assert mask.shape == (1, 1, 2, 4) and mask.sum() == 7 and not mask[0, 0, 0, 0]
+    pred, target = torch.zeros(1, 4, 2, 4), torch.ones(1, 4, 2, 4)
+    target[0, :, 0, 0] = 100.0  # ignored
+    assert T.masked_latent_mse(pred, target, mask) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["single_stream", "multi_stream"])
+def test_resume_is_bitwise_identical(setup, tmp_path, kind):
+    extra = {}
+    if kind == "multi_stream":
+        single = T.train(config(setup, tmp_path / "init", iterations=1), progress=False)
+        extra = {"kind": kind, "init": str(single.save_model())}
+    straight = T.train(config(setup, tmp_path / "straight", **extra), progress=False)
+    first = T.Trainer(config(setup, tmp_path / "resumed", **extra), progress=False)
+    first.train(until=2)
+    second = T.Trainer(config(setup, tmp_path / "resumed", **extra), progress=False)
+    assert second.step == 2 and second.resumed_from.name == "latest"
+    second.train()
+    a, b = state(straight), state(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log(tmp_path / "straight") == log(tmp_path / "resumed")  # same tasks, datasets, losses
+    assert [r[1] for r in log(tmp_path / "straight")] == list(TASK_NAMES[:4])
+    assert (tmp_path / "straight/checkpoint/iter_000004/weights.safetensors").is_file()
+
+
+def test_a_kill_during_the_save_leaves_a_loadable_latest(setup, tmp_path, monkeypatch):
+    trainer = T.Trainer(config(setup, tmp_path), progress=False)
+    trainer.train(until=2)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        if str(f).endswith("states.pt"):
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(until=4)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "checkpoint/.latest.partial").exists()  # the half-written one, never loaded
+    resumed = T.Trainer(config(setup, tmp_path), progress=False)
+    assert resumed.step == 2
+    resumed.train()
+    assert resumed.step == 4
+
+
+def test_loss_decreases_for_every_task(setup, tmp_path):
+    for task in TASK_NAMES:
+        trainer = T.Trainer(config(setup, tmp_path / task, tasks=[task], iterations=12, lr=2e-3, warmup=1,
+                                   augment=False, checkpoint_every=0, backup_every=0), progress=False)
+        mb = trainer.sampler.next()
+        source = trainer.sources[(mb.task, mb.dataset)]
+        batch = T._collate([source[i] for i in range(2)], task)
+        trainer.sampler.position = 0
+        with torch.no_grad():
+            before = float(trainer.loss(batch, task))
+        trainer.train()
+        with torch.no_grad():
+            after = float(trainer.loss(batch, task))
+        assert after < 0.8 * before, (task, before, after)
+
+
+def test_non_finite_loss_stops_with_the_step_task_and_dataset(setup, tmp_path, monkeypatch):
+    trainer = T.Trainer(config(setup, tmp_path), progress=False)
+    real_loss = trainer.loss
+    monkeypatch.setattr(trainer, "loss", lambda batch, task, dataset=None: real_loss(batch, task, dataset) * (float("nan") if trainer.step == 3 else 1))
+    with pytest.raises(FloatingPointError, match=r"step 3, task 'normal', dataset '(hypersim|vkitti)'.*checkpoint/latest"):
+        trainer.train()
+    assert T.Trainer(config(setup, tmp_path), progress=False).step == 2
+
+
+def test_bad_configurations_fail_before_any_work(setup, tmp_path):
+    with pytest.raises(ValueError, match="unknown training option"):
+        T.TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="unknown task 'segmentation'"):
+        config(setup, tmp_path, tasks=["segmentation"]).validate()
+    with pytest.raises(ValueError, match="unknown dataset 'nyu' for task 'depth'"):
+        config(setup, tmp_path, tasks=["depth"], probabilities={"depth": {"nyu": 1.0}}).validate()
+    with pytest.raises(ValueError, match="does not annotate 'semantic'"):
+        config(setup, tmp_path, tasks=["semantic"], probabilities={"semantic": {"hypersim": 1.0}}).validate()
+    with pytest.raises(ValueError, match="effective batch 32 is not a multiple of 6 per device x 1"):
+        config(setup, tmp_path, effective_batch=32, batch_per_device=6).validate()
+    with pytest.raises(FileNotFoundError, match="base model directory"):
+        config(setup, tmp_path, base=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(FileNotFoundError, match="starts from a trained single-stream checkpoint"):
+        config(setup, tmp_path, kind="multi_stream").validate()
+
+
+def test_two_cpu_processes_agree(setup, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys
+from safetensors.torch import save_file
+from stablemtl import train as T
+cfg = T.TrainConfig.from_dict(dict(base={str(setup / 'base')!r}, data_root={str(setup / 'data')!r}, resolution={RES!r},
+    effective_batch=2, batch_per_device=1, iterations=3, warmup=1, decay_steps=50, checkpoint_every=0, backup_every=0,
+    output_dir={str(tmp_path / 'out')!r}))
+tr = T.Trainer(cfg, progress=False)
+tr.train()
+assert tr.accelerator.num_processes == 2 and tr.accumulation == 1
+save_file(tr._trainable_state(), {str(tmp_path)!r} + f"/rank{{tr.accelerator.process_index}}.safetensors")
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                    str(script)], check=True, env=env, capture_output=True, timeout=300)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tasks = [r[1] for r in log(tmp_path / "out")]
+    assert tasks == list(TASK_NAMES[:3])
+
+
+def test_pixel_losses_are_zero_on_the_target_and_depth_is_affine_invariant():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 8, 8) * 2 - 1
+    valid = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    depth = target[:, :1].repeat(1, 3, 1, 1)
+    assert T.pixel_loss(2.0 * depth + 0.3, depth, valid, "depth") < 1e-5
+    assert T.pixel_loss(depth.flip(-1), depth, valid, "depth") > 0.05
+    normal = torch.nn.functional.normalize(target, dim=1)
+    assert T.pixel_loss(3.0 * normal, normal, valid, "normal") < 1e-2  # angles: the length does not matter
+    assert T.pixel_loss(target, target, valid, "albedo") == 0
+    assert float(T.pixel_loss(target + 0.1, target, valid, "albedo")) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_pixel_loss_option_trains(setup, tmp_path):
+    trainer = T.train(config(setup, tmp_path, tasks=["depth", "normal"], loss="pixel", iterations=2), progress=False)
+    assert trainer.step == 2 and all(r[3] != "nan" for r in log(tmp_path))
+    with pytest.raises(ValueError, match="loss must be 'latent'"):
+        config(setup, tmp_path, loss="l2").validate()
+
+
+def test_cached_latents_give_the_same_loss(setup, tmp_path):
+    trainer = T.Trainer(config(setup, tmp_path, tasks=["depth"], cache_latents=True), progress=False)
+    source = trainer.sources[("depth", "hypersim")]
+    batch = T._collate([source[i] for i in range(2)], "depth")
+    with torch.no_grad():
+        plain = float(trainer.loss(batch, "depth"))  # no dataset given: no cache
+        first = float(trainer.loss(batch, "depth", "hypersim"))
+        assert len(trainer.latent_cache) == 4  # 2 image latents + 2 target latents
+        again = float(trainer.loss(batch, "depth", "hypersim"))
+    assert first == pytest.approx(plain, rel=1e-5) and again == first
