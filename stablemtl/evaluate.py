@@ -1,0 +1,261 @@
+"""Zero-shot evaluation on the eight benchmarks (REFERENCE section 6), written as files.
+
+``evaluate(model, benchmarks, out_dir, data_root)`` predicts every image of each
+benchmark (batch 1, one step, at the benchmark's evaluation resolution), scores
+it with the protocol's alignment and metrics, and writes into ``out_dir``:
+
+- ``metrics.csv``: tidy, one row per (model, benchmark, metric): run, model,
+  benchmark, dataset, task, metric, value, higher_is_better, n_images;
+- ``per_sample.csv``: one row per (model, benchmark, image, metric);
+- ``predictions/<model>/<benchmark>/<NNNNN>.npz``: compressed prediction,
+  ground truth, mask and input of every image, for the browser and for resuming.
+
+A half-done evaluation resumes: images whose predictions are cached are read
+back instead of predicted again, so the files equal those of an uninterrupted
+run. Besides models, two reference rows can be computed on the same images:
+``trivial`` (constant or input-derived predictions) and ``vae_ceiling`` (the
+ground truth encoded and decoded by the frozen VAE, i.e. the best a latent
+regressor can do).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stablemtl import metrics
+from stablemtl.tasks import SHADING_WEIGHTS, get_task
+
+METRIC_FIELDS = ("run", "model", "benchmark", "dataset", "task", "metric", "value", "higher_is_better", "n_images")
+SAMPLE_FIELDS = ("run", "model", "benchmark", "index", "id", "metric", "value")
+REFERENCE_ROWS = ("trivial", "vae_ceiling")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    dataset: str  # stablemtl.data.sources name
+    task: str
+    resolution: tuple[int, int]  # the reference's evaluation resolution
+    depth_range: tuple[float, float] | None = None
+    targets_at_native: bool = False  # KITTI flow: metrics at the ground truth's full resolution
+
+
+BENCHMARKS = {b.name: b for b in (
+    Benchmark("cityscapes_semantic", "cityscapes", "semantic", (256, 512)),
+    Benchmark("kitti_depth", "kitti_depth", "depth", (176, 608), (1e-5, 80.0)),
+    Benchmark("diode_depth", "diode", "depth", (384, 512), (0.6, 350.0)),
+    Benchmark("diode_normal", "diode", "normal", (384, 512)),
+    Benchmark("kitti_flow", "kitti_flow", "optical_flow", (176, 608), targets_at_native=True),
+    Benchmark("kitti_scene_flow", "kitti_flow", "scene_flow", (176, 608), targets_at_native=True),
+    Benchmark("mid_albedo", "mid", "albedo", (256, 384)),
+    Benchmark("mid_shading", "mid", "shading", (256, 384)),
+)}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}") from None
+
+
+def _accumulator(b: Benchmark):
+    return {"depth": lambda: metrics.DepthAccumulator(depth_range=b.depth_range),
+            "normal": metrics.NormalAccumulator, "semantic": metrics.SemanticConfusion,
+            "optical_flow": metrics.FlowAccumulator, "scene_flow": metrics.SceneFlowAccumulator,
+            "albedo": metrics.IntrinsicAccumulator, "shading": metrics.IntrinsicAccumulator}[b.task]()
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    """``[C, H, W]`` tensor -> ``[H, W]`` (one channel) or ``[H, W, C]`` numpy."""
+    x = x.detach().cpu()
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def ground_truth(sample: dict, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """The metric's ground truth and mask: grey shading for shading, class ids, metric depth, ..."""
+    gt, valid = sample[task], sample[f"{task}_valid"][0].numpy()
+    if task == "shading":
+        w = torch.tensor(SHADING_WEIGHTS)[:, None, None]
+        return (gt * w).sum(0).numpy(), valid
+    return _hwc(gt), valid
+
+
+def _resize(pred: torch.Tensor, size, task: str) -> torch.Tensor:
+    """Prediction ``[1, C, h, w]`` -> ground-truth size (nearest for class ids, bilinear otherwise)."""
+    if tuple(pred.shape[-2:]) == tuple(size):
+        return pred
+    if task == "semantic":
+        return torch.nn.functional.interpolate(pred.float(), size=size, mode="nearest-exact").long()
+    return torch.nn.functional.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def trivial_prediction(sample: dict, task: str, majority_class: int = 0) -> torch.Tensor:
+    """Constant or input-derived predictions, the floor of every table: mid-grey depth (a constant,
+    fitted by the alignment), fronto-parallel normals, the majority class, zero (scene) flow, the input
+    image as albedo and its grey level as shading."""
+    rgb = sample["rgb"]
+    h, w = rgb.shape[-2:]
+    if task == "depth":
+        return torch.full((1, 1, h, w), 0.5)
+    if task == "normal":
+        return torch.tensor([0.0, 0.0, -1.0])[None, :, None, None].expand(1, 3, h, w).clone()
+    if task == "semantic":
+        return torch.full((1, 1, h, w), majority_class, dtype=torch.long)
+    if task == "optical_flow":
+        return torch.zeros(1, 2, h, w)
+    if task == "scene_flow":
+        return torch.zeros(1, 3, h, w)
+    if task == "albedo":
+        return rgb[None].clone()
+    return (rgb * torch.tensor(SHADING_WEIGHTS)[:, None, None]).sum(0)[None, None]
+
+
+def vae_ceiling_prediction(sample: dict, task: str, frozen) -> torch.Tensor:
+    """The ground truth encoded as the task's target, through the frozen VAE, decoded as a prediction."""
+    t = get_task(task)
+    target, _ = t.encode(sample[task][None], sample[f"{task}_valid"][None])
+    factor = frozen.vae_factor
+    h, w = target.shape[-2:]
+    ph, pw = (-h) % factor, (-w) % factor
+    padded = torch.nn.functional.pad(target, (0, pw, 0, ph), mode="replicate")
+    with torch.no_grad():
+        recon = frozen.vae.decode(frozen.vae.encode(padded).latent_dist.mean).sample[..., :h, :w]
+    return t.decode(recon)
+
+
+class _CsvRows:
+    def __init__(self, path: Path, fields):
+        self.path, self.fields = path, fields
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def write(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".csv.partial")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+
+def _value(v) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
+
+
+def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name: str | None = None,
+             resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
+             expect_kind: str | None = None) -> Path:
+    """Evaluate ``model`` (a SingleStream/MultiStream, a checkpoint directory (``expect_kind`` checks
+    its kind), a reference row ``"trivial"`` / ``("vae_ceiling", frozen)``, or a function
+    ``(sample, task) -> prediction`` named by ``model_name``) on ``benchmarks``; returns ``out_dir``.
+
+    ``resolution`` overrides the evaluation resolution per benchmark (the demo's miniatures are
+    smaller than the real datasets); ``max_images`` limits each benchmark (for quick looks).
+    """
+    from tqdm.auto import tqdm
+
+    from stablemtl.data.sources import SOURCES
+    from stablemtl.model.pipeline import StableMTLPipeline
+    from stablemtl.model.streams import load_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frozen = None
+    if isinstance(model, tuple) and model and model[0] == "vae_ceiling":
+        kind, frozen = "vae_ceiling", model[1]
+    elif isinstance(model, str) and model == "trivial":
+        kind = "trivial"
+    elif callable(model) and not isinstance(model, torch.nn.Module):
+        kind = "custom"  # a function (sample, task) -> prediction [1, C, h, w], e.g. another method
+        if model_name is None:
+            raise ValueError("give a model_name for a custom predictor")
+    else:
+        if isinstance(model, (str, Path)):
+            model = load_model(model, expect=expect_kind)
+        elif expect_kind is not None and model.kind != expect_kind:
+            raise ValueError(f"the model is a {model.kind!r} model, not a {expect_kind!r} one")
+        kind = model.kind
+        pipe = StableMTLPipeline(model)
+    name = model_name or kind
+    benchmarks = [get_benchmark(b) if isinstance(b, str) else b for b in benchmarks]
+    metrics_csv = _CsvRows(out_dir / "metrics.csv", METRIC_FIELDS)
+    samples_csv = _CsvRows(out_dir / "per_sample.csv", SAMPLE_FIELDS)
+    metric_rows = [r for r in metrics_csv.read() if not (r["run"] == run and r["model"] == name
+                                                         and r["benchmark"] in {b.name for b in benchmarks})]
+    sample_rows = [r for r in samples_csv.read() if not (r["run"] == run and r["model"] == name
+                                                         and r["benchmark"] in {b.name for b in benchmarks})]
+    for b in benchmarks:
+        cls = SOURCES[b.dataset]
+        root = Path(data_root) / cls.root_hint
+        size = tuple((resolution or {}).get(b.name, b.resolution))
+        source = cls(root, tasks=[b.task], resolution=size, resize_targets=not b.targets_at_native)
+        if kind in ("single_stream", "multi_stream") and b.task not in model.tasks:
+            raise ValueError(f"model {name!r} does not predict {b.task!r} (it has {model.tasks})")
+        acc = _accumulator(b)
+        cache = out_dir / "predictions" / name / b.name
+        cache.mkdir(parents=True, exist_ok=True)
+        n = len(source) if max_images is None else min(len(source), max_images)
+        majority = 0  # road: the most frequent class of street scenes (the trivial semantic prediction)
+        for i in tqdm(range(n), desc=f"{name} / {b.name}", disable=not progress, leave=False):
+            file = cache / f"{i:05d}.npz"
+            sample = None
+            if file.is_file():
+                with np.load(file, allow_pickle=False) as stored:
+                    pred, gt, valid, sample_id = stored["pred"], stored["gt"], stored["valid"], str(stored["id"])
+            else:
+                sample = source[i]
+                gt, valid = ground_truth(sample, b.task)
+                if kind == "trivial":
+                    out = trivial_prediction(sample, b.task, majority)
+                elif kind == "vae_ceiling":
+                    out = vae_ceiling_prediction(sample, b.task, frozen)
+                elif kind == "custom":
+                    out = model(sample, b.task)
+                else:
+                    nxt = sample["rgb_next"][None] if "rgb_next" in sample else None
+                    out = pipe(sample["rgb"][None], tasks=[b.task], next_images=nxt)[b.task]
+                pred = _hwc(_resize(out, gt.shape[:2], b.task)[0])
+                sample_id = sample["id"]
+                np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),
+                                    rgb=(sample["rgb"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            result = acc.update(pred, gt, valid)[0]
+            if result is not None:
+                for metric, value in result.items():
+                    if not isinstance(value, (list, tuple, dict, np.ndarray)):
+                        sample_rows.append({"run": run, "model": name, "benchmark": b.name, "index": i,
+                                            "id": sample_id, "metric": metric, "value": _value(value)})
+        summary = acc.compute()
+        if "iou" in summary:  # per-class IoU of the semantic benchmark, one row per class
+            from stablemtl.tasks import SEMANTIC_CLASSES
+
+            summary.update({f"iou_{c.replace(' ', '_')}": v for c, v in zip(SEMANTIC_CLASSES, summary.pop("iou"))})
+        n_images = acc.n_images
+        for metric, value in summary.items():
+            if isinstance(value, (list, tuple, dict, np.ndarray)):
+                continue
+            metric_rows.append({"run": run, "model": name, "benchmark": b.name, "dataset": b.dataset, "task": b.task,
+                                "metric": metric, "value": _value(value),
+                                "higher_is_better": metrics.HIGHER_IS_BETTER.get(metric, metric.startswith("iou_")),
+                                "n_images": n_images})
+    metrics_csv.write(metric_rows)
+    samples_csv.write(sample_rows)
+    return out_dir
+
+
+def read_metrics(results_dir) -> list[dict]:
+    """The rows of ``<results_dir>/metrics.csv``; a clear error when there is none."""
+    path = Path(results_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics in this results folder (run stablemtl.evaluate.evaluate first)")
+    return _CsvRows(path, METRIC_FIELDS).read()
