@@ -253,6 +253,19 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
     return out_dir
 
 
+def benchmarks_of(task: str) -> list[str]:
+    return [name for name, b in BENCHMARKS.items() if b.task == task]
+
+
+def evaluate_single_task(models: dict, out_dir, data_root, run: str = "run", **kwargs) -> Path:
+    """The Delta_m reference: each single-task model (``{task: model or checkpoint}``) evaluated on
+    its task's benchmarks, all stored as model ``single_task``."""
+    for task, model in models.items():
+        evaluate(model, benchmarks_of(task), out_dir, data_root, run=run, model_name="single_task",
+                 expect_kind=None if not isinstance(model, (str, Path)) else "single_stream", **kwargs)
+    return Path(out_dir)
+
+
 def read_metrics(results_dir) -> list[dict]:
     """The rows of ``<results_dir>/metrics.csv``; a clear error when there is none."""
     path = Path(results_dir) / "metrics.csv"

@@ -117,3 +117,135 @@ def test_bad_input_is_named(data, tmp_path):
         E.evaluate("trivial", ["nyu_depth"], tmp_path, data, progress=False)
     with pytest.raises(ValueError, match="model_name"):
         E.evaluate(from_gt(), ["mid_albedo"], tmp_path, data, progress=False)
+
+
+# --------------------------------------------------------------------------- report and browser
+
+@pytest.fixture(scope="module")
+def results(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    noisy = lambda scale: (lambda gt, task: gt + scale * torch.sin(torch.arange(gt.numel()).reshape(gt.shape).float())  # noqa: E731
+                           if task not in ("semantic",) else gt)
+    E.evaluate("trivial", list(E.BENCHMARKS), out, data, resolution=RES, progress=False, run="demo")
+    for name, scale in (("single_task", 0.05), ("single_stream", 0.08), ("multi_stream", 0.03)):
+        E.evaluate(from_gt(noisy(scale)), list(E.BENCHMARKS), out, data, model_name=name, resolution=RES,
+                   progress=False, run="demo")
+    return out
+
+
+def test_tables_regenerate_byte_identically(results, tmp_path):
+    from stablemtl import report
+
+    first = {k: p.read_bytes() for k, p in report.write_tables(results).items()}
+    again = {k: p.read_bytes() for k, p in report.write_tables(results).items()}
+    assert first == again and "main.md" in first and "kitti_depth.tex" in first
+    main = first["main.md"].decode()
+    assert main.splitlines()[0] == ("| model | Cityscapes mIoU | DIODE normal mean | KITTI AbsRel x100 | KITTI flow EPE "
+                                    "| KITTI scene-flow EPE3D | MID albedo RMSE | Delta_m % |")
+    names = [line.split(" | ")[0][2:] for line in main.splitlines()[2:]]
+    assert names[:4] == ["trivial", "single_task", "single_stream", "multi_stream"]
+    assert "paper: StableMTL multi-stream" in names
+    assert r"\begin{tabular}" in first["main.tex"].decode()
+
+
+def test_delta_m_matches_a_hand_computation(results):
+    from stablemtl import report
+
+    rows = [r for r in E.read_metrics(results) if r["run"] == "demo"]
+    value = {(r["model"], r["benchmark"], r["metric"]): float(r["value"]) for r in rows}
+    terms = []
+    for benchmark, name in report.DELTA_M_METRICS:
+        m, b = value[("multi_stream", benchmark, name)], value[("single_task", benchmark, name)]
+        sign = 1 if name == "miou" else -1
+        terms.append(sign * (m - b) / b * 100)
+    total, per_metric = report.delta_m_terms(rows, "multi_stream")
+    assert total == pytest.approx(sum(terms) / len(terms))
+    assert len(per_metric) == 8
+    assert report.delta_m_terms(rows, "single_task")[0] == 0.0
+    assert report.delta_m_terms([r for r in rows if r["model"] != "single_task"], "multi_stream") is None
+
+
+def test_figures_are_written(results, tmp_path):
+    from stablemtl import report
+
+    rows = [r for r in E.read_metrics(results) if r["run"] == "demo"]
+    log = tmp_path / "train_log.csv"
+    log.write_text("step,task,dataset,loss,lr,step_s,data_s\n" + "".join(
+        f"{s},{t},hypersim,{1.0 / (s + 1)},0.0001,0.5,0.01\n" for s, t in enumerate(["depth", "normal"] * 10)))
+    for path in (report.plot_training_curves({"single_stream": log}, tmp_path / "curves.png"),
+                 report.plot_delta_m(rows, tmp_path / "delta_m.png"),
+                 report.plot_qualitative(results, tmp_path / "grid.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_browser_reacts_to_its_widgets(results):
+    from stablemtl.browse import Browser
+
+    b = Browser(results)
+    assert b.model.options == ("multi_stream", "single_stream", "single_task", "trivial")
+    b.model.value = "multi_stream"
+    b.benchmark.value = "kitti_depth"
+    first = {k: img.value for k, img in b.images.items()}
+    assert all(v[:4] == b"\x89PNG" for v in first.values())
+    assert "sample 0" in b.caption.value and "abs_rel" in b.caption.value
+    b.index.value = 1
+    assert b.images["input"].value != first["input"] and "sample 1" in b.caption.value
+    b.benchmark.value = "cityscapes_semantic"
+    assert "semantic" in b.caption.value and "miou" in b.caption.value
+    b.model.value = "trivial"
+    assert b.images["prediction"].value != first["prediction"]
+
+
+def test_report_inputs_are_checked(tmp_path):
+    from stablemtl.browse import Browser
+    from stablemtl import report
+
+    with pytest.raises(FileNotFoundError, match="no metrics"):
+        report.write_tables(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no prediction cache"):
+        Browser(tmp_path)
+
+
+def test_single_task_rows_and_the_full_report(data, results, tmp_path):
+    from stablemtl import report
+
+    E.evaluate_single_task({"depth": from_gt(), "semantic": from_gt()}, tmp_path, data, resolution=RES, progress=False)
+    rows = E.read_metrics(tmp_path)
+    assert {(r["model"], r["benchmark"]) for r in rows} == {("single_task", "kitti_depth"), ("single_task", "diode_depth"),
+                                                            ("single_task", "cityscapes_semantic")}
+    written = report.write_report(results, training_logs=None)
+    assert {"main.md", "main.tex", "delta_m.png", "qualitative.png"} <= set(written)
+
+
+def test_images_without_valid_ground_truth_are_skipped_and_counted(data, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from stablemtl.data import formats
+    from stablemtl.data.sources import Cityscapes
+
+    copy = tmp_path / "data"
+    shutil.copytree(data / "cityscapes", copy / "cityscapes")
+    source = Cityscapes(copy / "cityscapes")
+    label = copy / "cityscapes" / Cityscapes.label_path(source.entries[1][0])
+    formats.write_cityscapes_label_ids(label, np.zeros_like(formats.read_cityscapes_label_ids(label)))  # all "unlabeled"
+    E.evaluate("trivial", ["cityscapes_semantic"], tmp_path / "out", copy, resolution=RES, progress=False)
+    (row,) = [r for r in E.read_metrics(tmp_path / "out") if r["metric"] == "miou"]
+    assert row["n_images"] == str(len(source) - 1) and math.isfinite(float(row["value"]))
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_named(data, tmp_path):
+    from stablemtl.model import base as B
+    from stablemtl.model import streams as S
+    from stablemtl.presets import load_preset
+
+    cfg = dict(load_preset("smoke")["model"]["base"])
+    cfg.update({"vae_steps": 1, "vae_images": 3, "report_images": 1})
+    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
+    B.save_base(base, tmp_path / "base", info)
+    path = S.SingleStream.from_base(base).save_pretrained(tmp_path / "single")
+    with pytest.raises(ValueError, match="holds a 'single_stream' model, not a 'multi_stream' one"):
+        E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, expect_kind="multi_stream", progress=False)
+    E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, resolution=RES, expect_kind="single_stream", progress=False)
+    assert {r["model"] for r in E.read_metrics(tmp_path / "out")} == {"single_stream"}
