@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler
+from stablemtl.model.streams import FLOW_TASKS
 from stablemtl.tasks import TASK_NAMES, get_task
 
 KINDS = ("single_stream", "multi_stream")
-FLOW_TASKS = ("optical_flow", "scene_flow")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
 
 

@@ -37,8 +37,8 @@ def each(roots, name, **kwargs):
 
 def test_every_dataset_is_written_with_its_own_layout(roots):
     assert set(roots) == set(sources.SOURCES)
-    assert (roots["vkitti"] / "original/Scene02/clone/frames/rgb/Camera_0/rgb_00000.jpg").is_file()
-    assert (roots["vkitti"] / "normal_estimated/Scene02/clone/frames/normal/Camera_0/normal_00000.npy").is_file()
+    assert (roots["vkitti"] / "original/Scene02/15-deg-left/frames/rgb/Camera_0/rgb_00000.jpg").is_file()
+    assert (roots["vkitti"] / "normal_estimated/Scene02/15-deg-left/frames/normal/Camera_0/normal_00000.npy").is_file()
     assert (roots["kitti_flow"] / "training/calib_cam_to_cam/000000.txt").is_file()
     assert (roots["flying_things_3d"] / "train/image_clean/0000001.png").is_file()
     assert sorted(p.name for p in (roots["cityscapes"] / "gtFine/val/frankfurt").iterdir())[0].endswith("_gtFine_labelIds.png")

@@ -27,9 +27,10 @@ import numpy as np
 
 from stablemtl.data import formats, synthetic
 from stablemtl.data.sources import META_FILE, SOURCES
+from stablemtl.data.splits import VKITTI_SCENES, VKITTI_VARIATIONS
 from stablemtl.metrics import IGNORE_INDEX
 
-WORLD_VERSION = 2  # bump when the renderer or a writer changes what is written
+WORLD_VERSION = 3  # bump when the renderer or a writer changes what is written
 
 # dataset -> (directory under the root, scene kind, domain)
 MINI_LAYOUT = {
@@ -42,8 +43,6 @@ MINI_LAYOUT = {
     "diode": ("diode/diode_val", "indoor", "real"),  # every second sample is outdoor (street)
     "mid": ("mid_intrinsics", "indoor", "real"),
 }
-VKITTI_SCENES = ("Scene02", "Scene06", "Scene18", "Scene20")
-VKITTI_VARIATIONS = ("clone", "15-deg-left", "15-deg-right", "morning", "overcast", "sunset")
 _CLASS_TO_VKITTI = {0: "Road", 1: "Building", 2: "Pole", 3: "TrafficLight", 4: "TrafficSign", 5: "Vegetation",
                     6: "Sky", 7: "Car", IGNORE_INDEX: "Terrain"}
 _CLASS_TO_CITYSCAPES = {0: 7, 1: 11, 2: 17, 3: 19, 4: 20, 5: 21, 6: 23, 7: 26, IGNORE_INDEX: 8}  # 8 = sidewalk

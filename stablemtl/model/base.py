@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stablemtl.tasks import TASK_NAMES, get_task
+from stablemtl.tasks import SHADING_WEIGHTS, TASK_NAMES, albedo_valid_mask, get_task
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILD_FILE = "stablemtl_base.json"
@@ -215,7 +215,7 @@ def _encodings(sample: dict) -> dict[str, torch.Tensor]:
     chw = lambda a: t(a).permute(2, 0, 1)[None] if a.ndim == 3 else t(a)[None, None]  # noqa: E731
     hit = chw(sample["depth"] > 0).bool()
     out = {"rgb": (chw(sample["rgb"]) * 2 - 1, torch.ones_like(hit))}
-    albedo_valid = hit & (chw(sample["albedo"]) >= 0.004).all(1, keepdim=True)
+    albedo_valid = hit & albedo_valid_mask(chw(sample["albedo"]))
     inputs = {
         "depth": (chw(sample["depth"]), hit), "normal": (chw(sample["normal"]), hit),
         "albedo": (chw(sample["albedo"]), albedo_valid), "shading": (chw(sample["shading"]), albedo_valid),
@@ -325,7 +325,7 @@ def vae_report(vae, cfg: dict, seed: int) -> dict:
             elif name == "albedo":
                 acc[name].update(hw(out), s["albedo"], v)
             else:
-                grey = (s["shading"] * np.array([0.3, 0.59, 0.11])).sum(-1)
+                grey = (s["shading"] * np.array(SHADING_WEIGHTS)).sum(-1)
                 acc[name].update(out[0].numpy(), grey, v)
     ceiling = {}
     headline = {"depth": "abs_rel", "normal": "mean", "semantic": "miou", "optical_flow": "epe",
