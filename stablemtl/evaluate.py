@@ -33,7 +33,6 @@ from stablemtl.tasks import SHADING_WEIGHTS, get_task
 
 METRIC_FIELDS = ("run", "model", "benchmark", "dataset", "task", "metric", "value", "higher_is_better", "n_images")
 SAMPLE_FIELDS = ("run", "model", "benchmark", "index", "id", "metric", "value")
-REFERENCE_ROWS = ("trivial", "vae_ceiling")
 
 
 @dataclass(frozen=True)
