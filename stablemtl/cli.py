@@ -1,9 +1,11 @@
 """The ``stablemtl`` command line.
 
-``stablemtl run`` is the kit's main job. The numbered notebooks that run the
-whole study are not part of this version yet; until they are, ``run`` reports
-what the installed kit provides and checks it on the spot (task encodings and
-metrics on synthetic inputs). ``stablemtl info`` prints the environment.
+``stablemtl run`` is the kit's main job: it executes the numbered notebooks
+(``notebooks/01_prepare_data`` ... ``06_results``) with papermill for a preset
+(``demo`` by default) and prints where the results are and the run's target
+check. ``stablemtl data`` and ``stablemtl base`` run the first two stages'
+work directly, ``stablemtl check`` checks the task encodings and ``stablemtl
+info`` prints the environment.
 """
 
 from __future__ import annotations
@@ -64,64 +66,45 @@ def _self_check() -> list[str]:
     return lines
 
 
-def default_data_root() -> str:
-    """``$PREPROCESSED_DIR``, else ``data/preprocessed`` under the current directory (git-ignored)."""
-    import os
+def _study(args):
+    from stablemtl import study
 
-    return os.environ.get("PREPROCESSED_DIR") or os.path.join("data", "preprocessed")
+    return study.context(args.preset, data_root=args.root, base_dir=args.out)
 
 
 def cmd_data(args) -> int:
-    """Write (or reuse) the procedural mini datasets and summarise them."""
-    from stablemtl.data import mini, sources
+    """Write (or reuse) the procedural mini datasets (or check the real ones) and summarise them."""
+    from stablemtl import study
 
-    roots = mini.write_mini_datasets(args.root, args.preset)
-    print(f"\n{'dataset':<18}{'class':<16}{'images':>7}  tasks")
-    for name, root in roots.items():
-        cls = sources.SOURCES[name]
-        ds = cls(root)
-        print(f"{name:<18}{cls.__name__:<16}{len(ds):>7}  {', '.join(cls.tasks_provided)}   ({root})")
+    s = _study(args)
+    roots = study.prepare_data(s)
+    print(study.dataset_table(roots).to_string())
     return 0
-
-
-def default_base_dir(preset: str) -> str:
-    """``$OUTPUT_DIR/<preset>/base``, else ``outputs/<preset>/base`` (git-ignored)."""
-    import os
-
-    return os.path.join(os.environ.get("OUTPUT_DIR") or "outputs", os.path.basename(str(preset)).split(".")[0], "base")
 
 
 def cmd_base(args) -> int:
     """Build (or reuse) the tiny base model and print its build report."""
-    from stablemtl.model import base
+    from stablemtl import study
 
-    out = args.out or default_base_dir(args.preset)
-    base.build_tiny_base(out, args.preset, progress=True)
+    s = _study(args)
+    out = study.build_base(s)
     print(f"base model ready in {out}")
-    print(base.format_build_report(base.build_report(out)))
+    print(study.base_report(s))
+    return 0
+
+
+def cmd_check(args) -> int:
+    print("Tasks (stablemtl.tasks), checked now on synthetic annotations:")
+    for line in _self_check():
+        print(line)
     return 0
 
 
 def cmd_run(args) -> int:
-    print(f"stablemtl {stablemtl.__version__}: StableMTL (arXiv 2506.08013) research kit\n")
-    print("The numbered notebooks (training, evaluation, results) are not in this version yet.")
-    print("This runs the stages that exist: data, the base model, then a check of the tasks.\n")
-    print(f"Data: procedural miniatures of the eight datasets (preset {args.preset!r}) under {args.root}")
-    cmd_data(args)
-    print(f"\nModel: the tiny Stable-Diffusion-shaped base (preset {args.preset!r}; cached)")
-    cmd_base(args)
-    print()
-    print("Tasks (stablemtl.tasks), checked now on synthetic annotations:")
-    for line in _self_check():
-        print(line)
-    print("\nMetrics (stablemtl.metrics): depth LS alignment (depth / disparity) + AbsRel ... SILog;")
-    print("  normal angular errors (per-image mean, pixel-pooled stats); semantic confusion / mIoU;")
-    print("  flow NNLS alignment + EPE, Fl, angle; scene flow EPE3D + rates (AND / OR conventions);")
-    print("  albedo / shading RMSE, SSIM, LMSE; Delta_m; accumulators independent of batching.")
-    print("File formats (stablemtl.data.formats): PFM, .flo, KITTI flow / depth / disparity PNG and")
-    print("  calib, vKITTI 2 depth / flow / scene flow / class PNG, Hypersim depth PNG and HDF5,")
-    print("  npy normals and masks, DIODE npy, Cityscapes labelIds, OpenEXR.")
-    return 0
+    from stablemtl import run
+
+    print(f"stablemtl {stablemtl.__version__}: StableMTL (arXiv 2506.08013), preset {args.preset!r}\n", flush=True)
+    return run.main(args)
 
 
 def cmd_info(args) -> int:
@@ -139,21 +122,44 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stablemtl.presets import available_presets
+
     parser = argparse.ArgumentParser(prog="stablemtl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, text in (("run", cmd_run, "the kit's main job"),
-                             ("data", cmd_data, "write the procedural mini datasets (cached)"),
+    presets = " | ".join(available_presets())
+    p = sub.add_parser("run", help="run the study: the numbered notebooks through papermill",
+                       description="Execute notebooks/01_prepare_data ... 06_results in order with papermill; "
+                                   "results go to results/<run>/ (executed notebooks, manifest.json, metrics, "
+                                   "tables, figures). Complete stages are skipped.")
+    p.add_argument("--preset", default="demo", help=f"{presets} (default demo) or a preset YAML path")
+    p.add_argument("--only", default=None, help="comma-separated stages to run, e.g. 03,04 (default: all)")
+    p.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
+                   help="a notebook parameter, e.g. -p iterations=200 -p tasks=[depth,normal] (repeatable)")
+    p.add_argument("--run-name", default=None, help="results/<run-name> (default: the preset's name)")
+    p.add_argument("--force", action="store_true", help="rerun the selected stages even when complete")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+    for name, func, text in (("data", cmd_data, "write the procedural mini datasets (cached) or check real ones"),
                              ("base", cmd_base, "build the tiny base model (cached)")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--preset", default="demo", help="smoke | demo (default) | a preset YAML path")
-        p.add_argument("--root", default=default_data_root(),
-                       help="where datasets go (default: $PREPROCESSED_DIR or data/preprocessed)")
+        p.add_argument("--preset", default="demo", help=f"{presets} (default demo) or a preset YAML path")
+        p.add_argument("--root", default=None,
+                       help="the datasets' folder (default: data/<preset>; paper: $PREPROCESSED_DIR)")
         p.add_argument("--out", default=None,
-                       help="where the base model goes (default: $OUTPUT_DIR/<preset>/base or outputs/<preset>/base)")
+                       help="the base model's folder (default: $OUTPUT_DIR/<preset>/base or outputs/<preset>/base)")
         p.set_defaults(func=func)
+    sub.add_parser("check", help="check the task encodings on synthetic annotations").set_defaults(func=cmd_check)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from stablemtl.study import StageError
+
+    try:
+        return args.func(args)
+    except (ValueError, StageError) as err:
+        if isinstance(err, ValueError) and "preset" not in str(err):
+            raise
+        print(f"stablemtl {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
