@@ -2,7 +2,7 @@
 # Set up (or reuse) the virtual environment .venv/ for stablemtl.
 #
 #   ./setup.sh          runtime dependencies + the package (editable)
-#   ./setup.sh --test   the same plus the test dependencies
+#   ./setup.sh --test   the same plus the test dependencies (and Chromium, as root with apt-get)
 #
 # PyTorch is installed first and on purpose: without an NVIDIA GPU we install
 # the CPU build (a plain `pip install torch` on Linux pulls several GB of CUDA
@@ -60,5 +60,19 @@ else
     echo "[setup] installing stablemtl$extras and its dependencies"
     "${pip[@]}" install -c constraints.txt -e ".$extras"
     echo "$digest$extras" > "$stamp"
+fi
+# The browser test (tests/test_notebooks_browser.py) drives the system's Chromium; install it where
+# the machine allows (root with apt-get, Debian's `chromium`), otherwise that test is skipped with the reason.
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing Chromium (apt-get) for the browser test"
+        if ! { timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+               || { timeout 300 apt-get update -q >/dev/null 2>&1 \
+                    && timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; then
+            echo "[setup] could not install Chromium; the browser test will be skipped" >&2
+        fi
+    else
+        echo "[setup] Chromium not found (install Debian's 'chromium' package for the browser test; it is skipped otherwise)"
+    fi
 fi
 echo "[setup] done: $(.venv/bin/python -c 'import stablemtl, torch; print("stablemtl", stablemtl.__version__, "| torch", torch.__version__, "| cuda", torch.cuda.is_available())')"

@@ -174,7 +174,11 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
         raise RunError(str(err)) from err
     # inputs made by stages outside the selection must exist now, not after an hour of work
     selected = {s[:2] for s in stages}
-    needed = sorted({n for s in stages for n in _NEEDS[s[:2]]} - selected)
+    needs = {s[:2]: set(_NEEDS[s[:2]]) for s in stages}
+    models = parameters.get("models")
+    if "05" in needs and models is not None:  # evaluating without a model kind does not need its stage
+        needs["05"] -= {k for k, kind in (("03", "single_stream"), ("04", "multi_stream")) if kind not in models}
+    needed = sorted(set().union(*needs.values()) - selected)
     try:
         S.require(study, *needed)
     except S.StageError as err:

@@ -24,7 +24,7 @@ Directories (DESIGN.md, "Data flow"):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stablemtl.presets import load_preset
@@ -382,8 +382,6 @@ def train_stage(study: Study, kind: str, progress: bool = True, **overrides) -> 
         config.validate(gpus)
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        from dataclasses import asdict
-
         (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
                "-m", "stablemtl.train", "--config", str(out / "config.json")]
@@ -435,17 +433,27 @@ def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
     benchmarks = list(benchmarks or BENCHMARKS)
+    if set(benchmarks) - set(BENCHMARKS):
+        raise ValueError(f"unknown benchmark(s) {sorted(set(benchmarks) - set(BENCHMARKS))}; "
+                         f"choose from {', '.join(BENCHMARKS)}")
     resolution = (study.preset.get("evaluate") or {}).get("resolution")
     study.results_dir.mkdir(parents=True, exist_ok=True)
     record_file = study.results_dir / "evaluated.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     for name in models:
         source = "trivial" if name == "trivial" else study.model_dir(name)
+        chosen = benchmarks
+        if name != "trivial":  # a model trained on fewer tasks (a single-task baseline) meets only their benchmarks
+            trained = json.loads((source / "stablemtl_model.json").read_text()).get("tasks") or []
+            chosen = [b for b in benchmarks if BENCHMARKS[b].task in trained]
+            if not chosen:
+                print(f"{name}: trained on {trained}, none of the benchmarks {benchmarks}; skipped")
+                continue
         key = {"weights": "trivial" if name == "trivial" else _weights_fingerprint(source),
                "max_images": max_images, "resolution": resolution, "data_root": str(study.data_root)}
         if record.get(name) != key:
             shutil.rmtree(study.results_dir / "predictions" / name, ignore_errors=True)
-        evaluate(source if name == "trivial" else str(source), benchmarks, study.results_dir, study.data_root,
+        evaluate(source if name == "trivial" else str(source), chosen, study.results_dir, study.data_root,
                  run=study.run, model_name=name, resolution=resolution, max_images=max_images, progress=progress,
                  expect_kind=None if name == "trivial" else name)
         record[name] = key

@@ -431,3 +431,24 @@ def train(config: TrainConfig | dict, until: int | None = None, progress: bool =
     trainer = Trainer(config, progress=progress)
     trainer.train(until)
     return trainer
+
+
+def main(argv=None) -> int:
+    """``python -m stablemtl.train --config run.json``: the entry ``accelerate launch`` runs on every GPU."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stablemtl.train", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="a JSON file of TrainConfig fields")
+    parser.add_argument("--until", type=int, default=None, help="stop at this step (resumable)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    path = Path(args.config)
+    if not path.is_file():
+        parser.error(f"no training configuration at {path}")
+    trainer = train(json.loads(path.read_text()), until=args.until, progress=not args.no_progress)
+    trainer.save_model()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,8 +30,10 @@ def test_package_import_loads_no_heavy_module():
 
 def test_console_script_runs_and_checks_the_tasks(tmp_path):
     script = Path(sys.executable).with_name("stablemtl")
-    out = subprocess.run([str(script), "run", "--preset", "smoke", "--root", str(tmp_path),
-                          "--out", str(tmp_path / "base")], check=True, capture_output=True, text=True).stdout
+    out = "".join(subprocess.run([str(script), command, "--preset", "smoke", "--root", str(tmp_path),
+                                  "--out", str(tmp_path / "base")], check=True, capture_output=True,
+                                 text=True).stdout for command in ("data", "base"))
+    out += subprocess.run([str(script), "check"], check=True, capture_output=True, text=True).stdout
     assert (tmp_path / "base/unet/diffusion_pytorch_model.safetensors").is_file()
     assert "VAE ceiling" in out
     assert (tmp_path / "kitti/flow_2015/training/flow_occ/000000_10.png").is_file()

@@ -1,4 +1,4 @@
-"""Presets as data: ``smoke`` (CI), ``demo`` (the default main job), later ``paper``.
+"""Presets as data: ``smoke`` (CI), ``demo`` (the default main job), ``paper`` (the reproduction).
 
 A preset is a YAML file next to this module; ``load_preset`` returns it as a
 plain dict, or reads any YAML path a user gives.
@@ -16,7 +16,7 @@ def available_presets() -> list[str]:
 
 
 def load_preset(preset) -> dict:
-    """A preset by name (``smoke``, ``demo``), by YAML path, or a dict passed through."""
+    """A preset by name (``smoke``, ``demo``, ``paper``), by YAML path, or a dict passed through."""
     import yaml
 
     if isinstance(preset, dict):

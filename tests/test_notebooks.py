@@ -1,0 +1,192 @@
+"""The numbered notebooks and ``stablemtl run``: every notebook executed with the smoke preset through
+papermill, the runner's skipping, forcing, parameter checks and failure reports, and the bad-input
+messages of the stages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from stablemtl import study as S
+from stablemtl.evaluate import BENCHMARKS
+from stablemtl.run import RunError, declared_parameters, notebook_dir, parse_parameters, run_study, select_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def in_project(monkeypatch, smoke_study):
+    _, project, _ = smoke_study
+    monkeypatch.setenv("STABLEMTL_PROJECT", str(project))
+    for name in ("OUTPUT_DIR", "PREPROCESSED_DIR", "BASE_CKPT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return project
+
+
+@pytest.mark.parametrize("stage", S.STAGES)
+def test_notebooks_are_committed_stripped_with_one_parameters_cell(stage):
+    path = ROOT / "notebooks" / f"{stage}.ipynb"
+    nb = nbformat.read(str(path), as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path}: outputs not stripped"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    params = declared_parameters(path)
+    assert params["preset"] == "demo" and params["run_name"] is None  # the defaults are the demo preset
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {stage[:2]} ")
+
+
+def test_smoke_study_runs_every_notebook(smoke_study):
+    study, project, lines = smoke_study
+    manifest = json.loads((study.results_dir / "manifest.json").read_text())
+    assert [manifest["stages"][s]["status"] for s in S.STAGES] == ["done"] * len(S.STAGES)
+    assert manifest["seed"] == 2024 and manifest["preset_name"] == "smoke"
+    assert set(manifest["data_split_hashes"]) >= {"hypersim", "vkitti", "mid"}
+    for stage in S.STAGES:
+        executed = nbformat.read(str(study.results_dir / "notebooks" / f"{stage}.ipynb"), as_version=4)
+        code = [c for c in executed.cells if c.cell_type == "code"]
+        assert all(c.execution_count is not None for c in code)  # every cell ran
+        assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+        injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and 'preset = "smoke"' in injected[0].source
+    # the notebooks wrote into the project: data, base model, checkpoints, results
+    assert (project / "data" / "smoke" / "hypersim" / "train" / "stablemtl_dataset.json").is_file()
+    assert (project / "outputs" / "smoke" / "base" / "model_index.json").is_file()
+    assert (project / "outputs" / "smoke" / "multi_stream" / "model" / "stablemtl_model.json").is_file()
+    with open(study.results_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["model"], r["benchmark"]) for r in rows}
+    assert got == {(m, b) for m in S.MODELS for b in BENCHMARKS}
+    main = (study.results_dir / "tables" / "main.md").read_text()
+    assert "multi_stream" in main and "single_stream" in main and "trivial" in main
+    assert (study.results_dir / "figures" / "training_curves.png").stat().st_size > 1000
+    assert "Targets" in (study.results_dir / "summary.md").read_text()
+    # the training curves live in the training notebooks (an embedded PNG)
+    nb03 = nbformat.read(str(study.results_dir / "notebooks" / "03_train_single_stream.ipynb"), as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in nb03.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_a_second_run_skips_complete_stages_and_force_reruns(smoke_study, in_project):
+    study, _, _ = smoke_study
+    lines: list[str] = []
+    run_study("smoke", progress=False, log=lines.append)
+    assert sum("complete, skipped" in line for line in lines) == len(S.STAGES)
+    before = json.loads((study.results_dir / "manifest.json").read_text())["stages"]["06_results"]["started"]
+    lines.clear()
+    run_study("smoke", only="06", force=True, progress=False, log=lines.append)
+    assert any(line.endswith("06_results") for line in lines) and not any("skipped" in line for line in lines)
+    after = json.loads((study.results_dir / "manifest.json").read_text())["stages"]
+    assert after["06_results"]["status"] == "done" and after["06_results"]["started"] >= before
+    # changed parameters make a complete stage run again
+    few = dict(only="05", run_name="few", progress=False, log=lines.append)
+    run_study("smoke", parameters={"models": ["trivial"], "max_images": 1}, **few)
+    lines.clear()
+    run_study("smoke", parameters={"models": ["trivial"], "max_images": 1}, **few)
+    assert any("complete, skipped" in line for line in lines)
+    lines.clear()
+    run_study("smoke", parameters={"models": ["trivial"], "max_images": 2}, **few)
+    assert not any("skipped" in line for line in lines)
+    with open(in_project / "results" / "few" / "metrics.csv", newline="") as f:
+        counts = {int(r["n_images"]) for r in csv.DictReader(f)}
+    assert max(counts) == 2
+
+
+def test_unknown_or_runner_parameters_are_rejected_before_any_work(in_project):
+    with pytest.raises(RunError, match=r"unknown parameter 'iteration'.*iterations"):
+        run_study("smoke", only="03", parameters={"iteration": 5}, run_name="typo", progress=False)
+    with pytest.raises(RunError, match="--run-name"):
+        run_study("smoke", parameters={"run_name": "x"}, progress=False)
+    with pytest.raises(RunError, match="unknown preset 'nope'"):
+        run_study("nope", progress=False)
+    with pytest.raises(RunError, match="unknown stage '09'"):
+        select_stages("03,09")
+    with pytest.raises(RunError, match="key=value"):
+        parse_parameters(["iterations"])
+    assert parse_parameters(["tasks=[depth, normal]", "lr=1e-3", "max_images=null"]) == \
+        {"tasks": ["depth", "normal"], "lr": 1e-3, "max_images": None}
+    assert not (in_project / "results" / "typo").exists()
+
+
+def test_a_missing_stage_output_names_the_stage_and_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("STABLEMTL_PROJECT", str(tmp_path))
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    with pytest.raises(RunError, match=r"stage 01 .*stablemtl run --only 01"):
+        run_study("smoke", only="03", progress=False)
+    run = S.context("smoke")
+    with pytest.raises(S.StageError, match=r"stage 05 of run 'smoke' has not finished: .*metrics.csv"):
+        S.results_stage(run)
+    assert not (tmp_path / "results" / "smoke").exists()  # nothing started
+
+
+def test_a_failing_cell_is_reported_with_notebook_and_cell(in_project):
+    with pytest.raises(RunError) as err:
+        run_study("smoke", only="03", parameters={"tasks": ["depth", "telepathy"]}, run_name="broken",
+                  progress=False)
+    message = str(err.value)
+    assert "03_train_single_stream" in message and "cell [" in message and "telepathy" in message
+    executed = in_project / "results" / "broken" / "notebooks" / "03_train_single_stream.ipynb"
+    assert executed.is_file() and "telepathy" in executed.read_text()  # kept, with the error
+    manifest = json.loads((in_project / "results" / "broken" / "manifest.json").read_text())
+    assert manifest["stages"]["03_train_single_stream"]["status"] == "failed"
+
+
+def test_a_single_task_baseline_runs_through_the_notebooks(in_project):
+    run_study("smoke", only="03,05", parameters={"tasks": ["depth"], "iterations": 2,
+                                                 "models": ["single_stream"]}, run_name="depth_only",
+              progress=False, log=lambda *_: None)
+    with open(in_project / "results" / "depth_only" / "metrics.csv", newline="") as f:
+        benchmarks = {r["benchmark"] for r in csv.DictReader(f)}
+    assert benchmarks == {"kitti_depth", "diode_depth"}
+
+
+def test_the_paper_preset_names_missing_data_and_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("STABLEMTL_PROJECT", str(tmp_path))
+    monkeypatch.delenv("PREPROCESSED_DIR", raising=False)
+    with pytest.raises(RunError, match="PREPROCESSED_DIR"):
+        run_study("paper", progress=False)
+    monkeypatch.setenv("PREPROCESSED_DIR", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("BASE_CKPT_DIR", str(tmp_path / "ckpt"))
+    with pytest.raises(RunError, match=r"stable-diffusion-2"):
+        run_study("paper", progress=False)
+    (tmp_path / "ckpt" / "stable-diffusion-2").mkdir(parents=True)
+    (tmp_path / "ckpt" / "stable-diffusion-2" / "model_index.json").write_text("{}")
+    with pytest.raises(S.StageError, match=r"(?s)real datasets under .*hypersim.*README"):
+        S.prepare_data(S.context("paper"))
+
+
+def test_paper_preset_carries_the_reference_numbers():
+    from stablemtl.presets import load_preset
+    from stablemtl.train import TrainConfig, preset_config
+
+    ref = TrainConfig()
+    single, multi = preset_config("paper", "single_stream"), preset_config("paper", "multi_stream")
+    for name in ("resolution", "effective_batch", "lr", "warmup", "decay_steps", "decay_to", "grad_clip", "seed",
+                 "checkpoint_every", "backup_every"):
+        assert getattr(single, name) == getattr(ref, name), name
+    assert (single.iterations, multi.iterations) == (20000, 11000)
+    assert multi.task_attention == ref.task_attention
+    assert "evaluate" not in load_preset("paper")  # every benchmark at its reference resolution
+
+
+def test_cli_run_rejects_bad_input_with_exit_status(in_project):
+    script = Path(sys.executable).with_name("stablemtl")
+    bad = subprocess.run([str(script), "run", "--preset", "smoke", "-p", "iteratons=3"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "unknown parameter 'iteratons'" in bad.stderr
+    bad = subprocess.run([str(script), "run", "--preset", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown preset 'nope'" in bad.stderr
+
+
+def test_notebooks_live_next_to_the_package():
+    assert notebook_dir() == ROOT / "notebooks"
+    assert sorted(p.stem for p in notebook_dir().glob("0*.ipynb")) == list(S.STAGES)
