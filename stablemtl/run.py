@@ -29,6 +29,7 @@ from pathlib import Path
 
 import stablemtl
 from stablemtl import study as S
+from stablemtl.presets import yaml_numbers
 
 MANIFEST = "manifest.json"
 # the parameters the runner sets itself (from --preset / --run-name and the study's directories)
@@ -77,8 +78,9 @@ def parse_parameters(pairs) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip().isidentifier():
             raise RunError(f"parameter {pair!r}: expected key=value (for example -p iterations=200)")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        out[key.strip()] = yaml_numbers(yaml.safe_load(value)) if value.strip() else None
     return out
+
 
 
 def select_stages(only) -> list[str]:

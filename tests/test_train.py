@@ -197,3 +197,24 @@ def test_cached_latents_give_the_same_loss(setup, tmp_path):
         assert len(trainer.latent_cache) == 4  # 2 image latents + 2 target latents
         again = float(trainer.loss(batch, "depth", "hypersim"))
     assert first == pytest.approx(plain, rel=1e-5) and again == first
+
+
+def test_module_entry_trains_from_a_json_config_as_accelerate_launch_runs_it(setup, tmp_path):
+    """``python -m stablemtl.train --config run.json`` (what notebooks 03/04 launch on several GPUs)
+    trains the configuration and saves the model, matching the in-process run."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    cfg = config(setup, tmp_path / "cli", iterations=2)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    subprocess.run([sys.executable, "-m", "stablemtl.train", "--config", str(path), "--no-progress"], check=True)
+    assert (tmp_path / "cli" / "model" / "stablemtl_model.json").is_file()
+    direct = T.train(config(setup, tmp_path / "direct", iterations=2), progress=False)
+    assert log(tmp_path / "cli") == log(tmp_path / "direct")
+    assert direct.step == 2
+    bad = subprocess.run([sys.executable, "-m", "stablemtl.train", "--config", str(tmp_path / "none.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no training configuration" in bad.stderr
