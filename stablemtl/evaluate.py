@@ -1,7 +1,8 @@
 """Zero-shot evaluation on the eight benchmarks (REFERENCE section 6), written as files.
 
 ``evaluate(model, benchmarks, out_dir, data_root)`` predicts every image of each
-benchmark (batch 1, one step, at the benchmark's evaluation resolution), scores
+benchmark (batch 1, one step, at the benchmark's evaluation resolution; benchmarks on the
+same images, such as DIODE depth and normals, share one pipeline call per image), scores
 it with the protocol's alignment and metrics, and writes into ``out_dir``:
 
 - ``metrics.csv``: tidy, one row per (model, benchmark, metric): run, model,
@@ -30,6 +31,7 @@ import torch
 
 from stablemtl import metrics
 from stablemtl.tasks import SHADING_WEIGHTS, get_task
+from stablemtl.model.streams import FLOW_TASKS
 
 METRIC_FIELDS = ("run", "model", "benchmark", "dataset", "task", "metric", "value", "higher_is_better", "n_images")
 SAMPLE_FIELDS = ("run", "model", "benchmark", "index", "id", "metric", "value")
@@ -194,10 +196,19 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
                                                          and r["benchmark"] in {b.name for b in benchmarks})]
     sample_rows = [r for r in samples_csv.read() if not (r["run"] == run and r["model"] == name
                                                          and r["benchmark"] in {b.name for b in benchmarks})]
+    def size_of(b):
+        return tuple((resolution or {}).get(b.name, b.resolution))
+
+    # benchmarks on the same images (DIODE depth + normal, KITTI flow + scene flow, MID albedo +
+    # shading) share one pipeline call per image: the multi stream's auxiliary pass is the same
+    memo: dict[tuple, dict] = {}
     for b in benchmarks:
         cls = SOURCES[b.dataset]
         root = Path(data_root) / cls.root_hint
-        size = tuple((resolution or {}).get(b.name, b.resolution))
+        size = size_of(b)
+        later = benchmarks[benchmarks.index(b):]
+        shared = [o.task for o in later if o.dataset == b.dataset and size_of(o) == size
+                  and (kind not in ("single_stream", "multi_stream") or o.task in model.tasks)]
         source = cls(root, tasks=[b.task], resolution=size, resize_targets=not b.targets_at_native)
         if kind in ("single_stream", "multi_stream") and b.task not in model.tasks:
             raise ValueError(f"model {name!r} does not predict {b.task!r} (it has {model.tasks})")
@@ -222,8 +233,12 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
                 elif kind == "custom":
                     out = model(sample, b.task)
                 else:
-                    nxt = sample["rgb_next"][None] if "rgb_next" in sample else None
-                    out = pipe(sample["rgb"][None], tasks=[b.task], next_images=nxt)[b.task]
+                    key = (b.dataset, size, i)
+                    if b.task not in memo.get(key, {}):
+                        nxt = sample["rgb_next"][None] if "rgb_next" in sample else None
+                        tasks = [t for t in shared if nxt is not None or t not in FLOW_TASKS]
+                        memo[key] = pipe(sample["rgb"][None], tasks=tasks, next_images=nxt)
+                    out = memo[key].pop(b.task)
                 pred = _hwc(_resize(out, gt.shape[:2], b.task)[0])
                 sample_id = sample["id"]
                 np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),

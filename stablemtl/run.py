@@ -8,6 +8,10 @@ Each stage is a notebook of ``notebooks/``. The runner
 - skips a stage whose outputs are complete and whose parameters are those of
   its last successful run (``force`` reruns it); once a stage runs, every later
   selected stage runs as well;
+- resumes a training stage (03, 04) only when its last attempt was interrupted
+  with the same parameters and nothing before it ran again; otherwise the
+  earlier training folder is moved to ``<kind>.previous`` and training starts
+  from scratch (a checkpoint of other settings is never continued);
 - writes the executed notebooks to ``results/<run>/notebooks/`` and the manifest
   (``results/<run>/manifest.json``: preset, parameters, seed, git commit,
   package versions, data split hashes, wall time per stage) after every stage;
@@ -212,8 +216,15 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
         if complete and not force and not rerun_from_here:
             log(f"[{i}/{len(stages)}] {stage}: complete, skipped (outputs present, same parameters; --force reruns)")
             continue
+        # training resumes only an interrupted attempt of the same settings on unchanged inputs
+        interrupted = record.get("status") in ("running", "failed") and record.get("parameters") == given
+        kind = {"03": "single_stream", "04": "multi_stream"}.get(stage[:2])
+        fresh = force or rerun_from_here or not interrupted
         rerun_from_here = True
-        log(f"[{i}/{len(stages)}] {stage}")
+        log(f"[{i}/{len(stages)}] {stage}" + ("" if fresh or not kind else " (resuming the interrupted training)"))
+        moved = S.set_aside_training(study, kind) if kind and fresh else None
+        if moved:
+            log(f"      the earlier training of this run moved to {moved}")
         output = executed_dir / f"{stage}.ipynb"
         manifest["stages"][stage] = {"status": "running", "parameters": given,
                                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}

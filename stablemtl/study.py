@@ -361,6 +361,21 @@ def train_config(study: Study, kind: str, **overrides):
     return preset_config(study.preset, kind, **values)
 
 
+def set_aside_training(study: Study, kind: str) -> Path | None:
+    """Move ``<output>/<kind>`` to ``<output>/<kind>.previous`` (replacing an older one) so that a new
+    training starts from scratch instead of resuming a checkpoint of other settings; returns the new
+    place, or ``None`` when there was nothing."""
+    import shutil
+
+    current = study.output_dir / kind
+    if not current.exists():
+        return None
+    previous = current.with_name(kind + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    current.rename(previous)
+    return previous
+
+
 def train_stage(study: Study, kind: str, progress: bool = True, **overrides) -> Path:
     """Train (or resume, or reuse) ``kind`` and save ``<output>/<kind>/model``; returns that folder.
 
@@ -404,19 +419,6 @@ def plot_training_curves(study: Study, kinds=("single_stream", "multi_stream"), 
 
 # --------------------------------------------------------------------------- 05 evaluation
 
-def _weights_fingerprint(model_dir: Path) -> str:
-    """A hash of a saved model's weight files: a retrained model invalidates its cached predictions."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(model_dir.rglob("*.safetensors")):
-        h.update(f.relative_to(model_dir).as_posix().encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None, progress: bool = True) -> Path:
     """Evaluate ``models`` (names of MODELS) on every benchmark into ``results/<run>``.
 
@@ -427,6 +429,7 @@ def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None
     import shutil
 
     from stablemtl.evaluate import BENCHMARKS, evaluate
+    from stablemtl.model.base import weights_fingerprint
 
     require(study, "01", *(["03"] if "single_stream" in models else []), *(["04"] if "multi_stream" in models else []))
     unknown = set(models) - set(MODELS)
@@ -449,7 +452,7 @@ def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None
             if not chosen:
                 print(f"{name}: trained on {trained}, none of the benchmarks {benchmarks}; skipped")
                 continue
-        key = {"weights": "trivial" if name == "trivial" else _weights_fingerprint(source),
+        key = {"weights": "trivial" if name == "trivial" else weights_fingerprint(source),
                "max_images": max_images, "resolution": resolution, "data_root": str(study.data_root)}
         if record.get(name) != key:
             shutil.rmtree(study.results_dir / "predictions" / name, ignore_errors=True)

@@ -37,6 +37,10 @@ from stablemtl.model.streams import FLOW_TASKS
 from stablemtl.tasks import TASK_NAMES, get_task
 
 KINDS = ("single_stream", "multi_stream")
+# what may change between a checkpoint and its resumption: the length and bookkeeping of the run and
+# where files live (the base and init weights themselves are compared by fingerprint)
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "output_dir", "tensorboard", "base", "init",
+                     "data_root")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
 
 
@@ -217,9 +221,22 @@ class Trainer:
         self.step = 0
         self.latent_cache: dict = {}
         self.writer = None
+        self.identity = self._identity()
         self.resumed_from = self.load_checkpoint()
+        if self.step > config.iterations:
+            raise ValueError(f"{self.resumed_from} is at step {self.step}, past iterations={config.iterations}; "
+                             f"raise iterations to continue it, or move {self.out} away to train anew")
 
     # ----------------------------------------------------------------- checkpoints
+    def _identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it (JSON-normalised)."""
+        from stablemtl.model.base import weights_fingerprint
+
+        values = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
+        values["base_weights"] = weights_fingerprint(self.config.base)
+        values["init_weights"] = weights_fingerprint(self.config.init) if self.config.init else None
+        return json.loads(json.dumps(values))
+
     def _trainable_state(self) -> dict:
         state = {f"unet.{k}": v for k, v in self.model.unet.state_dict().items()}
         if hasattr(self.model, "task_attention"):
@@ -242,7 +259,8 @@ class Trainer:
             torch.save({"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "states.pt")
             (tmp / "sampler.json").write_text(json.dumps(self.sampler.state_dict()))
             # the marker goes last: a folder without it is never loaded
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=1))
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config),
+                                                        "identity": self.identity}, indent=1))
             if latest.exists():
                 shutil.rmtree(previous, ignore_errors=True)
                 os.replace(latest, previous)
@@ -269,6 +287,11 @@ class Trainer:
         path = self._checkpoint_dir()
         if path is None:
             return None
+        saved = json.loads((path / "state.json").read_text()).get("identity")
+        if saved is not None and saved != self.identity:
+            changed = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
+            raise ValueError(f"{path} was written by a different training ({', '.join(changed)} changed) and is not "
+                             f"resumed; move or delete {self.out} to train anew, or give another output_dir")
         state = load_file(str(path / "weights.safetensors"))
         unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
         self.model.unet.load_state_dict(unet, strict=True)

@@ -249,3 +249,36 @@ def test_a_checkpoint_of_the_wrong_kind_is_named(data, tmp_path):
         E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, expect_kind="multi_stream", progress=False)
     E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, resolution=RES, expect_kind="single_stream", progress=False)
     assert {r["model"] for r in E.read_metrics(tmp_path / "out")} == {"single_stream"}
+
+
+def test_benchmarks_on_the_same_images_share_one_pipeline_call(data, tmp_path, monkeypatch):
+    import numpy as np
+
+    from stablemtl.model import base as B
+    from stablemtl.model import streams as S
+    from stablemtl.model.pipeline import StableMTLPipeline
+    from stablemtl.presets import load_preset
+
+    cfg = dict(load_preset("smoke")["model"]["base"])
+    cfg.update({"vae_steps": 1, "vae_images": 3, "report_images": 1})
+    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
+    B.save_base(base, tmp_path / "base", info)
+    torch.manual_seed(0)
+    multi = S.MultiStream.from_single_stream(S.SingleStream.from_base(base), query_hidden=16, heads=2)
+    for p in multi.task_attention.parameters():  # away from the identity initialisation
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = multi.save_pretrained(tmp_path / "multi")
+
+    calls = []
+    call = StableMTLPipeline.__call__
+    monkeypatch.setattr(StableMTLPipeline, "__call__", lambda self, *a, **k: calls.append(k["tasks"]) or call(self, *a, **k))
+    pairs = ["diode_depth", "diode_normal", "kitti_flow", "kitti_scene_flow", "mid_albedo", "mid_shading"]
+    E.evaluate(path, pairs, tmp_path / "together", data, resolution=RES, progress=False)
+    n_images = sum(len(list((tmp_path / "together/predictions/multi_stream" / b).iterdir())) for b in pairs[::2])
+    assert len(calls) == n_images and all(len(t) == 2 for t in calls)  # one call per image for both tasks
+    for b in pairs:
+        E.evaluate(path, [b], tmp_path / "apart", data, resolution=RES, progress=False)
+    for b in pairs:
+        for file in sorted((tmp_path / "together/predictions/multi_stream" / b).iterdir()):
+            with np.load(file) as x, np.load(tmp_path / "apart/predictions/multi_stream" / b / file.name) as y:
+                np.testing.assert_allclose(x["pred"], y["pred"], atol=1e-4, err_msg=f"{b} {file.name}")

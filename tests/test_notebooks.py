@@ -146,6 +146,23 @@ def test_a_single_task_baseline_runs_through_the_notebooks(in_project):
     with open(in_project / "results" / "depth_only" / "metrics.csv", newline="") as f:
         benchmarks = {r["benchmark"] for r in csv.DictReader(f)}
     assert benchmarks == {"kitti_depth", "diode_depth"}
+    # an interrupted training resumes; a rerun with other inputs starts anew, the old one set aside
+    manifest = in_project / "results" / "depth_only" / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["stages"]["03_train_single_stream"]["status"] = "running"  # as a kill leaves it
+    manifest.write_text(json.dumps(record))
+    lines: list[str] = []
+    same = dict(only="03", parameters={"tasks": ["depth"], "iterations": 2}, run_name="depth_only", progress=False,
+                log=lines.append)
+    run_study("smoke", **same)
+    assert any("resuming the interrupted training" in line for line in lines)
+    trained = in_project / "outputs" / "depth_only" / "single_stream"
+    assert not trained.with_name("single_stream.previous").exists()
+    lines.clear()
+    run_study("smoke", force=True, **same)
+    assert any("moved to" in line for line in lines)
+    assert (trained.with_name("single_stream.previous") / "model" / "stablemtl_model.json").is_file()
+    assert (trained / "model" / "stablemtl_model.json").is_file()
 
 
 def test_the_paper_preset_names_missing_data_and_weights(tmp_path, monkeypatch):

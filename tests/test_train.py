@@ -218,3 +218,27 @@ def test_module_entry_trains_from_a_json_config_as_accelerate_launch_runs_it(set
     bad = subprocess.run([sys.executable, "-m", "stablemtl.train", "--config", str(tmp_path / "none.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no training configuration" in bad.stderr
+
+
+def test_a_checkpoint_of_other_settings_or_weights_is_not_resumed(setup, tmp_path):
+    import shutil
+
+    T.Trainer(config(setup, tmp_path / "run"), progress=False).train(until=2)
+    with pytest.raises(ValueError, match=r"different training \(lr changed\).*move or delete"):
+        T.Trainer(config(setup, tmp_path / "run", lr=3e-4), progress=False)
+    # a rebuilt base at the same path: same configuration, other weights
+    shutil.copytree(setup / "base", tmp_path / "base")
+    other = T.Trainer(config(setup, tmp_path / "other", base=str(tmp_path / "base")), progress=False)
+    other.train(until=2)  # the copy has the same weights: its checkpoint is compatible so far
+    cfg = dict(load_preset("smoke")["model"]["base"])
+    cfg.update({"vae_steps": 3, "vae_images": 6, "report_images": 2})
+    rebuilt, info = B.make_tiny_base(cfg, seed=2, progress=False)
+    B.save_base(rebuilt, tmp_path / "base", info)
+    with pytest.raises(ValueError, match=r"base_weights changed"):
+        T.Trainer(config(setup, tmp_path / "other", base=str(tmp_path / "base")), progress=False)
+    # longer runs continue; a checkpoint past the requested length is named
+    longer = T.Trainer(config(setup, tmp_path / "run", iterations=6), progress=False)
+    assert longer.step == 2
+    longer.train()
+    with pytest.raises(ValueError, match="step 6, past iterations=4"):
+        T.Trainer(config(setup, tmp_path / "run"), progress=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,33 @@ def paper_base_dir() -> Path:
         raise BaseModelError("BASE_CKPT_DIR is not set; put stabilityai/stable-diffusion-2 (diffusers layout) at "
                              "$BASE_CKPT_DIR/stable-diffusion-2")
     return Path(root) / "stable-diffusion-2"
+
+
+def weights_fingerprint(directory, sample: int = 1 << 20) -> str | None:
+    """A cheap hash of the weight files under ``directory`` (names, sizes, first and last MiB of each).
+
+    Two trainings of one architecture differ in their first and last tensors, so this tells a
+    rebuilt base or a retrained model from the one a checkpoint or a prediction cache came from,
+    without reading gigabytes of SD2 weights. ``None`` when there are no weight files.
+    """
+    import hashlib
+
+    directory = Path(directory)
+    files = sorted(f for ext in ("*.safetensors", "*.bin") for f in directory.rglob(ext)) if directory.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(directory).as_posix()}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(sample))
+            if size > 2 * sample:
+                fh.seek(-sample, os.SEEK_END)
+                h.update(fh.read(sample))
+            else:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def load_base(path) -> Base:
