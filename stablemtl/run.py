@@ -6,8 +6,9 @@ Each stage is a notebook of ``notebooks/``. The runner
   declare in their ``parameters`` cell (papermill itself only warns);
 - checks the inputs of the first selected stage before any long work;
 - skips a stage whose outputs are complete and whose parameters are those of
-  its last successful run (``force`` reruns it); once a stage runs, every later
-  selected stage runs as well;
+  its last successful run and that ran after every earlier stage's last run
+  (``force`` reruns it); once a stage runs, every later selected stage runs as
+  well, and a later stage left out by ``only`` runs on the next call;
 - resumes a training stage (03, 04) only when its last attempt was interrupted
   with the same parameters and nothing before it ran again; otherwise the
   earlier training folder is moved to ``<kind>.previous`` and training starts
@@ -152,6 +153,17 @@ def _stage_outputs_complete(study: S.Study, stage: str) -> bool:
     return all(p.exists() for p in S.stage_outputs(study, stage))
 
 
+def _earlier_stage_ran_after(manifest: dict, stage: str) -> str | None:
+    """The first earlier stage whose last run started after ``stage``'s (its outputs are then stale),
+    from the run counter ``sequence`` of the manifest's stage records."""
+    records = manifest.get("stages", {})
+    own = records.get(stage, {}).get("sequence", 0)
+    for earlier in S.STAGES[:S.STAGES.index(stage)]:
+        if records.get(earlier, {}).get("sequence", 0) > own:
+            return earlier
+    return None
+
+
 def run_study(preset: str = "demo", only=None, parameters: dict | None = None, run_name: str | None = None,
               force: bool = False, results_root=None, output_root=None, progress: bool = True,
               log=print) -> S.Study:
@@ -211,22 +223,26 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
         given.update({k: str(v) if isinstance(v, Path) else v for k, v in parameters.items() if k in declared[stage]})
         given = {k: v for k, v in given.items() if k in declared[stage]}
         record = manifest["stages"].get(stage, {})
-        complete = (record.get("status") == "done" and record.get("parameters") == given
+        newer = _earlier_stage_ran_after(manifest, stage)
+        complete = (record.get("status") == "done" and record.get("parameters") == given and newer is None
                     and _stage_outputs_complete(study, stage))
         if complete and not force and not rerun_from_here:
             log(f"[{i}/{len(stages)}] {stage}: complete, skipped (outputs present, same parameters; --force reruns)")
             continue
+        stale = newer and not force and not rerun_from_here and record.get("status") == "done"
         # training resumes only an interrupted attempt of the same settings on unchanged inputs
         interrupted = record.get("status") in ("running", "failed") and record.get("parameters") == given
         kind = {"03": "single_stream", "04": "multi_stream"}.get(stage[:2])
-        fresh = force or rerun_from_here or not interrupted
+        fresh = force or rerun_from_here or newer is not None or not interrupted
         rerun_from_here = True
-        log(f"[{i}/{len(stages)}] {stage}" + ("" if fresh or not kind else " (resuming the interrupted training)"))
+        log(f"[{i}/{len(stages)}] {stage}" + (f": {newer} ran after it, so it runs again" if stale else
+                                              "" if fresh or not kind else " (resuming the interrupted training)"))
         moved = S.set_aside_training(study, kind) if kind and fresh else None
         if moved:
             log(f"      the earlier training of this run moved to {moved}")
         output = executed_dir / f"{stage}.ipynb"
-        manifest["stages"][stage] = {"status": "running", "parameters": given,
+        manifest["sequence"] = manifest.get("sequence", 0) + 1
+        manifest["stages"][stage] = {"status": "running", "parameters": given, "sequence": manifest["sequence"],
                                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         _write_json(manifest_path, manifest)
         start = time.perf_counter()

@@ -86,6 +86,15 @@ def test_a_second_run_skips_complete_stages_and_force_reruns(smoke_study, in_pro
     assert any(line.endswith("06_results") for line in lines) and not any("skipped" in line for line in lines)
     after = json.loads((study.results_dir / "manifest.json").read_text())["stages"]
     assert after["06_results"]["status"] == "done" and after["06_results"]["started"] >= before
+    # a stage rerun alone leaves the later ones stale: the next call runs them again, and only them
+    run_study("smoke", only="05", force=True, progress=False, log=lines.append)
+    lines.clear()
+    run_study("smoke", progress=False, log=lines.append)
+    assert sum("complete, skipped" in line for line in lines) == len(S.STAGES) - 1
+    assert any("06_results: 05_evaluate ran after it, so it runs again" in line for line in lines)
+    lines.clear()
+    run_study("smoke", progress=False, log=lines.append)
+    assert sum("complete, skipped" in line for line in lines) == len(S.STAGES)
     # changed parameters make a complete stage run again
     few = dict(only="05", run_name="few", progress=False, log=lines.append)
     run_study("smoke", parameters={"models": ["trivial"], "max_images": 1}, **few)
