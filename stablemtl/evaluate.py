@@ -239,6 +239,8 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
                         tasks = [t for t in shared if nxt is not None or t not in FLOW_TASKS]
                         memo[key] = pipe(sample["rgb"][None], tasks=tasks, next_images=nxt)
                     out = memo[key].pop(b.task)
+                    if not memo[key]:
+                        del memo[key]  # every shared benchmark has taken its prediction
                 pred = _hwc(_resize(out, gt.shape[:2], b.task)[0])
                 sample_id = sample["id"]
                 np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),
