@@ -1,9 +1,9 @@
-"""Zero-shot evaluation on the eight benchmarks (REFERENCE section 6), written as files.
+"""Zero-shot evaluation on the eight benchmarks (docs/method.md, "Evaluation"), written as files.
 
 ``evaluate(model, benchmarks, out_dir, data_root)`` predicts every image of each
 benchmark (batch 1, one step, at the benchmark's evaluation resolution; benchmarks on the
 same images, such as DIODE depth and normals, share one pipeline call per image), scores
-it with the protocol's alignment and metrics, and writes into ``out_dir``:
+it with the release's protocol, and writes into ``out_dir``:
 
 - ``metrics.csv``: tidy, one row per (model, benchmark, metric): run, model,
   benchmark, dataset, task, metric, value, higher_is_better, n_images;
@@ -13,7 +13,15 @@ it with the protocol's alignment and metrics, and writes into ``out_dir``:
 
 A half-done evaluation resumes: images whose predictions are cached are read
 back instead of predicted again, so the files equal those of an uninterrupted
-run. Besides models, two reference rows can be computed on the same images:
+run. The cache of a benchmark records what its predictions came from (a
+fingerprint of the model's weights, the data, the resolution and the protocol,
+in ``cache.json``); when any of it differs, the cached predictions are deleted
+and predicted anew, so a model never scores another model's predictions.
+The protocol is the release's (``stablemtl.options``): KITTI flow and scene
+flow are scored at the evaluation resolution against ground truth sampled
+nearest-exact, flow values in full-resolution pixels (``flow_scoring="native"``
+scores at the ground truth's resolution instead); SILog is x100; the normals'
+convention is the model's own. Besides models, two reference rows can be computed on the same images:
 ``trivial`` (constant or input-derived predictions) and ``vae_ceiling`` (the
 ground truth encoded and decoded by the frozen VAE, i.e. the best a latent
 regressor can do).
@@ -29,9 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stablemtl import metrics
+from stablemtl import metrics, options
 from stablemtl.tasks import SHADING_WEIGHTS, get_task
 from stablemtl.model.streams import FLOW_TASKS
+
+# bump when a change of the kit changes what a cached prediction holds (decoding, resizing, ground truth)
+PROTOCOL_VERSION = 2
+CACHE_FILE = "cache.json"
 
 METRIC_FIELDS = ("run", "model", "benchmark", "dataset", "task", "metric", "value", "higher_is_better", "n_images")
 SAMPLE_FIELDS = ("run", "model", "benchmark", "index", "id", "metric", "value")
@@ -42,9 +54,9 @@ class Benchmark:
     name: str
     dataset: str  # stablemtl.data.sources name
     task: str
-    resolution: tuple[int, int]  # the reference's evaluation resolution
+    resolution: tuple[int, int]  # the release's evaluation resolution
     depth_range: tuple[float, float] | None = None
-    targets_at_native: bool = False  # KITTI flow: metrics at the ground truth's full resolution
+    native_units: bool = False  # KITTI flow: flow values stay in the ground truth's full-resolution pixels
 
 
 BENCHMARKS = {b.name: b for b in (
@@ -52,8 +64,8 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("kitti_depth", "kitti_depth", "depth", (176, 608), (1e-5, 80.0)),
     Benchmark("diode_depth", "diode", "depth", (384, 512), (0.6, 350.0)),
     Benchmark("diode_normal", "diode", "normal", (384, 512)),
-    Benchmark("kitti_flow", "kitti_flow", "optical_flow", (176, 608), targets_at_native=True),
-    Benchmark("kitti_scene_flow", "kitti_flow", "scene_flow", (176, 608), targets_at_native=True),
+    Benchmark("kitti_flow", "kitti_flow", "optical_flow", (176, 608), native_units=True),
+    Benchmark("kitti_scene_flow", "kitti_flow", "scene_flow", (176, 608), native_units=True),
     Benchmark("mid_albedo", "mid", "albedo", (256, 384)),
     Benchmark("mid_shading", "mid", "shading", (256, 384)),
 )}
@@ -66,8 +78,8 @@ def get_benchmark(name: str) -> Benchmark:
         raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}") from None
 
 
-def _accumulator(b: Benchmark):
-    return {"depth": lambda: metrics.DepthAccumulator(depth_range=b.depth_range),
+def _accumulator(b: Benchmark, silog: str):
+    return {"depth": lambda: metrics.DepthAccumulator(depth_range=b.depth_range, silog=silog),
             "normal": metrics.NormalAccumulator, "semantic": metrics.SemanticConfusion,
             "optical_flow": metrics.FlowAccumulator, "scene_flow": metrics.SceneFlowAccumulator,
             "albedo": metrics.IntrinsicAccumulator, "shading": metrics.IntrinsicAccumulator}[b.task]()
@@ -97,16 +109,18 @@ def _resize(pred: torch.Tensor, size, task: str) -> torch.Tensor:
     return torch.nn.functional.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def trivial_prediction(sample: dict, task: str, majority_class: int = 0) -> torch.Tensor:
+def trivial_prediction(sample: dict, task: str, majority_class: int = 0, normals: str = "as_stored") -> torch.Tensor:
     """Constant or input-derived predictions, the floor of every table: mid-grey depth (a constant,
-    fitted by the alignment), fronto-parallel normals, the majority class, zero (scene) flow, the input
-    image as albedo and its grey level as shading."""
+    fitted by the alignment), fronto-parallel normals (in the ``normals`` convention: pointing away
+    from the camera as stored, or facing it), the majority class, zero (scene) flow, the input image
+    as albedo and its grey level as shading."""
     rgb = sample["rgb"]
     h, w = rgb.shape[-2:]
     if task == "depth":
         return torch.full((1, 1, h, w), 0.5)
     if task == "normal":
-        return torch.tensor([0.0, 0.0, -1.0])[None, :, None, None].expand(1, 3, h, w).clone()
+        z = 1.0 if options.check("normals", normals) == "as_stored" else -1.0
+        return torch.tensor([0.0, 0.0, z])[None, :, None, None].expand(1, 3, h, w).clone()
     if task == "semantic":
         return torch.full((1, 1, h, w), majority_class, dtype=torch.long)
     if task == "optical_flow":
@@ -154,31 +168,64 @@ def _value(v) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
 
 
+def _cache_key(b: Benchmark, weights: str | None, source, size, normals: str, flow_scoring: str) -> dict:
+    """What the cached predictions of a benchmark depend on; ``None`` weights: nothing to compare."""
+    return {"weights": weights, "data": str(source.root.resolve()), "split": str(getattr(source, "split_file", "")),
+            "resolution": list(size), "normals": normals, "protocol": PROTOCOL_VERSION,
+            "flow_scoring": flow_scoring if b.native_units else None}
+
+
+def _open_cache(cache: Path, key: dict) -> None:
+    """Keep the cached predictions of ``cache`` only when they were made under ``key``."""
+    import json
+
+    record = cache / CACHE_FILE
+    stored = None
+    if record.is_file():
+        try:
+            stored = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            stored = None
+    if stored != key or key["weights"] is None:
+        for file in cache.glob("[0-9]" * 5 + ".npz"):  # the kit's own files only
+            file.unlink()
+        record.write_text(json.dumps(key, indent=1) + "\n")
+
+
 def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name: str | None = None,
              resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
-             expect_kind: str | None = None) -> Path:
+             expect_kind: str | None = None, normals: str | None = None, silog: str = "x100",
+             flow_scoring: str = "eval_resolution", fingerprint: str | None = None) -> Path:
     """Evaluate ``model`` (a SingleStream/MultiStream, a checkpoint directory (``expect_kind`` checks
     its kind), a reference row ``"trivial"`` / ``("vae_ceiling", frozen)``, or a function
     ``(sample, task) -> prediction`` named by ``model_name``) on ``benchmarks``; returns ``out_dir``.
 
     ``resolution`` overrides the evaluation resolution per benchmark (the demo's miniatures are
     smaller than the real datasets); ``max_images`` limits each benchmark (for quick looks).
+    ``normals`` is the convention of the model's normals (default: the model's own, else the
+    release's ``"as_stored"``); ``silog`` and ``flow_scoring`` choose the protocol
+    (``stablemtl.options``; the defaults are the release's). Cached predictions are reused only
+    when they come from the same weights, data, resolution and protocol; a custom predictor's are
+    reused only when it has a ``fingerprint``.
     """
     from tqdm.auto import tqdm
 
     from stablemtl.data.sources import SOURCES
     from stablemtl.model.pipeline import StableMTLPipeline
-    from stablemtl.model.streams import load_model
+    from stablemtl.model.streams import load_model, model_fingerprint, module_fingerprint
 
+    options.check("silog", silog)
+    options.check("flow_scoring", flow_scoring)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frozen = None
     if isinstance(model, tuple) and model and model[0] == "vae_ceiling":
         kind, frozen = "vae_ceiling", model[1]
+        weights = "vae_ceiling:" + module_fingerprint({"vae": frozen.vae})
     elif isinstance(model, str) and model == "trivial":
-        kind = "trivial"
+        kind, weights = "trivial", "trivial"
     elif callable(model) and not isinstance(model, torch.nn.Module):
-        kind = "custom"  # a function (sample, task) -> prediction [1, C, h, w], e.g. another method
+        kind, weights = "custom", fingerprint  # a function (sample, task) -> prediction [1, C, h, w]
         if model_name is None:
             raise ValueError("give a model_name for a custom predictor")
     else:
@@ -188,6 +235,10 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
             raise ValueError(f"the model is a {model.kind!r} model, not a {expect_kind!r} one")
         kind = model.kind
         pipe = StableMTLPipeline(model)
+        weights = model_fingerprint(model)
+        if normals is None:
+            normals = model.normals
+    normals = options.check("normals", normals or "as_stored")
     name = model_name or kind
     benchmarks = [get_benchmark(b) if isinstance(b, str) else b for b in benchmarks]
     metrics_csv = _CsvRows(out_dir / "metrics.csv", METRIC_FIELDS)
@@ -209,25 +260,33 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
         later = benchmarks[benchmarks.index(b):]
         shared = [o.task for o in later if o.dataset == b.dataset and size_of(o) == size
                   and (kind not in ("single_stream", "multi_stream") or o.task in model.tasks)]
-        source = cls(root, tasks=[b.task], resolution=size, resize_targets=not b.targets_at_native)
+        native = b.native_units and flow_scoring == "native"
+        source = cls(root, tasks=[b.task], resolution=size, resize_targets=not native,
+                     rescale_flow=not b.native_units, normals=normals)
         if kind in ("single_stream", "multi_stream") and b.task not in model.tasks:
             raise ValueError(f"model {name!r} does not predict {b.task!r} (it has {model.tasks})")
-        acc = _accumulator(b)
+        acc = _accumulator(b, silog)
         cache = out_dir / "predictions" / name / b.name
         cache.mkdir(parents=True, exist_ok=True)
+        _open_cache(cache, _cache_key(b, weights, source, size, normals, flow_scoring))
         n = len(source) if max_images is None else min(len(source), max_images)
         majority = 0  # road: the most frequent class of street scenes (the trivial semantic prediction)
         for i in tqdm(range(n), desc=f"{name} / {b.name}", disable=not progress, leave=False):
             file = cache / f"{i:05d}.npz"
             sample = None
+            stored = None
             if file.is_file():
-                with np.load(file, allow_pickle=False) as stored:
-                    pred, gt, valid, sample_id = stored["pred"], stored["gt"], stored["valid"], str(stored["id"])
+                with np.load(file, allow_pickle=False) as npz:
+                    stored = {k: npz[k] for k in ("pred", "gt", "valid", "id")}
+                if str(stored["id"]) != source.entries[i][0]:  # the split changed under the cache
+                    stored = None
+            if stored is not None:
+                pred, gt, valid, sample_id = stored["pred"], stored["gt"], stored["valid"], str(stored["id"])
             else:
                 sample = source[i]
                 gt, valid = ground_truth(sample, b.task)
                 if kind == "trivial":
-                    out = trivial_prediction(sample, b.task, majority)
+                    out = trivial_prediction(sample, b.task, majority, normals)
                 elif kind == "vae_ceiling":
                     out = vae_ceiling_prediction(sample, b.task, frozen)
                 elif kind == "custom":

@@ -1,11 +1,12 @@
-"""Alignments and metrics of the StableMTL evaluation protocol (REFERENCE section 6).
+"""Alignments and metrics of the StableMTL evaluation protocol (docs/method.md, "Evaluation").
 
 Plain functions on numpy arrays, channels last. One image is
 depth ``[H, W]``, normals ``[H, W, 3]``, optical flow ``[H, W, 2]``, scene flow
 ``[H, W, 3]``, albedo ``[H, W, 3]``, shading ``[H, W]`` (or ``[H, W, 1]``), class
 ids ``[H, W]``; ``valid`` is a boolean ``[H, W]``. Non-finite ground truth is
 always treated as invalid. Units: depth metrics and flow/scene-flow rates are
-fractions (papers print x100); normal thresholds are percent; angles degrees.
+fractions (papers print x100) except SILog, which the release reports x100
+(``silog="fraction"`` gives the fraction); normal thresholds are percent; angles degrees.
 
 Dataset-level numbers come from the accumulators (``DepthAccumulator``, ...):
 ``update`` takes one image or a batch ``[N, ...]`` and returns the per-image
@@ -20,6 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from stablemtl import options
 
 # Direction of every metric name the kit reports (used by Delta_m and the tables).
 HIGHER_IS_BETTER = {
@@ -106,11 +109,14 @@ def align_depth_least_squares(pred, gt, valid, space: str = "depth", depth_range
     return (aligned, float(scale), float(shift)) if return_params else aligned
 
 
-def depth_metrics(pred, gt, valid) -> dict[str, float]:
-    """AbsRel, SqRel, RMSE, RMSE-log, log10, delta1..3 (strict <), iRMSE (1/m), SILog (not x100).
+def depth_metrics(pred, gt, valid, silog: str = "x100") -> dict[str, float]:
+    """AbsRel, SqRel, RMSE, RMSE-log, log10, delta1..3 (strict <), iRMSE (1/m), SILog.
 
-    ``pred`` is metric depth (aligned and clipped); GT <= 0 is invalid.
+    ``pred`` is metric depth (aligned and clipped); GT <= 0 is invalid. SILog is
+    ``sqrt(mean(d^2) - mean(d)^2)`` of the log differences, x100 as the release
+    reports it (``silog="fraction"``: without the factor).
     """
+    silog_factor = 100.0 if options.check("silog", silog) == "x100" else 1.0
     pred, gt, valid = _check(pred, gt, valid, None, "depth metrics")
     valid &= gt > 0
     if not valid.any():
@@ -134,7 +140,7 @@ def depth_metrics(pred, gt, valid) -> dict[str, float]:
         "delta2": float(np.mean(ratio < 1.25 ** 2)),
         "delta3": float(np.mean(ratio < 1.25 ** 3)),
         "i_rmse": float(np.sqrt(np.mean((1.0 / p - 1.0 / g) ** 2))),
-        "silog": float(np.sqrt(max(np.mean(log_diff ** 2) - np.mean(log_diff) ** 2, 0.0))),
+        "silog": silog_factor * float(np.sqrt(max(np.mean(log_diff ** 2) - np.mean(log_diff) ** 2, 0.0))),
     }
 
 
@@ -493,18 +499,19 @@ class _Accumulator:
 
 class DepthAccumulator(_Accumulator):
     """Per-image alignment (``align``: 'depth', 'disparity' or None), clip to the dataset's
-    ``depth_range`` (min, max) in metres (KITTI 1e-5..80, DIODE 0.6..350), metrics; mean over images."""
+    ``depth_range`` (min, max) in metres (KITTI 1e-5..80, DIODE 0.6..350), metrics; mean over images.
+    ``silog``: "x100" (the release) or "fraction"."""
 
-    def __init__(self, depth_range: tuple[float, float], align: str | None = "depth"):
+    def __init__(self, depth_range: tuple[float, float], align: str | None = "depth", silog: str = "x100"):
         super().__init__()
-        self.align, self.depth_range = align, depth_range
+        self.align, self.depth_range, self.silog = align, depth_range, options.check("silog", silog)
 
     def _image(self, pred, gt, valid):
         if self.align is not None:
             pred = align_depth_least_squares(pred, gt, valid, space=self.align, depth_range=self.depth_range)
         else:
             pred = np.maximum(np.clip(np.asarray(pred, dtype=np.float64), *self.depth_range), 1e-6)
-        return depth_metrics(pred, gt, valid)
+        return depth_metrics(pred, gt, valid, silog=self.silog)
 
 
 class NormalAccumulator(_Accumulator):

@@ -7,7 +7,7 @@ do the work; the ``*_table`` and ``plot_*`` helpers are what the notebooks show.
 ``require`` is how a stage checks the previous stage's artifacts before any
 long work starts.
 
-Directories (DESIGN.md, "Data flow"):
+Directories (docs/method.md, "The kit"):
 
 - data: procedural presets write their miniatures to ``<project>/data/<preset>``;
   the ``paper`` preset reads ``$PREPROCESSED_DIR``;
@@ -190,7 +190,7 @@ def dataset_table(roots: dict):
 
 
 def annotation_matrix():
-    """Task x dataset: the training sampling probability (REFERENCE) or 'eval' for the zero-shot benchmarks."""
+    """Task x dataset: the training sampling probability (the release's) or 'eval' for the zero-shot benchmarks."""
     import pandas as pd
 
     from stablemtl.data.mixing import TASK_DATASET_PROBS
@@ -422,11 +422,11 @@ def plot_training_curves(study: Study, kinds=("single_stream", "multi_stream"), 
 def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None, progress: bool = True) -> Path:
     """Evaluate ``models`` (names of MODELS) on every benchmark into ``results/<run>``.
 
-    Cached predictions are reused only when they come from the same weights (a fingerprint of the
-    checkpoint is recorded in ``evaluated.json``); ``max_images`` limits each benchmark.
+    ``stablemtl.evaluate.evaluate`` reuses cached predictions only when they come from the same
+    weights, data and protocol; ``evaluated.json`` records the checkpoints evaluated (the stage's
+    marker); ``max_images`` limits each benchmark.
     """
     import json
-    import shutil
 
     from stablemtl.evaluate import BENCHMARKS, evaluate
     from stablemtl.model.base import weights_fingerprint
@@ -454,8 +454,6 @@ def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None
                 continue
         key = {"weights": "trivial" if name == "trivial" else weights_fingerprint(source),
                "max_images": max_images, "resolution": resolution, "data_root": str(study.data_root)}
-        if record.get(name) != key:
-            shutil.rmtree(study.results_dir / "predictions" / name, ignore_errors=True)
         evaluate(source if name == "trivial" else str(source), chosen, study.results_dir, study.data_root,
                  run=study.run, model_name=name, resolution=resolution, max_images=max_images, progress=progress,
                  expect_kind=None if name == "trivial" else name)

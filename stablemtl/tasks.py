@@ -1,8 +1,8 @@
 """The seven StableMTL tasks: annotation -> 3-channel target in [-1, 1] -> task output.
 
 Every task maps its annotation to a 3-channel image in [-1, 1] that the frozen
-VAE encodes (REFERENCE section 2), and maps a decoded 3-channel prediction back
-to the task's output. Tensors are torch, batch-first ``[B, C, H, W]``; validity
+VAE encodes, and maps a decoded 3-channel prediction back to the task's output
+(docs/method.md, "The seven tasks"). Tensors are torch, batch-first ``[B, C, H, W]``; validity
 masks are boolean ``[B, 1, H, W]`` (``[B, H, W]`` is accepted on input).
 
     >>> task = get_task("depth")
@@ -10,9 +10,13 @@ masks are boolean ``[B, 1, H, W]`` (``[B, H, W]`` is accepted on input).
     >>> relative_depth = task.decode(prediction)          # [B,1,H,W] in [0, 1]
     >>> rgb = task.colorize(relative_depth)               # numpy uint8 [B,H,W,3]
 
-Invalid pixels get a fixed target value (black, -1, for depth, semantic, albedo
-and shading, as the reference produces; the zero vector for normal, optical
-flow and scene flow); the returned mask keeps them out of the loss.
+Invalid pixels keep their raw annotation in the target, normalised like the
+valid ones, as the StableMTL release does (``invalid_targets="keep"``, the
+default; the VAE sees them, only the loss mask leaves them out); non-finite
+values, which the VAE cannot encode, get the task's fill value.
+``invalid_targets="fill"`` gives every invalid pixel the fill value (black,
+-1, for depth, semantic, albedo and shading; the zero vector for normal,
+optical flow and scene flow) and normalises flows over the valid pixels only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import numpy as np
 import torch
 
+from stablemtl import options
 from stablemtl.metrics import IGNORE_INDEX
 
 TASK_NAMES = ("albedo", "shading", "depth", "normal", "semantic", "optical_flow", "scene_flow")
@@ -104,7 +109,7 @@ def _quantiles(values: torch.Tensor, quantiles: tuple[float, ...]) -> list[float
 
 
 def _per_axis_max_abs(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B, C, 1, 1]`` max |x| over the valid pixels of each image and channel; 1 where it is 0."""
+    """``[B, C, 1, 1]`` max |x| over the ``valid`` pixels of each image and channel; 1 where it is 0."""
     masked = torch.where(valid, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
     peak = masked.amax(dim=(2, 3), keepdim=True)
     return torch.where(peak > 0, peak, torch.ones_like(peak))
@@ -151,29 +156,40 @@ class Task:
     def __repr__(self) -> str:
         return f"<Task {self.name!r} prompt={self.prompt!r}>"
 
-    def encode(self, annotation, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Annotation ``[B, C, H, W]`` (+ mask) -> (target ``[B, 3, H, W]`` in [-1, 1], mask ``[B, 1, H, W]``)."""
+    def encode(self, annotation, valid=None, invalid_targets: str = "keep") -> tuple[torch.Tensor, torch.Tensor]:
+        """Annotation ``[B, C, H, W]`` (+ mask) -> (target ``[B, 3, H, W]`` in [-1, 1], mask ``[B, 1, H, W]``).
+
+        ``invalid_targets="keep"`` (the release) keeps the raw annotation at invalid pixels,
+        ``"fill"`` gives them the task's fill value (module docstring).
+        """
+        options.check("invalid_targets", invalid_targets)
         x = _as_batch(annotation, self.annotation_channels, f"{self.name} annotation")
         valid = _as_valid(valid, x, f"{self.name} annotation")
-        target, valid = self._encode(x, valid)
-        # invalid pixels, non-finite annotations among them, all get the task's fill value
-        target = torch.where(valid, target, torch.full_like(target, self.invalid_fill))
+        target, valid = self._encode(x, valid, keep=invalid_targets == "keep")
+        keep = _finite(target) if invalid_targets == "keep" else valid
+        target = torch.where(keep, target, torch.full_like(target, self.invalid_fill))
         return target.float().clamp(-1.0, 1.0), valid
 
     def decode(self, prediction) -> torch.Tensor:
-        """Decoded 3-channel prediction ``[B, 3, H, W]`` -> task output (clipped to [-1, 1] first)."""
-        x = _as_batch(prediction, 3, f"{self.name} prediction").float().clamp(-1.0, 1.0)
-        return self._decode(x)
+        """Decoded 3-channel prediction ``[B, 3, H, W]`` -> task output (clipped to [-1, 1] on the way)."""
+        return self._decode(_as_batch(prediction, 3, f"{self.name} prediction").float())
 
     def colorize(self, output, valid=None) -> np.ndarray:
         """Task output -> numpy uint8 RGB ``[B, H, W, 3]`` for figures; invalid pixels black."""
         raise NotImplementedError
 
-    def _encode(self, x, valid):
+    def _encode(self, x, valid, keep: bool):
+        """(target, valid) with the normalisation applied to every pixel; ``keep``: the release's
+        normalisation over all pixels where it differs (flows)."""
         raise NotImplementedError
 
     def _decode(self, x):
         raise NotImplementedError
+
+
+def _mean_then_clip(x: torch.Tensor) -> torch.Tensor:
+    """Single-channel outputs, in the release's order: the channel mean, then the clip, then to [0, 1]."""
+    return (x.mean(dim=1, keepdim=True).clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
 class DepthTask(Task):
@@ -183,7 +199,7 @@ class DepthTask(Task):
     annotation_channels = 1
     invalid_fill = -1.0
 
-    def _encode(self, depth, valid):
+    def _encode(self, depth, valid, keep):
         depth = depth.float()
         valid = valid & torch.isfinite(depth) & (depth > 0)
         target = torch.full_like(depth, -1.0)
@@ -194,11 +210,11 @@ class DepthTask(Task):
             near, far = _quantiles(values, DEPTH_QUANTILES)
             # A constant-depth image has far == near: keep it finite (all -1), not NaN.
             span = max(far - near, 1e-12)
-            target[i] = (depth[i] - near) / span * 2.0 - 1.0
+            target[i] = (depth[i] - near) / span * 2.0 - 1.0  # every pixel: the release's sky (655 m) -> +1
         return target.repeat(1, 3, 1, 1), valid
 
     def _decode(self, x):
-        return (x.mean(dim=1, keepdim=True) + 1.0) / 2.0
+        return _mean_then_clip(x)
 
     def colorize(self, output, valid=None, value_range=(0.0, 1.0), cmap="Spectral"):
         """Relative depth (or metric depth with ``value_range=(near, far)``) through a colormap."""
@@ -218,12 +234,13 @@ class NormalTask(Task):
     name = "normal"
     annotation_channels = 3
 
-    def _encode(self, normal, valid):
+    def _encode(self, normal, valid, keep):
         normal = normal.float()
         valid = valid & _finite(normal) & (normal.norm(dim=1, keepdim=True) > 1e-6)
         return normal, valid
 
     def _decode(self, x):
+        x = x.clamp(-1.0, 1.0)
         norm = x.norm(dim=1, keepdim=True)
         return torch.where(norm > 0, x / norm.clamp_min(1e-12), x)
 
@@ -244,7 +261,7 @@ class SemanticTask(Task):
         """``[8, 3]`` palette in target space, colour / 255 * 2 - 1."""
         return torch.tensor(SEMANTIC_PALETTE, dtype=torch.float32, device=device) / 255.0 * 2.0 - 1.0
 
-    def _encode(self, labels, valid):
+    def _encode(self, labels, valid, keep):
         if labels.is_floating_point() and not torch.equal(labels, labels.round()):
             raise ValueError("semantic annotation: expected integer class ids, got fractional values")
         labels = labels.long()
@@ -255,12 +272,15 @@ class SemanticTask(Task):
                 f"semantic annotation: class ids {bad} are not in 0..{len(SEMANTIC_CLASSES) - 1} "
                 f"or {IGNORE_INDEX} (ignore); map the dataset's labels to the 8 classes first"
             )
-        valid = valid & (labels != IGNORE_INDEX)
-        ids = torch.where(valid, labels, torch.zeros_like(labels))[:, 0]
+        labelled = labels != IGNORE_INDEX
+        ids = torch.where(labelled, labels, torch.zeros_like(labels))[:, 0]
         target = self.palette(labels.device)[ids].permute(0, 3, 1, 2)
-        return target, valid
+        # the ignore label is black in both modes, as the release's colour map leaves it
+        target = torch.where(labelled, target, torch.full_like(target, self.invalid_fill))
+        return target, valid & labelled
 
     def _decode(self, x):
+        x = x.clamp(-1.0, 1.0)
         palette = self.palette(x.device)
         # argmin_k |x - p_k|^2 = argmax_k 2 x.p_k - |p_k|^2, without a [B, K, 3, H, W] intermediate
         score = 2.0 * torch.einsum("bchw,kc->bkhw", x, palette) - (palette ** 2).sum(1)[None, :, None, None]
@@ -275,12 +295,13 @@ class SemanticTask(Task):
 
 
 class _FlowTask(Task):
-    """Flow-like vectors: per image and per axis divided by the max |value| over valid pixels."""
+    """Flow-like vectors: per image and per axis divided by the max |value| (the release: over every
+    finite pixel, invalid ones included; ``invalid_targets="fill"``: over the valid pixels)."""
 
-    def _encode(self, flow, valid):
+    def _encode(self, flow, valid, keep):
         flow = flow.float()
         valid = valid & _finite(flow)
-        normalised = flow / _per_axis_max_abs(flow, valid)
+        normalised = flow / _per_axis_max_abs(flow, _finite(flow) if keep else valid)
         return self._to_three(normalised), valid
 
 
@@ -295,7 +316,7 @@ class OpticalFlowTask(_FlowTask):
         return torch.cat([f, f[:, :1]], dim=1)
 
     def _decode(self, x):
-        return x[:, :2].clone()
+        return x[:, :2].clamp(-1.0, 1.0)
 
     def colorize(self, output, valid=None, max_radius=None):
         """Middlebury colour wheel; saturation by |flow| / max_radius (per image max by default)."""
@@ -316,7 +337,7 @@ class SceneFlowTask(_FlowTask):
         return f
 
     def _decode(self, x):
-        return x.clone()
+        return x.clamp(-1.0, 1.0)
 
     def colorize(self, output, valid=None):
         """Each axis divided by its max |value| over the image, mapped to [0, 255]."""
@@ -332,12 +353,12 @@ class AlbedoTask(Task):
     annotation_channels = 3
     invalid_fill = -1.0
 
-    def _encode(self, albedo, valid):
+    def _encode(self, albedo, valid, keep):
         albedo = _unit_interval(albedo, valid, "albedo annotation")
         return albedo * 2.0 - 1.0, valid & _albedo_mask(albedo)
 
     def _decode(self, x):
-        return (x + 1.0) / 2.0
+        return (x.clamp(-1.0, 1.0) + 1.0) / 2.0
 
     def colorize(self, output, valid=None):
         return _black_out(_to_uint8(_as_batch(output, 3, "albedo output").float()), valid)
@@ -354,7 +375,7 @@ class ShadingTask(Task):
     annotation_channels = (1, 3)
     invalid_fill = -1.0
 
-    def _encode(self, shading, valid):
+    def _encode(self, shading, valid, keep):
         shading = _unit_interval(shading, valid, "shading annotation")
         if shading.shape[1] == 3:
             w = torch.tensor(SHADING_WEIGHTS, dtype=shading.dtype, device=shading.device)
@@ -365,7 +386,7 @@ class ShadingTask(Task):
         return (grey * 2.0 - 1.0).repeat(1, 3, 1, 1), valid
 
     def _decode(self, x):
-        return (x.mean(dim=1, keepdim=True) + 1.0) / 2.0
+        return _mean_then_clip(x)
 
     def colorize(self, output, valid=None):
         s = _as_batch(output, 1, "shading output").float()

@@ -1,4 +1,4 @@
-"""Training of the single-stream and multi-stream models (REFERENCE section 4), under accelerate.
+"""Training of the single-stream and multi-stream models (docs/method.md, "Training"), under accelerate.
 
 One plain configuration (``TrainConfig``; presets supply the numbers) drives
 one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
@@ -9,8 +9,15 @@ one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
   zeroed between steps, so tasks never mix in one update;
 - loss: MSE between predicted and target latents over valid latent elements,
   a latent pixel being valid when its whole VAE window is (``~maxpool(~valid)``);
-- Adam (lr 1e-4, no weight decay), linear warm-up then exponential decay
-  towards 0.01x, gradient-norm clipping at 5.0, fp32 by default;
+- Adam (lr 1e-4, no weight decay), the release's linear warm-up (factor
+  step / warmup, 0 at the first step) then exponential decay towards 0.01x,
+  gradient-norm clipping at 5.0, fp32 by default;
+- targets as the release builds them: each sample augmented and encoded at its
+  file's resolution, then resized; invalid pixels keep their raw annotation
+  and only the loss mask leaves them out; normals as the files store them
+  (``target_order``, ``invalid_targets``, ``normals``: ``stablemtl.options``);
+- each draw of a sample gets the flips, crop and jitter of its stream's epoch,
+  so an image is augmented anew every epoch, reproducibly from the seed;
 - ``checkpoint/latest`` every ``checkpoint_every`` steps and backups
   ``checkpoint/iter_XXXXXX``: trainable weights (safetensors), optimizer,
   LR scheduler, sampler and RNG states, written into a partial folder and
@@ -32,9 +39,10 @@ from pathlib import Path
 
 import torch
 
+from stablemtl import options
 from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler
 from stablemtl.model.streams import FLOW_TASKS
-from stablemtl.tasks import TASK_NAMES, get_task
+from stablemtl.tasks import TASK_NAMES
 
 KINDS = ("single_stream", "multi_stream")
 # what may change between a checkpoint and its resumption: the length and bookkeeping of the run and
@@ -72,6 +80,9 @@ class TrainConfig:
     augment: bool = True
     loss: str = "latent"  # the reference's latent MSE; "pixel" = per-task pixel-space losses (loss ablation)
     cache_latents: bool = False  # keep frozen-VAE latents of targets (and of un-jittered images) in memory
+    normals: str = "as_stored"  # the release; "facing": negated to face the camera (stablemtl.options)
+    target_order: str = "normalise_then_resize"  # the release; or "resize_then_normalise"
+    invalid_targets: str = "keep"  # the release; or "fill"
     tensorboard: bool = False
     task_attention: dict = field(default_factory=lambda: {"query_hidden": 640, "heads": 4, "mask_prob": 0.4})
 
@@ -116,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"loss must be 'latent' (the reference) or 'pixel', got {self.loss!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        for name in ("normals", "target_order", "invalid_targets"):
+            options.check(name, getattr(self, name))
         if not self.base or not Path(self.base).is_dir():
             raise FileNotFoundError(f"base model directory {self.base!r} does not exist; build the tiny one with "
                                     f"stablemtl.model.base.build_tiny_base or set BASE_CKPT_DIR for SD2")
@@ -129,9 +142,10 @@ class TrainConfig:
 
 
 def lr_factor(step: int, warmup: int, decay_steps: int, decay_to: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then exponential decay reaching ``decay_to`` at ``decay_steps``."""
+    """The release's schedule at optimizer step ``step`` (from 0): linear warm-up ``step / warmup``
+    (0 at step 0, 1 at ``warmup``), then exponential decay reaching ``decay_to`` at ``decay_steps``."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
     return decay_to ** progress
 
@@ -170,9 +184,10 @@ def pixel_loss(decoded: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
 
 
 def _collate(samples: list[dict], task: str) -> dict:
-    keys = ["rgb", task, f"{task}_valid"] + (["rgb_next"] if task in FLOW_TASKS else [])
+    keys = ["rgb", f"{task}_target", f"{task}_valid"] + (["rgb_next"] if task in FLOW_TASKS else [])
     batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
-    batch["keys"] = [(s["index"], tuple(s.get("flip", (False, False)))) for s in samples]
+    # what makes a sample's rasters: the image and its augmentation (the latent cache's key)
+    batch["keys"] = [(s["index"], tuple(s["flip"]), s["crop"]) for s in samples]
     return batch
 
 
@@ -198,18 +213,22 @@ class Trainer:
         torch.manual_seed(config.seed)
         base = load_base(config.base)
         if config.kind == "single_stream":
-            model = SingleStream.from_base(base, config.tasks)
+            model = SingleStream.from_base(base, config.tasks, normals=config.normals)
         else:
             single = load_model(config.init, base, expect="single_stream")
+            if single.normals != config.normals:
+                raise ValueError(f"{config.init} was trained with normals={single.normals!r}; a multi stream "
+                                 f"from it must use the same convention, not normals={config.normals!r}")
             model = MultiStream.from_single_stream(single, **config.task_attention)
         self.model = model
         self.sources = {}
         for task in config.tasks:
             for dataset in config.probabilities[task]:
                 cls = SOURCES[dataset]
-                self.sources[(task, dataset)] = cls(Path(config.data_root) / cls.root_hint, tasks=[task],
-                                                    resolution=config.resolution.get(dataset),
-                                                    augment=config.augment, seed=config.seed)
+                self.sources[(task, dataset)] = cls(
+                    Path(config.data_root) / cls.root_hint, tasks=[task], resolution=config.resolution.get(dataset),
+                    augment=config.augment, seed=config.seed, normals=config.normals, encode_targets=True,
+                    target_order=config.target_order, invalid_targets=config.invalid_targets)
         self.sampler = TaskMixingSampler({k: len(v) for k, v in self.sources.items()}, config.tasks,
                                          config.batch_per_device, self.accumulation, config.probabilities,
                                          config.seed, self.accelerator.num_processes, self.accelerator.process_index)
@@ -319,6 +338,13 @@ class Trainer:
                 self.latent_cache[keys[i]] = z.detach().cpu()
         return torch.stack([self.latent_cache[k] for k in keys]).to(images.device)
 
+    def next_batch(self) -> tuple:
+        """The next micro-batch of the sampler and its collated samples, augmented for the epoch of
+        their stream (a new draw every epoch, the same draw after a resume)."""
+        mb = self.sampler.next()
+        source = self.sources[(mb.task, mb.dataset)]
+        return mb, _collate([source[(i, mb.epoch)] for i in mb.indices], mb.task)
+
     def loss(self, batch: dict, task: str, dataset: str | None = None) -> torch.Tensor:
         frozen = self.model.frozen
         device = self.accelerator.device
@@ -326,11 +352,11 @@ class Trainer:
         source = self.sources.get((task, dataset)) if dataset is not None else None
         image_keys = None
         if cache and source is not None and not source.jitters():
-            image_keys = [("rgb", dataset, i, f) for i, f in batch["keys"]]
+            image_keys = [("rgb", dataset, *k) for k in batch["keys"]]
         z = self._encode_cached(batch["rgb"].to(device) * 2 - 1, image_keys)
         z_next = frozen.encode(batch["rgb_next"].to(device) * 2 - 1) if task in FLOW_TASKS else None
-        target, valid = get_task(task).encode(batch[task].to(device), batch[f"{task}_valid"].to(device))
-        target_keys = [(task, dataset, i, f) for i, f in batch["keys"]] if cache else None
+        target, valid = batch[f"{task}_target"].to(device), batch[f"{task}_valid"].to(device)
+        target_keys = [(task, dataset, *k) for k in batch["keys"]] if cache else None
         pred = self.ddp_model(z, z_next, [task])[0]
         if self.config.loss == "pixel":
             decoded = frozen.vae.decode(pred / frozen.vae.config.scaling_factor).sample
@@ -386,9 +412,7 @@ class Trainer:
             step_loss = 0.0
             for micro in range(self.accumulation):
                 t0 = time.perf_counter()
-                mb = self.sampler.next()
-                source = self.sources[(mb.task, mb.dataset)]
-                batch = _collate([source[i] for i in mb.indices], mb.task)
+                mb, batch = self.next_batch()
                 data_s += time.perf_counter() - t0
                 sync = micro == self.accumulation - 1
                 context = self.accelerator.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()

@@ -73,7 +73,7 @@ def test_alignment_invariances_and_a_known_error(data, tmp_path):
     import numpy as np
 
     per_image = []
-    for file in sorted((tmp_path / "predictions/warped/diode_normal").iterdir()):
+    for file in sorted((tmp_path / "predictions/warped/diode_normal").glob("*.npz")):
         with np.load(file) as stored:
             nx = stored["gt"][..., 0][stored["valid"]].astype(np.float64)
         per_image.append(np.degrees(np.arccos(np.clip(nx**2 + (1 - nx**2) * math.cos(math.radians(10)), -1, 1))).mean())
@@ -85,7 +85,7 @@ def test_resuming_gives_the_files_of_an_uninterrupted_run(data, tmp_path):
     benchmarks = ["cityscapes_semantic", "kitti_depth", "mid_shading"]
     E.evaluate("trivial", benchmarks, tmp_path / "full", data, resolution=RES, progress=False)
     E.evaluate("trivial", benchmarks, tmp_path / "resumed", data, resolution=RES, max_images=2, progress=False)
-    cached = sorted((tmp_path / "resumed/predictions/trivial/kitti_depth").iterdir())
+    cached = sorted((tmp_path / "resumed/predictions/trivial/kitti_depth").glob("*.npz"))
     assert len(cached) == 2
     stamps = [p.stat().st_mtime_ns for p in cached]
     E.evaluate("trivial", benchmarks, tmp_path / "resumed", data, resolution=RES, progress=False)
@@ -274,11 +274,47 @@ def test_benchmarks_on_the_same_images_share_one_pipeline_call(data, tmp_path, m
     monkeypatch.setattr(StableMTLPipeline, "__call__", lambda self, *a, **k: calls.append(k["tasks"]) or call(self, *a, **k))
     pairs = ["diode_depth", "diode_normal", "kitti_flow", "kitti_scene_flow", "mid_albedo", "mid_shading"]
     E.evaluate(path, pairs, tmp_path / "together", data, resolution=RES, progress=False)
-    n_images = sum(len(list((tmp_path / "together/predictions/multi_stream" / b).iterdir())) for b in pairs[::2])
+    n_images = sum(len(list((tmp_path / "together/predictions/multi_stream" / b).glob("*.npz"))) for b in pairs[::2])
     assert len(calls) == n_images and all(len(t) == 2 for t in calls)  # one call per image for both tasks
     for b in pairs:
         E.evaluate(path, [b], tmp_path / "apart", data, resolution=RES, progress=False)
     for b in pairs:
-        for file in sorted((tmp_path / "together/predictions/multi_stream" / b).iterdir()):
+        for file in sorted((tmp_path / "together/predictions/multi_stream" / b).glob("*.npz")):
             with np.load(file) as x, np.load(tmp_path / "apart/predictions/multi_stream" / b / file.name) as y:
                 np.testing.assert_allclose(x["pred"], y["pred"], atol=1e-4, err_msg=f"{b} {file.name}")
+
+
+def test_another_model_of_the_same_name_never_scores_stale_predictions(data, tmp_path):
+    """``evaluate`` called directly: the prediction cache carries the weights' fingerprint."""
+    import json
+
+    import numpy as np
+
+    from stablemtl.model import base as B
+    from stablemtl.model import streams as S
+    from stablemtl.presets import load_preset
+
+    cfg = dict(load_preset("smoke")["model"]["base"])
+    cfg.update({"vae_steps": 1, "vae_images": 3, "report_images": 1})
+    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
+    first = S.SingleStream.from_base(base, ["albedo", "shading"])
+    second = S.SingleStream.from_base(base, ["albedo", "shading"])
+    with torch.no_grad():
+        second.unet.conv_out.bias.add_(0.3)  # other weights, same name and tasks
+    assert S.model_fingerprint(first) != S.model_fingerprint(second)
+    kw = dict(resolution=RES, max_images=2, progress=False)
+    E.evaluate(first, ["mid_albedo"], tmp_path / "shared", data, **kw)
+    E.evaluate(second, ["mid_albedo"], tmp_path / "shared", data, **kw)  # same model name: single_stream
+    E.evaluate(second, ["mid_albedo"], tmp_path / "fresh", data, **kw)
+    for i in range(2):
+        with np.load(tmp_path / f"shared/predictions/single_stream/mid_albedo/{i:05d}.npz") as a, \
+                np.load(tmp_path / f"fresh/predictions/single_stream/mid_albedo/{i:05d}.npz") as b:
+            np.testing.assert_array_equal(a["pred"], b["pred"])
+    shared, fresh = E.read_metrics(tmp_path / "shared"), E.read_metrics(tmp_path / "fresh")
+    assert [(r["metric"], r["value"]) for r in shared] == [(r["metric"], r["value"]) for r in fresh]
+    record = json.loads((tmp_path / "shared/predictions/single_stream/mid_albedo/cache.json").read_text())
+    assert record["weights"] == S.model_fingerprint(second) and record["protocol"] == E.PROTOCOL_VERSION
+    # the same weights again: the cache is used, nothing is predicted anew
+    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "fresh/predictions/single_stream/mid_albedo").glob("*.npz"))]
+    E.evaluate(second, ["mid_albedo"], tmp_path / "fresh", data, **kw)
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "fresh/predictions/single_stream/mid_albedo").glob("*.npz"))] == stamps

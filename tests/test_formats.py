@@ -29,8 +29,9 @@ def test_kitti_flow_png_encoding(tmp_path):
     assert depth == 16 and raw.shape == (2, 2, 3)
     assert raw[0, 0].tolist() == [math.floor(1.5 * 64 + 32768), math.floor(-2.25 * 64 + 32768), 1]
     assert raw[1, 0].tolist() == [math.floor(-511 * 64 + 32768), math.floor(300.3 * 64 + 32768), 1]
-    assert raw[0, 1].tolist() == [0, 0, 0]  # invalid
+    assert raw[0, 1].tolist() == [32768, 32768, 0]  # invalid: zero flow, B = 0, as KITTI / FT3D store it
     back, back_valid = F.read_kitti_flow(path)
+    assert back[0, 1].tolist() == [0.0, 0.0]
     assert back.dtype == np.float32 and np.array_equal(back_valid, valid)
     assert np.allclose(back[valid], flow[valid], atol=1 / 64)
     assert back[0, 0].tolist() == [1.5, -2.25]  # exactly representable

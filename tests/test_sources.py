@@ -59,7 +59,7 @@ def test_hypersim(roots):
         truncation = r["depth"] - numpy(s, "depth")  # uint16 millimetres, truncated
         assert (truncation > -1e-6).all() and (truncation < 1e-3 + 1e-6).all()
         assert numpy(s, "depth_valid").all()
-        np.testing.assert_allclose(numpy(s, "normal"), r["normal"], atol=1e-6)  # the kit's facing convention
+        np.testing.assert_allclose(numpy(s, "normal"), -r["normal"], atol=1e-6)  # as stored: away from the camera
         np.testing.assert_allclose(numpy(s, "albedo"), np.round(r["albedo"] * 255) / 255, atol=1e-6)
         np.testing.assert_allclose(numpy(s, "shading"), np.round(r["shading"] * 255) / 255, atol=1e-6)
         np.testing.assert_array_equal(numpy(s, "shading_valid"), numpy(s, "albedo_valid"))
@@ -75,7 +75,8 @@ def test_virtual_kitti_2(roots):
         np.testing.assert_array_equal(numpy(s, "depth_valid"), hit & (r["depth"] < 80))
         valid = numpy(s, "depth_valid")
         np.testing.assert_allclose(numpy(s, "depth")[valid], r["depth"][valid], atol=0.0101)
-        np.testing.assert_allclose(numpy(s, "normal")[valid], r["normal"][valid], atol=1e-6)
+        assert (numpy(s, "depth")[~hit] == np.float32(655.35)).all()  # the sky keeps its far code
+        np.testing.assert_allclose(numpy(s, "normal")[valid], -r["normal"][valid], atol=1e-6)
         np.testing.assert_array_equal(numpy(s, "semantic"), r["semantic"])
         fv = numpy(s, "optical_flow_valid")
         assert fv.sum() > 0.3 * fv.size and not (fv & ~r["flow_defined"]).any()
@@ -114,7 +115,7 @@ def test_kitti_depth(roots):
         gt = r["depth"][top:, left:left + 104]
         valid = numpy(s, "depth_valid")
         assert 0.1 < valid.mean() < 0.45  # sparse LiDAR-like ground truth inside the Eigen crop
-        assert not valid[~sources.eigen_mask(32, 104)].any()
+        assert not valid[~sources.eigen_crop_mask(h, w, (32, 104))].any()
         np.testing.assert_allclose(numpy(s, "depth")[valid], gt[valid], atol=1 / 256)
         assert s["K"][0, 0].item() == pytest.approx(r["K"][0, 0], abs=1e-4)
 
@@ -149,8 +150,13 @@ def test_diode(roots):
         np.testing.assert_allclose(numpy(s, "depth")[valid], r["depth"][valid], rtol=1e-6)
         nv = numpy(s, "normal_valid")
         np.testing.assert_array_equal(nv, r["depth"] > 0)
-        np.testing.assert_allclose(numpy(s, "normal")[nv], r["normal"][nv], atol=1e-6)
+        np.testing.assert_allclose(numpy(s, "normal")[nv], -r["normal"][nv], atol=1e-6)  # as stored
         outdoor += "outdoor/" in s["id"]
+    facing = sources.DIODE(roots["diode"], normals="facing")[0]
+    stored = sources.DIODE(roots["diode"])[0]
+    torch.testing.assert_close(facing["normal"], -stored["normal"])
+    with pytest.raises(ValueError, match=r"normals='camera'.*'as_stored', 'facing'"):
+        sources.DIODE(roots["diode"], normals="camera")
     assert outdoor == 2
 
 
@@ -171,24 +177,49 @@ def test_resizing_scales_flow_vectors(roots):
 
 
 def test_horizontal_flip_negates_x_components(roots):
-    ds = sources.VirtualKITTI2(roots["vkitti"], "train", tasks=["normal", "optical_flow"], augment=True)
-    plain = sources.VirtualKITTI2(roots["vkitti"], "train", tasks=["normal", "optical_flow"])
+    # vKITTI normals and scene flow: flips only (the release neither jitters nor crops them)
+    ds = sources.VirtualKITTI2(roots["vkitti"], "train", tasks=["normal", "scene_flow"], augment=True)
+    plain = sources.VirtualKITTI2(roots["vkitti"], "train", tasks=["normal", "scene_flow"])
     flipped = 0
     for i in range(len(ds)):
         for epoch in range(4):
-            ds.set_epoch(epoch)
-            a, b = ds[i], plain[i]
-            if torch.equal(a["normal_valid"], b["normal_valid"].flip(-1)) and not torch.equal(a["normal_valid"], b["normal_valid"]):
+            a, b = ds[(i, epoch)], plain[i]
+            assert a["crop"] is None
+            if a["flip"][0]:
                 flipped += 1
+                torch.testing.assert_close(a["rgb"], b["rgb"].flip(-1))
                 torch.testing.assert_close(a["normal"][0], -b["normal"][0].flip(-1))
                 torch.testing.assert_close(a["normal"][1:], b["normal"][1:].flip(-1))
-                torch.testing.assert_close(a["optical_flow"][0], -b["optical_flow"][0].flip(-1))
+                torch.testing.assert_close(a["scene_flow"][0], -b["scene_flow"][0].flip(-1))
+                torch.testing.assert_close(a["scene_flow"][1:], b["scene_flow"][1:].flip(-1))
                 width = b["rgb"].shape[-1]
                 assert a["K"][0, 2].item() == pytest.approx(width - 1 - b["K"][0, 2].item())
-                assert not torch.equal(a["rgb"], b["rgb"].flip(-1))  # colour jitter for the flow task
+            else:
+                torch.testing.assert_close(a["rgb"], b["rgb"])
     assert flipped > 0
+    torch.testing.assert_close(ds[(0, 1)]["rgb"], ds[(0, 1)]["rgb"])  # a function of (seed, epoch, index)
     ds.set_epoch(1)
-    torch.testing.assert_close(ds[0]["rgb"], ds[0]["rgb"])  # augmentation is a function of (seed, epoch, index)
+    torch.testing.assert_close(ds[0]["rgb"], ds[(0, 1)]["rgb"])
+
+
+def test_vkitti_optical_flow_is_cropped_and_jittered_as_the_release_trains(roots):
+    ds = sources.VirtualKITTI2(roots["vkitti"], "train", tasks="optical_flow", augment=True)
+    plain = sources.VirtualKITTI2(roots["vkitti"], "train", tasks="optical_flow")
+    ch, cw = ds.geometry["train_crop"]  # the release's 256 x 1024 of 375 x 1242, to the miniature's scale
+    assert (ch, cw) == (round(32 * 256 / 375), round(104 * 1024 / 1242))
+    crops = set()
+    for epoch in range(6):
+        a, b = ds[(0, epoch)], plain[0]
+        top, left = a["crop"]
+        crops.add((top, left))
+        assert a["rgb"].shape == (3, ch, cw) and a["optical_flow"].shape == (2, ch, cw)
+        flow, image, cx = b["optical_flow"], b["rgb"], b["K"][0, 2].item()
+        if a["flip"][0]:  # the release flips, then crops
+            flow, image, cx = torch.cat([-flow[:1], flow[1:]]).flip(-1), image.flip(-1), b["rgb"].shape[-1] - 1 - cx
+        torch.testing.assert_close(a["optical_flow"], flow[..., top:top + ch, left:left + cw])
+        assert a["K"][0, 2].item() == pytest.approx(cx - left)
+        assert not torch.equal(a["rgb"], image[..., top:top + ch, left:left + cw])  # colour jitter
+    assert len(crops) > 1  # a new window every epoch
 
 
 def test_bad_input_is_named(roots, tmp_path):
@@ -226,8 +257,10 @@ def test_official_lists_filter_frames_and_mark_missing_ground_truth(roots, tmp_p
     csv = tmp_path / "metadata_images_split_scene_v1.csv"
     csv.write_text("scene_name,camera_name,frame_id,included_in_public_release,exclude_reason,split_partition_name\n"
                    "ai_001_001,cam_00,0,True,,train\nai_001_001,cam_00,1,True,,val\nai_001_001,cam_00,2,False,,train\n")
-    lines = splits.hypersim_lines(roots["hypersim"], split_csv=csv)["filename_list_train.txt"]
-    assert [line.split()[0] for line in lines] == ["ai_001_001/rgb_cam_00_fr0000.png"]
+    built = splits.hypersim_lines(roots["hypersim"], split_csv=csv)
+    assert sorted(built) == ["filename_list_train_no_nandepth.txt", "filename_list_train_normal.txt"]
+    for lines in built.values():
+        assert [line.split()[0] for line in lines] == ["ai_001_001/rgb_cam_00_fr0000.png"]
     written = (roots["kitti_depth"] / "data_split/eigen_test_files_with_gt.txt").read_text().splitlines()
     eigen = tmp_path / "eigen_test_files.txt"
     eigen.write_text("\n".join(line.split()[0] for line in written))

@@ -153,11 +153,18 @@ def test_optical_flow_normalisation_reference():
     flow[0, 0] = torch.tensor([[4.0, -8.0], [2.0, 100.0]])  # 100 px is on an invalid pixel
     flow[0, 1] = torch.tensor([[1.0, 0.5], [-2.0, 0.0]])
     valid = torch.tensor([[True, True], [True, False]])[None]
+    # the release divides by the max over every pixel, the invalid one included, and keeps it
     target, mask = get_task("optical_flow").encode(flow, valid)
-    assert torch.allclose(target[0, 0], torch.tensor([[0.5, -1.0], [0.25, 0.0]]))  # u / 8
+    assert torch.allclose(target[0, 0], torch.tensor([[0.04, -0.08], [0.02, 1.0]]))  # u / 100
     assert torch.allclose(target[0, 1], torch.tensor([[0.5, 0.25], [-1.0, 0.0]]))  # v / 2
     assert torch.equal(target[0, 2], target[0, 0])  # channels (u, v, u)
     assert torch.equal(mask[0, 0], valid[0])
+    # invalid_targets="fill": the max over the valid pixels, invalid pixels zero
+    target, mask = get_task("optical_flow").encode(flow, valid, invalid_targets="fill")
+    assert torch.allclose(target[0, 0], torch.tensor([[0.5, -1.0], [0.25, 0.0]]))  # u / 8
+    assert torch.equal(mask[0, 0], valid[0])
+    with pytest.raises(ValueError, match=r"invalid_targets='zero'.*'keep', 'fill'"):
+        get_task("optical_flow").encode(flow, valid, invalid_targets="zero")
 
 
 @pytest.mark.parametrize("name,c", [("optical_flow", 2), ("scene_flow", 3)])
@@ -191,7 +198,8 @@ def test_albedo_mask_threshold_and_round_trip():
     task = get_task("albedo")
     target, valid = task.encode(albedo)
     assert valid[0, 0].tolist() == [[False, True], [True, True]]
-    assert torch.equal(target[0, :, 0, 0], -torch.ones(3))
+    assert torch.allclose(target[0, :, 0, 0], torch.tensor([0.0, 0.0039 * 2 - 1, 0.0]))  # the raw albedo kept
+    assert torch.equal(task.encode(albedo, invalid_targets="fill")[0][0, :, 0, 0], -torch.ones(3))
     assert torch.allclose(task.decode(target)[valid.expand(-1, 3, -1, -1)],
                           albedo[valid.expand(-1, 3, -1, -1)], atol=1e-6)
     assert torch.equal(tasks.albedo_valid_mask(albedo), valid)
@@ -217,8 +225,10 @@ def test_shading_grey_weights_and_round_trip():
     assert torch.allclose(task.decode(target)[0, 0, 0], grey, atol=1e-6)
     # a grey single-channel shading is used as is; the albedo mask is passed as valid
     target1, valid1 = task.encode(grey.reshape(1, 1, 1, 2), valid=torch.tensor([[[True, False]]]))
-    assert torch.allclose(target1, target * torch.tensor([1.0, 0.0]) + torch.tensor([0.0, -1.0]))
+    assert torch.allclose(target1, target)  # the masked pixel keeps its shading (the release)
     assert valid1[0, 0].tolist() == [[True, False]]
+    target1, _ = task.encode(grey.reshape(1, 1, 1, 2), valid=torch.tensor([[[True, False]]]), invalid_targets="fill")
+    assert torch.allclose(target1, target * torch.tensor([1.0, 0.0]) + torch.tensor([0.0, -1.0]))
 
 
 # ----------------------------------------------------------------------------- shapes, colours

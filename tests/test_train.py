@@ -47,8 +47,10 @@ def log(path):
 
 
 def test_schedule_and_latent_mask_follow_the_reference():
-    assert T.lr_factor(0, 100, 25000, 0.01) == pytest.approx(0.01)
-    assert T.lr_factor(99, 100, 25000, 0.01) == 1.0
+    assert T.lr_factor(0, 100, 25000, 0.01) == 0.0  # the release's warm-up: step / warmup
+    assert T.lr_factor(50, 100, 25000, 0.01) == 0.5
+    assert T.lr_factor(99, 100, 25000, 0.01) == 0.99
+    assert T.lr_factor(100, 100, 25000, 0.01) == 1.0
     assert T.lr_factor(25000, 100, 25000, 0.01) == pytest.approx(0.01)
     assert T.lr_factor(12550, 100, 25000, 0.01) == pytest.approx(0.1)
     valid = torch.ones(1, 1, 4, 8, dtype=torch.bool)
@@ -77,6 +79,32 @@ def test_resume_is_bitwise_identical(setup, tmp_path, kind):
     assert log(tmp_path / "straight") == log(tmp_path / "resumed")  # same tasks, datasets, losses
     assert [r[1] for r in log(tmp_path / "straight")] == list(TASK_NAMES[:4])
     assert (tmp_path / "straight/checkpoint/iter_000004/weights.safetensors").is_file()
+
+
+def test_augmentation_is_drawn_anew_every_epoch_and_survives_a_resume(setup, tmp_path):
+    """Every draw of an image gets the flips of its stream's epoch: different across epochs,
+    the same for the same seed, and the same after restoring the sampler mid-run."""
+    def draws(trainer, n):
+        out = []
+        for _ in range(n):
+            mb, batch = trainer.next_batch()
+            out += [(mb.epoch, index, flip) for index, flip, _ in batch["keys"]]
+        return out
+
+    cfg = config(setup, tmp_path / "a", tasks=["albedo"])  # 4 Hypersim images, 2 per micro-batch
+    trainer = T.Trainer(cfg, progress=False)
+    seen = draws(trainer, 16)  # 8 epochs of the stream
+    assert sorted({epoch for epoch, _, _ in seen}) == list(range(8))
+    flips = {}
+    for epoch, index, flip in seen:
+        flips.setdefault(index, set()).add(flip)
+    assert all(len(f) == 2 for f in flips.values())  # each image seen both flipped and not
+    assert draws(T.Trainer(config(setup, tmp_path / "b", tasks=["albedo"]), progress=False), 16) == seen
+    resumed = T.Trainer(config(setup, tmp_path / "c", tasks=["albedo"]), progress=False)
+    replay = T.Trainer(config(setup, tmp_path / "d", tasks=["albedo"]), progress=False)
+    draws(replay, 5)
+    resumed.sampler.load_state_dict(replay.sampler.state_dict())
+    assert draws(resumed, 11) == seen[10:]
 
 
 def test_a_kill_during_the_save_leaves_a_loadable_latest(setup, tmp_path, monkeypatch):
@@ -191,6 +219,7 @@ def test_cached_latents_give_the_same_loss(setup, tmp_path):
     trainer = T.Trainer(config(setup, tmp_path, tasks=["depth"], cache_latents=True), progress=False)
     source = trainer.sources[("depth", "hypersim")]
     batch = T._collate([source[i] for i in range(2)], "depth")
+    assert batch["depth_target"].shape == (2, 3, 32, 48) and batch["keys"][0] == (0, (False, False), None)
     with torch.no_grad():
         plain = float(trainer.loss(batch, "depth"))  # no dataset given: no cache
         first = float(trainer.loss(batch, "depth", "hypersim"))

@@ -227,15 +227,15 @@ def read_kitti_flow(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_kitti_flow(path, flow, valid) -> Path:
-    """Inverse of ``read_kitti_flow``; invalid (or non-finite) pixels are written as (0, 0, 0)."""
+    """Inverse of ``read_kitti_flow``; invalid (or non-finite) pixels are written as (32768, 32768, 0),
+    so they read back as zero flow, as the KITTI and FlyingThings3D files hold them."""
     flow = _check_hw(flow, 2, "optical flow", path).astype(np.float64)
     valid = _check_hw(valid, None, "the valid mask", path).astype(bool) & np.isfinite(flow).all(axis=-1)
-    _check_range(np.where(valid[..., None], flow, 0.0), 32767.0 / 64.0, "flow component", path,
-                 "KITTI PNG flow holds |u|, |v| < 512 px")
+    flow = np.where(valid[..., None], flow, 0.0)
+    _check_range(flow, 32767.0 / 64.0, "flow component", path, "KITTI PNG flow holds |u|, |v| < 512 px")
     img = np.zeros(flow.shape[:2] + (3,), dtype=np.uint16)
-    img[..., :2] = _quantise(np.nan_to_num(flow), 64.0, 32768.0)
-    img[..., 2] = 1
-    img[~valid] = 0
+    img[..., :2] = _quantise(flow, 64.0, 32768.0)
+    img[..., 2] = valid
     return _write_png(path, img)
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from stablemtl.data import formats, synthetic
-from stablemtl.data.sources import META_FILE, SOURCES
+from stablemtl.data.sources import HYPERSIM_LISTS, META_FILE, SOURCES
 from stablemtl.data.splits import VKITTI_SCENES, VKITTI_VARIATIONS
 from stablemtl.metrics import IGNORE_INDEX
 
-WORLD_VERSION = 3  # bump when the renderer or a writer changes what is written
+WORLD_VERSION = 4  # bump when the renderer or a writer changes what is written
 
 # dataset -> (directory under the root, scene kind, domain)
 MINI_LAYOUT = {
@@ -47,6 +47,7 @@ _CLASS_TO_VKITTI = {0: "Road", 1: "Building", 2: "Pole", 3: "TrafficLight", 4: "
                     6: "Sky", 7: "Car", IGNORE_INDEX: "Terrain"}
 _CLASS_TO_CITYSCAPES = {0: 7, 1: 11, 2: 17, 3: 19, 4: 20, 5: 21, 6: 23, 7: 26, IGNORE_INDEX: 8}  # 8 = sidewalk
 KITTI_BASELINE = 0.54
+HYPERSIM_TRAIN_LISTS = sorted(set(HYPERSIM_LISTS["train"].values()))  # the release's per-task list names
 
 
 def _u8(x: np.ndarray) -> np.ndarray:
@@ -91,7 +92,7 @@ def _write_hypersim(root: Path, i: int, s: dict, spec: dict):
     formats.write_rgb(root / name("shading", "png"), _u8(s["shading"]))
     line = " ".join(name(k, e) for k, e in [("rgb", "png"), ("depth_plane", "png"), ("normal_cam", "npy"),
                                             ("normal_cam", "png"), ("normal_valid_mask", "npy")])
-    return {"filename_list_train.txt": [line]}, name("rgb", "png")
+    return {file: [line] for file in HYPERSIM_TRAIN_LISTS}, name("rgb", "png")
 
 
 def _write_vkitti(root: Path, i: int, s: dict, spec: dict):
@@ -232,6 +233,8 @@ def _geometry(dataset: str, spec: dict, seed: int) -> dict:
         geometry = {"focal": float(K[0, 0]), "cx": float(K[0, 2]), "cy": float(K[1, 2])}
         if dataset == "flying_things_3d":
             geometry["crop"] = list(spec["crop"])
+        if dataset == "vkitti":  # the release's 256 x 1024 optical-flow crop of 375 x 1242, to scale
+            geometry["train_crop"] = [round(h * 256 / 375), round(w * 1024 / 1242)]
         return geometry
     return {}
 

@@ -1,10 +1,12 @@
-"""The partial-annotation batch sampler (REFERENCE section 4).
+"""The partial-annotation batch sampler (docs/method.md, "Training").
 
 Each optimizer step trains one task, in round-robin order over the tasks; every
 micro-batch of the step (gradient accumulation) shares that task. Each
 micro-batch comes from one dataset, drawn among the datasets annotated for the
-task with the reference probabilities. Within a (task, dataset) stream the
-samples are a seeded permutation, reshuffled each time the stream is exhausted.
+task with the release's probabilities. Within a (task, dataset) stream the
+samples are a seeded permutation, reshuffled each time the stream is exhausted;
+each micro-batch carries its stream's epoch, so the sources draw a new
+augmentation of an image every epoch (``source[(index, epoch)]``).
 
 Every random decision is a pure function of (seed, counter), so the sampler's
 whole state is a few counters: ``state_dict()`` / ``load_state_dict()`` restore
@@ -42,6 +44,7 @@ class MicroBatch:
     task: str
     dataset: str
     indices: tuple[int, ...]  # this rank's indices into the (task, dataset) source
+    epoch: int = 0  # the stream's epoch these indices come from (the augmentation's draw)
 
 
 class MixedDataset(Dataset):
@@ -58,10 +61,13 @@ class MixedDataset(Dataset):
     def global_index(self, key, index: int) -> int:
         return self.offsets[self.keys.index(key)] + index
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        """``index`` or ``(index, epoch)`` (the epoch's augmentation), as the sources take them."""
+        index, epoch = index if isinstance(index, tuple) else (index, None)
         k = bisect_right(self.offsets, index) - 1
         task, dataset = self.keys[k]
-        sample = self.sources[(task, dataset)][index - self.offsets[k]]
+        local = index - self.offsets[k]
+        sample = self.sources[(task, dataset)][local if epoch is None else (local, epoch)]
         sample["task"] = task
         return sample
 
@@ -128,14 +134,14 @@ class TaskMixingSampler:
         stream = sorted(self.stream_sizes).index(key)
         return np.random.default_rng([self.seed, 1, stream, epoch]).permutation(self.stream_sizes[key])
 
-    def _take(self, key, count: int) -> list[int]:
+    def _take(self, key, count: int) -> tuple[list[int], int]:
         epoch, offset = self.cursors[key]
         n = self.stream_sizes[key]
         if offset + count > n:  # drop the incomplete tail, as drop_last; reshuffle
             epoch, offset = epoch + 1, 0
         out = self._permutation(key, epoch)[offset:offset + count].tolist()
         self.cursors[key] = [epoch, offset + count]
-        return out
+        return out, epoch
 
     def next(self) -> MicroBatch:
         step, micro = divmod(self.position, self.accumulation)
@@ -143,16 +149,16 @@ class TaskMixingSampler:
         datasets, probs = self.choices[task]
         u = np.random.default_rng([self.seed, 0, self.position]).random()
         dataset = datasets[min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(datasets) - 1)]
-        global_batch = self._take((task, dataset), self.batch_size * self.num_replicas)
+        global_batch, epoch = self._take((task, dataset), self.batch_size * self.num_replicas)
         mine = global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         self.position += 1
-        return MicroBatch(step, micro, task, dataset, tuple(mine))
+        return MicroBatch(step, micro, task, dataset, tuple(mine), epoch)
 
     def __iter__(self):
         while self.num_steps is None or self.position < self.num_steps * self.accumulation:
             yield self.next()
 
     def batch_sampler(self, mixed: MixedDataset):
-        """Global index lists for ``DataLoader(mixed, batch_sampler=...)``."""
+        """``(global index, epoch)`` lists for ``DataLoader(mixed, batch_sampler=...)``."""
         for mb in self:
-            yield [mixed.global_index((mb.task, mb.dataset), i) for i in mb.indices]
+            yield [(mixed.global_index((mb.task, mb.dataset), i), mb.epoch) for i in mb.indices]

@@ -9,18 +9,34 @@ returns samples as dicts of tensors:
   metres, normal ``[3]`` unit vectors, semantic ``[1]`` int64 class ids with 250
   = ignore, albedo ``[3]`` and shading ``[3]`` in [0, 1], optical_flow ``[2]``
   pixels, scene_flow ``[3]`` metres) and ``sample[f"{t}_valid"]`` bool ``[1, H, W]``;
+  with ``encode_targets=True`` (training) ``sample[f"{t}_target"]`` ``[3, H, W]``
+  in [-1, 1] replaces the annotation (``stablemtl.tasks``);
 - ``dataset``, ``id`` (the split line's first file), ``index``, ``K`` (3 x 3
   intrinsics of the returned raster, NaN where the dataset does not give them),
-  ``depth_range`` (the dataset's valid depth range).
+  ``depth_range`` (the dataset's valid depth range), ``flip`` and ``crop`` (the
+  augmentation drawn).
 
-Conventions shared by every source: normals are camera-frame (x right, y down,
-z forward) unit vectors facing the camera (n . ray < 0). The reference's files
-store normals pointing away from the camera (Hypersim preprocessed: facing in
-OpenGL axes with x negated; vKITTI: estimated normals negated; DIODE: (-nx, ny,
-nz)); the sources negate them once, here. Resizing (``resolution=(H, W)``)
-uses nearest-exact sampling for every raster, as the reference, and rescales
-flow vectors with the image (the reference did not: a documented fix).
-``rgb_resize="antialias"`` uses antialiased bilinear resizing for the images.
+The StableMTL release's behaviour is the default everywhere (docs/method.md,
+"Release parity"); each alternative is a named option (``stablemtl.options``):
+
+- annotations keep their raw values at invalid pixels (the vKITTI sky's 655.35 m,
+  scene flow where the flow is invalid); only non-finite values become 0;
+- normals are returned as the files store them (``normals="as_stored"``; camera
+  frame x right, y down, z forward, pointing away from the camera: Hypersim
+  preprocessed, vKITTI estimated, DIODE after its (-nx, ny, nz) conversion);
+  ``normals="facing"`` negates them to face the camera;
+- a sample is augmented at the file's resolution (flips, the vKITTI optical-flow
+  crop, colour jitter), its targets are encoded there and then resized
+  (``target_order="normalise_then_resize"``; the alternative resizes the
+  annotation first);
+- resizing (``resolution=(H, W)``) samples every raster nearest-exact; the
+  annotation's flow vectors are rescaled with the image (``rescale_flow=True``,
+  a documented fix of the release; the KITTI flow benchmark keeps full-resolution
+  pixels, as the release scores it) and ``rgb_resize="antialias"`` resizes the
+  images with antialiasing instead.
+
+Augmentation is a function of (seed, epoch, index): ``source[(index, epoch)]``
+draws that epoch's flips, crop and jitter (``source[index]`` uses ``set_epoch``).
 
 Geometry constants (crops, intrinsics) default to the real datasets' values.
 A dataset root may carry ``stablemtl_dataset.json`` whose ``geometry`` entry
@@ -38,9 +54,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stablemtl import options
 from stablemtl.data import formats
 from stablemtl.metrics import IGNORE_INDEX
-from stablemtl.tasks import ALBEDO_MIN, TASK_NAMES
+from stablemtl.tasks import ALBEDO_MIN, TASK_NAMES, get_task
 
 META_FILE = "stablemtl_dataset.json"
 README_DATA = "README.md, section 'Real datasets'"
@@ -59,16 +76,22 @@ def _kb_crop(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
     return height - ch, (width - cw) // 2
 
 
-def eigen_mask(height: int, width: int) -> np.ndarray:
-    """The Eigen evaluation crop (fractions of the KB-cropped image): rows 0.3324324..0.91351351 H,
-    columns 0.0359477..0.96405229 W."""
-    mask = np.zeros((height, width), dtype=bool)
-    mask[int(0.3324324 * height):int(0.91351351 * height), int(0.0359477 * width):int(0.96405229 * width)] = True
-    return mask
+def eigen_crop_mask(full_height: int, full_width: int, crop: tuple[int, int] = (352, 1216)) -> np.ndarray:
+    """The release's Eigen evaluation window in KB-crop coordinates: bool ``[352, 1216]``.
+
+    The window is built on the original image (rows ``[int(0.3324324 H), int(0.91351351 H))``,
+    columns ``[int(0.0359477 W), int(0.96405229 W))``), then the KITTI benchmark crop is applied:
+    for 375 x 1242 that is rows 101..318 and columns 31..1183 of the crop.
+    """
+    mask = np.zeros((full_height, full_width), dtype=bool)
+    mask[int(0.3324324 * full_height):int(0.91351351 * full_height),
+         int(0.0359477 * full_width):int(0.96405229 * full_width)] = True
+    top, left = _kb_crop(full_height, full_width, crop)
+    return mask[top:top + crop[0], left:left + crop[1]]
 
 
 class Source(Dataset):
-    """Common machinery: root and split checks, per-task loading, crop, resize, flips, colour jitter."""
+    """Common machinery: root and split checks, per-task loading, augmentation, target encoding, resize."""
 
     name = ""  # the kit's dataset name (data_split/<name>/)
     root_hint = ""  # the directory under $PREPROCESSED_DIR, for messages
@@ -78,11 +101,16 @@ class Source(Dataset):
     layout = ""  # one line describing the expected layout, for messages
     depth_range = (1e-5, math.inf)
     geometry: dict = {}
-    jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue (flow tasks)
+    jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
+    jitter_tasks: tuple[str, ...] = ()  # the tasks whose training samples the release colour-jitters
+    crop_tasks: tuple[str, ...] = ()  # the tasks whose training samples the release crops (geometry "train_crop")
     vertical_flip = False
 
     def __init__(self, root, split: str | None = None, tasks=None, resolution=None, augment: bool = False,
-                 rgb_resize: str = "nearest-exact", resize_targets: bool = True, seed: int = 2024):
+                 rgb_resize: str = "nearest-exact", resize_targets: bool = True, seed: int = 2024,
+                 normals: str = "as_stored", encode_targets: bool = False,
+                 target_order: str = "normalise_then_resize", invalid_targets: str = "keep",
+                 rescale_flow: bool = True):
         root = Path(root)
         if not root.is_dir():
             raise DatasetLayoutError(
@@ -108,6 +136,11 @@ class Source(Dataset):
             raise ValueError(f"rgb_resize must be 'nearest-exact' (reference) or 'antialias', got {rgb_resize!r}")
         self.rgb_resize = rgb_resize
         self.resize_targets = resize_targets
+        self.normals = options.check("normals", normals)
+        self.encode_targets = bool(encode_targets)
+        self.target_order = options.check("target_order", target_order)
+        self.invalid_targets = options.check("invalid_targets", invalid_targets)
+        self.rescale_flow = bool(rescale_flow)
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -174,7 +207,9 @@ class Source(Dataset):
     def needs_next_frame(self) -> bool:
         return any(t in ("optical_flow", "scene_flow") for t in self.tasks)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        """Sample ``index`` (an int, or ``(index, epoch)`` to draw that epoch's augmentation)."""
+        index, epoch = index if isinstance(index, tuple) else (index, self.epoch)
         if not 0 <= index < len(self):
             raise IndexError(f"{type(self).__name__}: index {index} out of range (n={len(self)})")
         entry = self.entries[index]
@@ -184,14 +219,26 @@ class Source(Dataset):
             raise type(err)(f"{type(self).__name__} sample {index} (split line {' '.join(entry)!r} "
                             f"in {getattr(self, 'split_file', '?')}): {err}") from None
         sample = self._to_tensors(raw)
+        sample["flip"] = (False, False)  # (horizontal, vertical), set by the augmentation
+        sample["crop"] = None  # (top, left) of a training crop, set by the augmentation
+        if self.augment:  # at the file's resolution, as the release
+            sample = self._augment(sample, index, int(epoch))
+        if self.encode_targets and self.target_order == "normalise_then_resize":
+            self._encode_targets(sample)
         if self.resolution is not None:
             sample = self._resize(sample, self.resolution)
-        sample["flip"] = (False, False)  # (horizontal, vertical), set by the augmentation
-        if self.augment:
-            sample = self._augment(sample, index)
+        if self.encode_targets and self.target_order == "resize_then_normalise":
+            self._encode_targets(sample)
         sample.update(dataset=self.name, id=entry[0], index=index,
                       depth_range=tuple(float(v) for v in self.depth_range))
         return sample
+
+    def _encode_targets(self, sample: dict) -> None:
+        """Replace each task's annotation by its target ``<task>_target`` (and the target's mask)."""
+        for task in self.tasks:
+            target, valid = get_task(task).encode(sample.pop(task)[None], sample[f"{task}_valid"][None],
+                                                  invalid_targets=self.invalid_targets)
+            sample[f"{task}_target"], sample[f"{task}_valid"] = target[0], valid[0]
 
     def _to_tensors(self, raw: dict) -> dict:
         out = {}
@@ -228,9 +275,11 @@ class Source(Dataset):
                     sample[key] = nearest(sample[key])
         if self.resize_targets:
             for task in self.tasks:
-                sample[task] = nearest(sample[task])
-                sample[f"{task}_valid"] = nearest(sample[f"{task}_valid"])
-                if task == "optical_flow":  # vectors scale with the image (the reference forgot this)
+                for key in (task, f"{task}_target", f"{task}_valid"):
+                    if key in sample:
+                        sample[key] = nearest(sample[key])
+                if task == "optical_flow" and task in sample and self.rescale_flow:
+                    # vectors scale with the image (the release forgot this; its scoring keeps native pixels)
                     sample[task] = sample[task] * torch.tensor([sx, sy])[:, None, None]
         K = sample["K"].clone()
         K[0, 0], K[0, 2] = K[0, 0] * sx, (K[0, 2] + 0.5) * sx - 0.5
@@ -238,9 +287,10 @@ class Source(Dataset):
         sample["K"] = K
         return sample
 
-    def _augment(self, sample: dict, index: int) -> dict:
-        """Flips (p = 0.5, with the sign changes) and, for flow tasks, colour jitter."""
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+    def _augment(self, sample: dict, index: int, epoch: int) -> dict:
+        """Flips (p = 0.5, with the sign changes), the release's training crop and colour jitter, drawn
+        from (seed, epoch, index)."""
+        state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
         g = torch.Generator().manual_seed(int(state))
         flips = [(-1, 0)]  # (tensor axis, vector component to negate)
         if self.vertical_flip:
@@ -257,15 +307,29 @@ class Source(Dataset):
                 size = sample["rgb"].shape[axis]
                 sample["K"][component, 2] = size - 1 - sample["K"][component, 2]  # the principal point mirrors
         sample["flip"] = tuple(flipped)
-        if self.jitter is not None and self.needs_next_frame():
+        if any(t in self.crop_tasks for t in self.tasks):  # a random window of the release's size
+            ch, cw = self.geometry["train_crop"]
+            h, w = sample["rgb"].shape[-2:]
+            if ch > h or cw > w:
+                raise ValueError(f"{type(self).__name__}: training crop {ch}x{cw} is larger than the image {h}x{w}")
+            top = int(torch.randint(h - ch + 1, (), generator=g))
+            left = int(torch.randint(w - cw + 1, (), generator=g))
+            for key in [k for k in sample if isinstance(sample[k], torch.Tensor) and sample[k].ndim == 3]:
+                sample[key] = sample[key][..., top:top + ch, left:left + cw]
+            sample["K"][0, 2] -= left
+            sample["K"][1, 2] -= top
+            sample["crop"] = (top, left)
+        if self.jitters():
             params = color_jitter_params(self.jitter, g)
             for key in ("rgb", "rgb_next"):
-                sample[key] = color_jitter(sample[key], *params)
+                if key in sample:
+                    sample[key] = color_jitter(sample[key], *params)
         return sample
 
     def jitters(self) -> bool:
-        """Whether augmented RGB differs beyond flips (colour jitter), i.e. image latents cannot be cached."""
-        return self.augment and self.jitter is not None and self.needs_next_frame()
+        """Whether augmented RGB differs beyond flips and crops (colour jitter), i.e. image latents
+        cannot be cached."""
+        return self.augment and self.jitter is not None and any(t in self.jitter_tasks for t in self.tasks)
 
     # helpers for subclasses
     def _rgb(self, relative: str) -> np.ndarray:
@@ -274,6 +338,14 @@ class Source(Dataset):
     def _depth_valid(self, depth: np.ndarray) -> np.ndarray:
         lo, hi = self.depth_range
         return np.isfinite(depth) & (depth > lo) & (depth < hi)
+
+    def _oriented(self, normal: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored normals -> the ``normals`` convention; invalid where non-finite or of zero length.
+        Invalid pixels keep their stored vector (non-finite ones become 0)."""
+        finite = np.isfinite(normal).all(-1)
+        normal = np.where(finite[..., None], normal, 0.0)
+        valid = valid & finite & (np.linalg.norm(normal, axis=-1) > 1e-6)
+        return (normal if self.normals == "as_stored" else -normal).astype(np.float32), valid
 
 
 # --------------------------------------------------------------------------- colour jitter
@@ -306,47 +378,61 @@ def _albedo_valid(albedo: np.ndarray) -> np.ndarray:
     return (albedo >= ALBEDO_MIN).all(axis=-1)
 
 
-def _facing(normal: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reference-convention normals (pointing away from the camera) -> the kit's facing normals."""
-    finite = np.isfinite(normal).all(-1)
-    valid = valid & finite & (np.linalg.norm(np.where(finite[..., None], normal, 0), axis=-1) > 1e-6)
-    return np.where(valid[..., None], -normal, 0.0).astype(np.float32), valid
-
-
 # --------------------------------------------------------------------------- training sources
 
 class Hypersim(Source):
     """Hypersim, StableMTL-preprocessed: ``<scene>/rgb_cam_XX_frNNNN.png`` with ``depth_plane_``
     (uint16 mm), ``normal_cam_`` (.npy) + ``normal_valid_mask_`` (.npy), ``albedo_`` and ``shading_`` PNGs.
 
-    Split lines have 5 columns (rgb, depth, normal npy, normal png, normal mask npy).
-    Albedo is read from ``albedo_*.png``, the name the preprocessing writes (the
-    reference loader looked for ``reflectance_*``: a documented fix).
+    The release's split lists drop in under their own names, one per task
+    (``HYPERSIM_LISTS``): for training ``filename_list_train_no_nandepth.txt``
+    (depth, albedo, shading) and ``filename_list_train_normal.txt`` (normal).
+    A line has 2 columns (rgb, depth: the depth-only lists) or 5 (rgb, depth,
+    normal npy, normal png, normal mask npy); normals need the 5. With several
+    tasks, the frames listed for all of them are used. Albedo is read from
+    ``albedo_*.png``, the name the preprocessing writes (the release's loader
+    looked for ``reflectance_*``: a documented fix).
     """
 
     name = "hypersim"
     root_hint = "hypersim/train"
     default_split = "train"
     tasks_provided = ("depth", "normal", "albedo", "shading")
-    split_files = {"train": "filename_list_train.txt"}
     layout = "<root>/<scene>/{rgb,depth_plane,normal_cam,normal_valid_mask,albedo,shading}_cam_XX_frNNNN.*"
     depth_range = (1e-5, 65.0)
     geometry = {"focal": 886.81, "size": [768, 1024]}
 
+    def _read_split(self, split):
+        frames: dict[str, tuple[str, ...]] | None = None
+        for task in self.tasks:
+            lists = HYPERSIM_LISTS.get(split)
+            file = lists.get(task) if isinstance(lists, dict) else lists
+            lines = self._split_lines(split, file)
+            expected = HYPERSIM_COLUMNS[task]
+            for number, line in enumerate(lines, 1):
+                if len(line) not in expected:
+                    raise formats.FormatError(
+                        f"{self.split_file}: line {number} has {len(line)} column(s); a Hypersim {task} list "
+                        f"needs {' or '.join(str(c) for c in expected)} ({HYPERSIM_COLUMN_NAMES[max(expected)]})")
+            listed = {line[0]: tuple(line) for line in lines}
+            if frames is None:
+                frames = listed
+            else:  # keep the frames of every task's list, with the longest line of each
+                frames = {k: max(v, listed[k], key=len) for k, v in frames.items() if k in listed}
+        return list(frames.values())
+
     def _load(self, entry):
-        if len(entry) != 5:
-            raise formats.FormatError(f"expected 5 columns (rgb depth normal.npy normal.png mask.npy), got {len(entry)}")
-        rgb_path, depth_path, normal_path, _, mask_path = entry
+        rgb_path = entry[0]
         out = {"rgb": self._rgb(rgb_path)}
         h, w = out["rgb"].shape[:2]
         folder, file = rgb_path.rsplit("/", 1) if "/" in rgb_path else ("", rgb_path)
         sibling = lambda prefix: f"{folder}/{file.replace('rgb_', prefix + '_', 1)}".lstrip("/")  # noqa: E731
         if "depth" in self.tasks:
-            d = formats.read_hypersim_depth(self.path(depth_path))
+            d = formats.read_hypersim_depth(self.path(entry[1]))
             out["depth"], out["depth_valid"] = d, self._depth_valid(d)
         if "normal" in self.tasks:
-            n = formats.read_normal_npy(self.path(normal_path))
-            out["normal"], out["normal_valid"] = _facing(n, formats.read_mask_npy(self.path(mask_path)))
+            n = formats.read_normal_npy(self.path(entry[2]))
+            out["normal"], out["normal_valid"] = self._oriented(n, formats.read_mask_npy(self.path(entry[4])))
         if "albedo" in self.tasks or "shading" in self.tasks:
             albedo = formats.read_rgb(self.path(sibling("albedo"))).astype(np.float32) / 255.0
             out["albedo"], out["albedo_valid"] = albedo, _albedo_valid(albedo)
@@ -356,6 +442,17 @@ class Hypersim(Source):
         f = self.geometry["focal"] * w / self.geometry["size"][1]
         out["K"] = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]])
         return out
+
+
+# split -> the release's list file (per task for training), and the columns each task's lines need
+_NO_NAN_DEPTH, _NORMAL = "filename_list_train_no_nandepth.txt", "filename_list_train_normal.txt"
+HYPERSIM_LISTS = {
+    "train": {"depth": _NO_NAN_DEPTH, "albedo": _NO_NAN_DEPTH, "shading": _NO_NAN_DEPTH, "normal": _NORMAL},
+    "val": "filename_list_val_filtered.txt",
+    "test": "filename_list_test_filtered.txt",
+}
+HYPERSIM_COLUMNS = {"depth": (2, 5), "albedo": (2, 5), "shading": (2, 5), "normal": (5,)}
+HYPERSIM_COLUMN_NAMES = {2: "rgb depth", 5: "rgb depth normal.npy normal.png normal_mask.npy"}
 
 
 _VKITTI_RGB = re.compile(r"^original/(Scene\d+)/([^/]+)/frames/rgb/(Camera_\d)/rgb_(\d{5})\.jpg$")
@@ -373,8 +470,11 @@ class VirtualKITTI2(Source):
     (rgb jpg, depth png cm, classSegmentation colour png, forwardFlow and forwardSceneFlow 16-bit
     png) and ``normal_estimated/.../frames/normal/Camera_k/normal_NNNNN.npy``.
 
-    The split is per task as the reference's lists (``vkitti_<task>_<split>.txt``, one
+    The split is per task as the release's lists (``vkitti_<task>_<split>.txt``, one
     annotation path per line); with several tasks the frames listed for all of them are used.
+    Augmented as the release trains: a horizontal flip for every task; for optical flow
+    also colour jitter and a random 256 x 1024 window (``geometry["train_crop"]``) before
+    the resize; scene flow gets no jitter and no crop.
     """
 
     name = "vkitti"
@@ -383,8 +483,9 @@ class VirtualKITTI2(Source):
     tasks_provided = ("depth", "normal", "semantic", "optical_flow", "scene_flow")
     layout = "<root>/original/SceneXX/<variation>/frames/{rgb,depth,classSegmentation,forwardFlow,forwardSceneFlow}/Camera_k/ and <root>/normal_estimated/"
     depth_range = (1e-5, 80.0)
-    geometry = {"focal": 725.0087, "cx": 620.5, "cy": 187.0}
+    geometry = {"focal": 725.0087, "cx": 620.5, "cy": 187.0, "train_crop": [256, 1024]}
     jitter = (0.4, 0.4, 0.2, 0.127)
+    jitter_tasks = crop_tasks = ("optical_flow",)
 
     def _read_split(self, split):
         frames = None
@@ -417,11 +518,11 @@ class VirtualKITTI2(Source):
         if "depth" in self.tasks or "normal" in self.tasks:
             depth = formats.read_vkitti_depth(self.path(self.annotation_path(rgb_path, "depth")))
             depth_valid = self._depth_valid(depth)
-            if "depth" in self.tasks:
-                out["depth"], out["depth_valid"] = np.where(depth_valid, depth, 0.0), depth_valid
+            if "depth" in self.tasks:  # raw: the sky keeps 655.35 m (its target is +1, as the release's)
+                out["depth"], out["depth_valid"] = depth, depth_valid
             if "normal" in self.tasks:
                 n = formats.read_normal_npy(self.path(self.annotation_path(rgb_path, "normal")))
-                out["normal"], out["normal_valid"] = _facing(n, depth_valid)
+                out["normal"], out["normal_valid"] = self._oriented(n, depth_valid)
         if "semantic" in self.tasks:
             labels = formats.read_vkitti_semantic(self.path(self.annotation_path(rgb_path, "semantic")))
             out["semantic"], out["semantic_valid"] = labels, labels != IGNORE_INDEX
@@ -431,7 +532,7 @@ class VirtualKITTI2(Source):
                 out["optical_flow"], out["optical_flow_valid"] = flow, flow_valid
             if "scene_flow" in self.tasks:
                 sf, _ = formats.read_vkitti_scene_flow(self.path(self.annotation_path(rgb_path, "scene_flow")))
-                out["scene_flow"], out["scene_flow_valid"] = np.where(flow_valid[..., None], sf, 0.0), flow_valid
+                out["scene_flow"], out["scene_flow_valid"] = sf, flow_valid  # raw where the flow is invalid
         g = self.geometry
         out["K"] = np.array([[g["focal"], 0, g["cx"]], [0, g["focal"], g["cy"]], [0, 0, 1]])
         return out
@@ -451,7 +552,9 @@ class FlyingThings3D(Source):
 
     Everything is centre-cropped to 536 x 960. Scene flow is splatted onto the
     crop by projecting ``pc1`` with f = 1050, cx = 479.5, cy = 269.5 and the
-    crop offset (the reference ignored the 2-row offset: a documented fix).
+    crop offset (the release ignored the 2-row offset: a documented fix).
+    Augmented as the release trains: horizontal and vertical flips and colour
+    jitter, for both tasks.
     """
 
     name = "flying_things_3d"
@@ -462,6 +565,7 @@ class FlyingThings3D(Source):
     depth_range = (1e-5, 35.0)
     geometry = {"focal": 1050.0, "cx": 479.5, "cy": 269.5, "crop": [536, 960]}
     jitter = (0.3, 0.3, 0.3, 0.159)
+    jitter_tasks = ("optical_flow", "scene_flow")
     vertical_flip = True
 
     def _load(self, entry):
@@ -502,7 +606,12 @@ class FlyingThings3D(Source):
 
 class Cityscapes(Source):
     """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and ``gtFine/<split>/<city>/*_gtFine_labelIds.png``,
-    label ids mapped to the 8 classes (car and bus -> vehicle, everything else ignore)."""
+    label ids mapped to the 8 classes (car and bus -> vehicle, everything else ignore).
+
+    Resized as the release reads it: the image and the labels are first halved with
+    nearest sampling (pixel 2i + 1), then resized nearest-exact, so at 256 x 512 pixel
+    (i, j) is full-resolution pixel (4i + 3, 4j + 3).
+    """
 
     name = "cityscapes"
     root_hint = "cityscapes"
@@ -519,12 +628,18 @@ class Cityscapes(Source):
         labels = formats.read_cityscapes_labels(self.path(self.label_path(entry[0])))
         return {"rgb": self._rgb(entry[0]), "semantic": labels, "semantic_valid": labels != IGNORE_INDEX}
 
+    def _resize(self, sample: dict, size: tuple[int, int]) -> dict:
+        h, w = sample["rgb"].shape[-2:]
+        halved = super()._resize(sample, (h // 2, w // 2))  # PIL's nearest halving = nearest-exact
+        return super()._resize(halved, size)
+
 
 class KittiDepth(Source):
     """KITTI Eigen test split (Marigold's ``kitti_eigen_split_test`` layout): lines
     ``<date>/<drive>/image_02/data/N.png <drive>/proj_depth/groundtruth/image_02/N.png <focal>``;
     lines whose depth is ``None`` are skipped (and counted in ``n_skipped``). Depth png / 256 m,
-    KITTI benchmark crop 352 x 1216, valid 1e-5..80 m and (``eigen_crop=True``) the Eigen crop."""
+    KITTI benchmark crop 352 x 1216, valid 1e-5..80 m and (``eigen_crop=True``) the release's
+    Eigen window (``eigen_crop_mask``: built on the original image, then cropped)."""
 
     name = "kitti_depth"
     root_hint = "kitti/kitti_eigen_split_test"
@@ -550,12 +665,13 @@ class KittiDepth(Source):
         depth = formats.read_kitti_depth(self.path(entry[1]))
         if depth.shape != rgb.shape[:2]:
             raise formats.FormatError(f"depth {depth.shape} and image {rgb.shape[:2]} sizes differ")
-        top, left = _kb_crop(*depth.shape, self.geometry["kb_crop"])
-        ch, cw = self.geometry["kb_crop"]
-        rgb, depth = rgb[top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
-        valid = self._depth_valid(depth)
+        crop_size = tuple(self.geometry["kb_crop"])
+        top, left = _kb_crop(*depth.shape, crop_size)
+        ch, cw = crop_size
+        valid = self._depth_valid(depth[top:top + ch, left:left + cw])
         if self.eigen_crop:
-            valid &= eigen_mask(ch, cw)
+            valid &= eigen_crop_mask(*depth.shape, crop_size)
+        rgb, depth = rgb[top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
         out = {"rgb": rgb, "depth": depth, "depth_valid": valid}
         if len(entry) >= 3:
             f = float(entry[2])
@@ -567,9 +683,10 @@ class KittiFlow(Source):
     """KITTI 2015 scene flow, ``training/``: ``image_2/N_10.png`` and ``_11``, ``flow_occ`` (16-bit),
     ``disp_occ_0`` / ``disp_occ_1`` (/256, the latter in the reference frame's pixels),
     ``calib_cam_to_cam/N.txt`` (P_rect_02). Scene flow = backprojection of (pixel + flow, disp1)
-    minus backprojection of (pixel, disp0), baseline 0.54 m. Everything KB-cropped.
+    minus backprojection of (pixel, disp0), baseline 0.54 m, depth = f b / (disparity + 1e-5),
+    in float32 as the release. Everything KB-cropped.
 
-    Optical flow keeps its own valid mask (the reference overwrote it with the
+    Optical flow keeps its own valid mask (the release overwrote it with the
     scene-flow mask: a documented fix); scene flow needs flow and both disparities.
     """
 
@@ -594,7 +711,7 @@ class KittiFlow(Source):
         calib = formats.read_kitti_calib(self.path(calib_path))
         if "P_rect_02" not in calib:
             raise formats.FormatError(f"{self.path(calib_path)}: no P_rect_02 line")
-        P = np.asarray(calib["P_rect_02"], dtype=np.float64).reshape(3, 4)
+        P = np.asarray(calib["P_rect_02"], dtype=np.float32).reshape(3, 4)
         f, cx, cy = P[0, 0], P[0, 2], P[1, 2]
         out = {"rgb": crop(rgb), "rgb_next": crop(rgb_next)}
         if "optical_flow" in self.tasks:
@@ -603,15 +720,14 @@ class KittiFlow(Source):
             d0, v0 = formats.read_kitti_disparity(self.path(flow_path.replace("flow_occ/", "disp_occ_0/", 1)))
             d1, v1 = formats.read_kitti_disparity(self.path(flow_path.replace("flow_occ/", "disp_occ_1/", 1)))
             valid = v0 & v1 & flow_valid
-            fb = f * self.geometry["baseline"]
-            vv, uu = np.mgrid[0:h, 0:w].astype(np.float64)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z0, z1 = fb / d0, fb / d1
+            fb = np.float32(self.geometry["baseline"]) * f
+            vv, uu = np.mgrid[0:h, 0:w].astype(np.float32)
+            z0, z1 = fb / (d0 + np.float32(1e-5)), fb / (d1 + np.float32(1e-5))
             p1 = np.stack([(uu - cx) * z0 / f, (vv - cy) * z0 / f, z0], -1)
             p2 = np.stack([(uu + flow[..., 0] - cx) * z1 / f, (vv + flow[..., 1] - cy) * z1 / f, z1], -1)
-            with np.errstate(invalid="ignore"):
-                sf = np.where(valid[..., None], p2 - p1, 0.0)
+            sf = np.where(valid[..., None], p2 - p1, np.float32(0.0))
             out["scene_flow"], out["scene_flow_valid"] = crop(sf), crop(valid)
+        f, cx, cy = float(f), float(cx), float(cy)
         out["K"] = np.array([[f, 0, cx - left], [0, f, cy - top], [0, 0, 1]])
         return out
 
@@ -619,7 +735,8 @@ class KittiFlow(Source):
 class DIODE(Source):
     """DIODE val (indoors + outdoor): lines ``<rgb>.png <rgb>_depth.npy <rgb>_depth_mask.npy``;
     normals in ``<rgb>_normal.npy``. Depth valid = the depth mask (the only depth mask, as the
-    reference); normals (-nx, ny, nz) then negated to face the camera, valid where |n| in (0.5, 1.5)."""
+    release); normals converted to (-nx, ny, nz) as the release (``normals="facing"`` negates
+    them), valid where |n| in (0.5, 1.5)."""
 
     name = "diode"
     root_hint = "diode/diode_val"
@@ -638,7 +755,7 @@ class DIODE(Source):
             out["depth_valid"] = formats.read_diode_mask(self.path(entry[2])) & np.isfinite(out["depth"])
         if "normal" in self.tasks:
             n, valid = formats.read_diode_normal(self.path(entry[1].replace("_depth.npy", "_normal.npy")))
-            out["normal"], out["normal_valid"] = _facing(n, valid)
+            out["normal"], out["normal_valid"] = self._oriented(n, valid)
         return out
 
 

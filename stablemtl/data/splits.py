@@ -1,7 +1,7 @@
-"""Split lists: build them from a dataset directory following REFERENCE section 5.
+"""Split lists: build them from a dataset directory (docs/method.md, "Datasets").
 
-The lists use the reference's line formats (so its published lists can be
-dropped into ``data_split/<dataset>/``) and paths relative to the dataset root.
+The lists use the release's file names and line formats (so its published lists
+can be dropped into ``data_split/<dataset>/``) and paths relative to the dataset root.
 The procedural miniatures write their own lists under ``<root>/data_split/``;
 building a list from a miniature's directory reproduces that list (a test
 checks it). ``build_split(name, root)`` writes the files and returns
@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from stablemtl.data import formats
-from stablemtl.data.sources import REPO_SPLITS, SOURCES, DatasetLayoutError
+from stablemtl.data.sources import HYPERSIM_LISTS, REPO_SPLITS, SOURCES, DatasetLayoutError
 
 VKITTI_SCENES = ("Scene02", "Scene06", "Scene18", "Scene20")  # Scene01 is held out by the reference
 VKITTI_VARIATIONS = ("15-deg-left", "15-deg-right", "clone", "morning", "overcast", "sunset")  # no fog, rain
@@ -38,8 +38,12 @@ def _hypersim_official(split_csv, partition: str) -> set[tuple[str, str, int]]:
 
 
 def hypersim_lines(root: Path, split_csv=None, partition: str = "train") -> dict[str, list[str]]:
-    """Every preprocessed frame with its files; with ``split_csv`` (ml-hypersim's official scene
-    split) only the frames of ``partition`` included in the public release."""
+    """Every preprocessed frame with its files, 5 columns, in the release's two training lists
+    (``filename_list_train_no_nandepth.txt`` for depth, albedo and shading,
+    ``filename_list_train_normal.txt`` for normals: the same frames, as the preprocessing
+    writes every file of a frame); with ``split_csv`` (ml-hypersim's official scene split)
+    only the frames of ``partition`` included in the public release."""
+
     official = _hypersim_official(split_csv, partition) if split_csv is not None else None
     lines = []
     for rgb in sorted(root.glob("*/rgb_cam_*_fr*.png")):
@@ -51,7 +55,7 @@ def hypersim_lines(root: Path, split_csv=None, partition: str = "train") -> dict
                 rgb.parent / f"normal_cam_{stem}.png", rgb.parent / f"normal_valid_mask_{stem}.npy"]
         if all(c.is_file() for c in cols[:3]) and cols[4].is_file():
             lines.append(" ".join(_rel(root, c) for c in cols))
-    return {"filename_list_train.txt": lines}
+    return {file: list(lines) for file in sorted(set(HYPERSIM_LISTS["train"].values()))}
 
 
 def vkitti_lines(root: Path) -> dict[str, list[str]]:

@@ -35,7 +35,7 @@ from stablemtl.tasks import SHADING_WEIGHTS, TASK_NAMES, albedo_valid_mask, get_
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILD_FILE = "stablemtl_base.json"
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 class BaseModelError(ValueError):
@@ -245,7 +245,8 @@ def _encodings(sample: dict) -> dict[str, torch.Tensor]:
     out = {"rgb": (chw(sample["rgb"]) * 2 - 1, torch.ones_like(hit))}
     albedo_valid = hit & albedo_valid_mask(chw(sample["albedo"]))
     inputs = {
-        "depth": (chw(sample["depth"]), hit), "normal": (chw(sample["normal"]), hit),
+        # normals as the datasets store them (pointing away from the camera), the default convention
+        "depth": (chw(sample["depth"]), hit), "normal": (-chw(sample["normal"]), hit),
         "albedo": (chw(sample["albedo"]), albedo_valid), "shading": (chw(sample["shading"]), albedo_valid),
         "optical_flow": (chw(sample["optical_flow"]), chw(sample["flow_defined"]).bool()),
         "scene_flow": (chw(sample["scene_flow"]), chw(sample["flow_defined"]).bool()),
@@ -348,7 +349,9 @@ def vae_report(vae, cfg: dict, seed: int) -> dict:
                 acc[name].update(out[0].numpy(), s["depth"], v)
             elif name == "semantic":
                 acc[name].update(out[0].numpy(), s["semantic"], v)
-            elif name in ("normal", "optical_flow", "scene_flow"):
+            elif name == "normal":
+                acc[name].update(hw(out), -s["normal"], v)  # the stored convention, as encoded
+            elif name in ("optical_flow", "scene_flow"):
                 acc[name].update(hw(out), s[name], v)
             elif name == "albedo":
                 acc[name].update(hw(out), s["albedo"], v)

@@ -1,6 +1,6 @@
 """The single-stream latent regressor and the multi-stream model with task attention.
 
-Single stream (REFERENCE section 3): the base UNet with ``conv_in`` widened to
+Single stream (docs/method.md, "The model"): the base UNet with ``conv_in`` widened to
 12 input channels (kernel tiled 3 times x 1/3, bias kept; recorded with
 ``register_to_config``), input ``[z_image, z_image2, zeros]`` (``z_image2`` is
 the next frame's latent for the flow tasks, else ``z_image`` again), fixed
@@ -23,9 +23,13 @@ pixels and heads, without gradient) pick one auxiliary task to mask out.
 
 All requested tasks are predicted together: the single stream makes one UNet
 call over the batch of (task, image) pairs; the multi stream one auxiliary call
-(features of every needed task, once) and one main call. The reference instead
+(features of every needed task, once) and one main call. The release instead
 re-ran the auxiliary stream for every main task (49 UNet passes for 7 tasks);
 ``MultiStream.predict_latents_reference`` keeps that scheme for comparison only.
+
+A model records the normal convention it learned (``normals``: ``"as_stored"``,
+the release's, or ``"facing"``; ``stablemtl.options``), so that evaluation
+compares its normals with ground truth of the same convention.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stablemtl import options
 from stablemtl.tasks import TASK_NAMES
 
 TIMESTEP = 999
@@ -150,7 +155,8 @@ class SingleStream(nn.Module):
 
     kind = "single_stream"
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, base_path=None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, base_path=None,
+                 normals: str = "as_stored"):
         super().__init__()
         if unet.config.in_channels != 3 * vae.config.latent_channels:
             raise ValueError(f"the UNet takes {unet.config.in_channels} channels; the single stream needs "
@@ -158,6 +164,7 @@ class SingleStream(nn.Module):
         self.unet = unet
         self.frozen = _Frozen(vae, text_encoder, tokenizer, base_path)
         self.tasks = list(tasks)
+        self.normals = options.check("normals", normals)
 
     def forward(self, z_image, z_next, tasks):
         return self.predict_latents(z_image, z_next, tasks)
@@ -167,11 +174,11 @@ class SingleStream(nn.Module):
         return list(self.unet.parameters())
 
     @classmethod
-    def from_base(cls, base, tasks=TASK_NAMES) -> "SingleStream":
+    def from_base(cls, base, tasks=TASK_NAMES, normals: str = "as_stored") -> "SingleStream":
         unet = copy.deepcopy(base.unet)
         if unet.config.in_channels == base.vae.config.latent_channels:
             widen_conv_in(unet)
-        return cls(unet, base.vae, base.text_encoder, base.tokenizer, tasks, base.path)
+        return cls(unet, base.vae, base.text_encoder, base.tokenizer, tasks, base.path, normals)
 
     def predict_latents(self, z_image, z_next, tasks) -> torch.Tensor:
         """Task latents ``[T, B, 4, h, w]`` for scaled image latents ``[B, 4, h, w]``, one UNet call."""
@@ -182,7 +189,8 @@ class SingleStream(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def _config(self) -> dict:
-        return {"kind": self.kind, "tasks": self.tasks, "base": str(self.frozen.base_path) if self.frozen.base_path else None}
+        return {"kind": self.kind, "tasks": self.tasks, "normals": self.normals,
+                "base": str(self.frozen.base_path) if self.frozen.base_path else None}
 
     def save_pretrained(self, path) -> Path:
         path = Path(path)
@@ -314,12 +322,13 @@ class MultiStream(nn.Module):
     kind = "multi_stream"
 
     def __init__(self, main_unet, aux_unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, query_hidden: int = 640,
-                 heads: int = 4, mask_prob: float = 0.4, base_path=None):
+                 heads: int = 4, mask_prob: float = 0.4, base_path=None, normals: str = "as_stored"):
         super().__init__()
         self.unet, self.aux_unet = main_unet, aux_unet
         self.aux_unet.requires_grad_(False).eval()
         self.frozen = _Frozen(vae, text_encoder, tokenizer, base_path)
         self.tasks = list(tasks)
+        self.normals = options.check("normals", normals)
         if len(self.tasks) < 2:
             raise ValueError("the multi-stream model needs at least 2 tasks")
         self.settings = {"query_hidden": query_hidden, "heads": heads, "mask_prob": mask_prob}
@@ -343,7 +352,7 @@ class MultiStream(nn.Module):
                            mask_prob: float = 0.4) -> "MultiStream":
         f = single.frozen
         return cls(copy.deepcopy(single.unet), copy.deepcopy(single.unet), f.vae, f.text_encoder, f.tokenizer,
-                   single.tasks, query_hidden, heads, mask_prob, f.base_path)
+                   single.tasks, query_hidden, heads, mask_prob, f.base_path, single.normals)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -414,13 +423,39 @@ class MultiStream(nn.Module):
         _save_scheduler(path)
         save_file({k: v.contiguous() for k, v in self.task_attention.state_dict().items()},
                   str(path / "task_attention.safetensors"))
-        _save_json(path / MODEL_FILE, {"kind": self.kind, "tasks": self.tasks, **self.settings,
+        _save_json(path / MODEL_FILE, {"kind": self.kind, "tasks": self.tasks, **self.settings, "normals": self.normals,
                                        "base": str(self.frozen.base_path) if self.frozen.base_path else None})
         return path
 
     @classmethod
     def from_pretrained(cls, path, base=None):
         return load_model(path, base, expect=cls.kind)
+
+
+def module_fingerprint(modules: dict, sample: int = 1 << 16) -> str:
+    """A hash of the weights of ``{name: nn.Module}``: every tensor's name, shape and dtype, and
+    its values (all of them up to ``sample`` elements, an evenly strided subset beyond, enough to
+    tell two trainings apart without hashing gigabytes of SD2 weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for prefix, module in sorted(modules.items()):
+        for key, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().flatten()
+            h.update(f"{prefix}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if t.numel() > sample:
+                t = t[:: t.numel() // sample + 1]
+            h.update(t.to("cpu", torch.float64 if t.is_floating_point() else torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """The fingerprint of everything a model's predictions depend on: its UNet(s) and task attention,
+    the frozen VAE and text encoder, its tasks and its normal convention."""
+    modules = {"unet": model.unet, "vae": model.frozen.vae, "text_encoder": model.frozen.text_encoder}
+    if isinstance(model, MultiStream):
+        modules.update(aux_unet=model.aux_unet, task_attention=model.task_attention)
+    return f"{model.kind}:{','.join(model.tasks)}:{model.normals}:{module_fingerprint(modules)}"
 
 
 def load_model(path, base=None, expect: str | None = None):
@@ -448,13 +483,15 @@ def load_model(path, base=None, expect: str | None = None):
             raise ValueError(f"{path}: no base directory recorded; pass base=")
         base = load_base(base_dir)
     kw = dict(local_files_only=True)
+    # checkpoints written before the convention was recorded were trained on camera-facing normals
+    normals = config.get("normals", "facing")
     unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
     if kind == SingleStream.kind:
-        return SingleStream(unet, base.vae, base.text_encoder, base.tokenizer, config["tasks"], base.path)
+        return SingleStream(unet, base.vae, base.text_encoder, base.tokenizer, config["tasks"], base.path, normals)
     if kind == MultiStream.kind:
         aux = UNet2DConditionModel.from_pretrained(path / "aux_unet", **kw)
         model = MultiStream(unet, aux, base.vae, base.text_encoder, base.tokenizer, config["tasks"],
-                            config["query_hidden"], config["heads"], config["mask_prob"], base.path)
+                            config["query_hidden"], config["heads"], config["mask_prob"], base.path, normals)
         state = load_file(str(path / "task_attention.safetensors"))
         missing, unexpected = model.task_attention.load_state_dict(state, strict=False)
         if missing or unexpected:
