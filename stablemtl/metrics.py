@@ -82,7 +82,7 @@ def align_depth_least_squares(pred, gt, valid, space: str = "depth", depth_range
                               return_params: bool = False):
     """Least-squares scale and shift of an affine-invariant prediction to metric GT.
 
-    ``space="depth"`` fits ``scale * pred + shift`` to ``gt`` (the reference);
+    ``space="depth"`` fits ``scale * pred + shift`` to ``gt`` (the release);
     ``space="disparity"`` treats ``pred`` as affine-invariant disparity, fits it
     to ``1 / gt`` and returns ``1 / max(aligned, 1e-3)``. With ``depth_range``
     (min, max) the result is clipped to it and then to >= 1e-6, as the protocol.
@@ -285,7 +285,7 @@ def _flow_sums(pred, gt, valid, align: bool) -> dict[str, float]:
         "epe": float(np.sum(epe)),
         # KITTI outlier: EPE > 3 px and > 5 % of |gt| (written without a division by |gt|)
         "fl": float(np.sum((epe > 3.0) & (epe > 0.05 * mag))),
-        # the reference's angular error: angle between the 2-D flow directions
+        # the release's angular error: angle between the 2-D flow directions
         "angle": float(np.sum(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))),
     }
 
@@ -305,13 +305,13 @@ SCENE_FLOW_CONVENTIONS = ("and", "or")
 
 def _scene_flow_sums(pred, gt, valid, align: bool, convention: str) -> dict[str, float]:
     if convention not in SCENE_FLOW_CONVENTIONS:
-        raise ValueError(f"convention must be 'and' (StableMTL reference) or 'or' (FlowNet3D), got {convention!r}")
+        raise ValueError(f"convention must be 'and' (StableMTL release) or 'or' (FlowNet3D), got {convention!r}")
     pred, gt, valid = _check(pred, gt, valid, 3, "scene flow metrics")
     p, g = pred[valid], gt[valid]
     if align:
         p = p * _nnls_scale(p, g)
     epe = np.linalg.norm(p - g, axis=-1)
-    mag = np.linalg.norm(g, axis=-1) + 1e-4  # as the reference
+    mag = np.linalg.norm(g, axis=-1) + 1e-4  # as the release
     both = np.logical_and if convention == "and" else np.logical_or
     return {
         "n": float(valid.sum()),
@@ -325,7 +325,7 @@ def _scene_flow_sums(pred, gt, valid, align: bool, convention: str) -> dict[str,
 def scene_flow_metrics(pred, gt, valid, align: bool = True, convention: str = "and") -> dict[str, float]:
     """EPE3D (m) and strict / relaxed accuracy and outlier rates (fractions) over valid pixels.
 
-    ``convention="and"`` is the StableMTL reference (absolute AND relative
+    ``convention="and"`` is the StableMTL release (absolute AND relative
     threshold: strict EPE < 0.05 m and < 5 %, relaxed < 0.1 m and < 10 %,
     outlier > 0.3 m and > 10 %); ``"or"`` is the FlowNet3D convention.
     """
@@ -367,7 +367,7 @@ def ssim(pred, gt, data_range: float = 1.0, win_size: int = 7) -> float:
 
 
 def lmse(gt, pred, valid, window: int = 16, shift: int = 8) -> float:
-    """Local mean squared error (Grosse et al.), the reference variant.
+    """Local mean squared error (Grosse et al.), the release's variant.
 
     In each ``window`` x ``window`` patch (every ``shift`` pixels) the
     prediction gets its own least-squares scale (one for all channels; 0 when
@@ -397,9 +397,9 @@ def intrinsic_metrics(pred, gt, valid, rmse_reduction: str = "pixel") -> dict[st
 
     The prediction is scaled by the least-squares factor over all masked pixels
     and channels, then clipped to [0, 1]. RMSE over masked pixels:
-    ``rmse_reduction="pixel"`` (reference) sums the squared error over channels
+    ``rmse_reduction="pixel"`` (the release) sums the squared error over channels
     and averages over pixels; ``"element"`` averages over pixels and channels
-    (they agree for shading). SSIM is computed on the whole image (reference),
+    (they agree for shading). SSIM is computed on the whole image (the release),
     with non-finite GT set to 0; LMSE uses windows of 16 shifted by 8.
     """
     if rmse_reduction not in RMSE_REDUCTIONS:
@@ -515,7 +515,7 @@ class DepthAccumulator(_Accumulator):
 
 
 class NormalAccumulator(_Accumulator):
-    """``mean``: per-image mean error averaged over images (reference). Pixel-pooled (DSINE):
+    """``mean``: per-image mean error averaged over images (the release). Pixel-pooled (DSINE):
     ``pooled_mean, median, rmse, a11_25, a22_5, a30``."""
 
     def __init__(self):

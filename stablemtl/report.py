@@ -1,6 +1,6 @@
 """Tables and figures, regenerated from results files only (``metrics.csv``, logs, prediction caches).
 
-- ``main_table(rows)``: the paper-style table, REFERENCE section 7's columns
+- ``main_table(rows)``: the paper-style table, the published columns (docs/method.md, "Published numbers")
   (one headline metric per task) plus Delta_m, rows trivial, single-task,
   single-stream, multi-stream, VAE ceiling (then any other model), and the
   published numbers as "paper: ..." rows for comparison;
@@ -9,7 +9,7 @@
 - figures: training curves from ``train_log.csv`` files, Delta_m terms per
   metric, and a qualitative grid (input, ground truth, models) per benchmark.
 
-Delta_m (REFERENCE section 6) uses ``DELTA_M_METRICS`` (one headline metric per
+Delta_m (docs/method.md, "Evaluation") uses ``DELTA_M_METRICS`` (one headline metric per
 benchmark, all eight) against the ``single_task`` rows; the per-metric terms are
 kept (``delta_m_terms``).
 """
@@ -23,7 +23,7 @@ from stablemtl import metrics
 from stablemtl.evaluate import BENCHMARKS, read_metrics
 
 MODEL_ORDER = ("trivial", "single_task", "single_stream", "multi_stream", "vae_ceiling")
-# (benchmark, metric, column title, display factor): REFERENCE section 7
+# (benchmark, metric, column title, display factor): docs/method.md, "Published numbers"
 HEADLINE = (
     ("cityscapes_semantic", "miou", "Cityscapes mIoU", 100.0),
     ("diode_normal", "mean", "DIODE normal mean", 1.0),
@@ -37,7 +37,7 @@ DELTA_M_METRICS = (
     ("diode_normal", "mean"), ("kitti_flow", "epe"), ("kitti_scene_flow", "epe3d"),
     ("mid_albedo", "rmse"), ("mid_shading", "rmse"),
 )
-# REFERENCE section 7 (paper v2; a third-party summary): the headline columns, then Delta_m %
+# docs/method.md, "Published numbers" (paper v2; a third-party summary): the headline columns, then Delta_m %
 PAPER_ROWS = {
     "single-task": (48.17, 22.27, 14.21, 10.36, 0.2735, 0.2551, 0.0),
     "DiffusionMTL": (45.92, 44.56, 24.83, 36.60, 0.3502, 0.3660, -78.76),

@@ -349,7 +349,11 @@ def parameter_table(study: Study):
 # --------------------------------------------------------------------------- 03 / 04 training
 
 def train_config(study: Study, kind: str, **overrides):
-    """The preset's ``TrainConfig`` for ``kind`` in this run's folders; ``None`` overrides are ignored."""
+    """The preset's ``TrainConfig`` for ``kind`` in this run's folders; ``None`` overrides are ignored.
+    A multi stream learns the normals in the convention of the single stream it starts from."""
+    import json
+
+    from stablemtl.model.streams import MODEL_FILE
     from stablemtl.train import preset_config
 
     values = {k: v for k, v in overrides.items() if v is not None}
@@ -358,6 +362,9 @@ def train_config(study: Study, kind: str, **overrides):
     values.setdefault("output_dir", str(study.output_dir / kind))
     if kind == "multi_stream":
         values.setdefault("init", str(study.model_dir("single_stream")))
+        record = Path(values["init"]) / MODEL_FILE
+        if "normals" not in values and record.is_file():
+            values["normals"] = json.loads(record.read_text()).get("normals", "facing")
     return preset_config(study.preset, kind, **values)
 
 
@@ -419,12 +426,14 @@ def plot_training_curves(study: Study, kinds=("single_stream", "multi_stream"), 
 
 # --------------------------------------------------------------------------- 05 evaluation
 
-def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None, progress: bool = True) -> Path:
+def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None, progress: bool = True,
+                   silog: str | None = None, flow_scoring: str | None = None) -> Path:
     """Evaluate ``models`` (names of MODELS) on every benchmark into ``results/<run>``.
 
     ``stablemtl.evaluate.evaluate`` reuses cached predictions only when they come from the same
     weights, data and protocol; ``evaluated.json`` records the checkpoints evaluated (the stage's
-    marker); ``max_images`` limits each benchmark.
+    marker); ``max_images`` limits each benchmark; ``silog`` and ``flow_scoring`` (None: the
+    release's) choose the protocol options of ``stablemtl.options``.
     """
     import json
 
@@ -440,6 +449,7 @@ def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None
         raise ValueError(f"unknown benchmark(s) {sorted(set(benchmarks) - set(BENCHMARKS))}; "
                          f"choose from {', '.join(BENCHMARKS)}")
     resolution = (study.preset.get("evaluate") or {}).get("resolution")
+    protocol = {k: v for k, v in (("silog", silog), ("flow_scoring", flow_scoring)) if v is not None}
     study.results_dir.mkdir(parents=True, exist_ok=True)
     record_file = study.results_dir / "evaluated.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
@@ -456,7 +466,7 @@ def evaluate_stage(study: Study, models=MODELS, benchmarks=None, max_images=None
                "max_images": max_images, "resolution": resolution, "data_root": str(study.data_root)}
         evaluate(source if name == "trivial" else str(source), chosen, study.results_dir, study.data_root,
                  run=study.run, model_name=name, resolution=resolution, max_images=max_images, progress=progress,
-                 expect_kind=None if name == "trivial" else name)
+                 expect_kind=None if name == "trivial" else name, **protocol)
         record[name] = key
         record_file.write_text(json.dumps(record, indent=1))
     return study.results_dir

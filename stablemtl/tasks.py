@@ -42,7 +42,7 @@ SEMANTIC_PALETTE = (
 
 DEPTH_QUANTILES = (0.02, 0.98)
 ALBEDO_MIN = 0.004  # on the [0, 1] scale: a pixel is valid when every channel reaches it
-SHADING_WEIGHTS = (0.3, 0.59, 0.11)  # RGB -> grey, as the reference
+SHADING_WEIGHTS = (0.3, 0.59, 0.11)  # RGB -> grey, as the release
 
 
 # --------------------------------------------------------------------------- helpers
@@ -135,7 +135,7 @@ def _albedo_mask(albedo: torch.Tensor) -> torch.Tensor:
 
 
 def albedo_valid_mask(albedo) -> torch.Tensor:
-    """Reference albedo (and shading) mask: every channel >= 0.004 on the [0, 1] scale."""
+    """The release's albedo (and shading) mask: every channel >= 0.004 on the [0, 1] scale."""
     a = _as_batch(albedo, 3, "albedo")
     return _albedo_mask(a.float() / 255.0 if a.dtype == torch.uint8 else a.float())
 
@@ -367,7 +367,7 @@ class AlbedoTask(Task):
 class ShadingTask(Task):
     """Shading image (RGB or grey, [0, 1], uint8 accepted) -> grey * 2 - 1 repeated.
 
-    The reference masks shading with the albedo mask: pass
+    The release masks shading with the albedo mask: pass
     ``valid=albedo_valid_mask(albedo)`` when the albedo is known.
     """
 

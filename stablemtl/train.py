@@ -5,7 +5,7 @@ one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
 
 - each optimizer step trains one task, round-robin (``stablemtl.data.mixing``);
   its micro-batches (gradient accumulation) share the task, each micro-batch
-  comes from one dataset drawn with the reference probabilities; gradients are
+  comes from one dataset drawn with the release's probabilities; gradients are
   zeroed between steps, so tasks never mix in one update;
 - loss: MSE between predicted and target latents over valid latent elements,
   a latent pixel being valid when its whole VAE window is (``~maxpool(~valid)``);
@@ -54,7 +54,7 @@ LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
 
 @dataclass
 class TrainConfig:
-    """Every number of a training run; defaults are the reference's (the ``paper`` preset)."""
+    """Every number of a training run; defaults are the release's (the ``paper`` preset)."""
 
     kind: str = "single_stream"  # or "multi_stream"; a single-task baseline is single_stream with one task
     tasks: list = field(default_factory=lambda: list(TASK_NAMES))
@@ -73,12 +73,12 @@ class TrainConfig:
     decay_to: float = 0.01
     grad_clip: float = 5.0
     seed: int = 2024
-    mixed_precision: str = "no"  # "no" (fp32, the reference), "fp16", "bf16"
+    mixed_precision: str = "no"  # "no" (fp32, the release), "fp16", "bf16"
     checkpoint_every: int = 500
     backup_every: int = 1000
     output_dir: str = "outputs/run/single_stream"
     augment: bool = True
-    loss: str = "latent"  # the reference's latent MSE; "pixel" = per-task pixel-space losses (loss ablation)
+    loss: str = "latent"  # the release's latent MSE; "pixel" = per-task pixel-space losses (loss ablation)
     cache_latents: bool = False  # keep frozen-VAE latents of targets (and of un-jittered images) in memory
     normals: str = "as_stored"  # the release; "facing": negated to face the camera (stablemtl.options)
     target_order: str = "normalise_then_resize"  # the release; or "resize_then_normalise"
@@ -124,7 +124,7 @@ class TrainConfig:
             raise ValueError("a multi-stream model needs at least 2 tasks")
         self.accumulation(num_processes)
         if self.loss not in ("latent", "pixel"):
-            raise ValueError(f"loss must be 'latent' (the reference) or 'pixel', got {self.loss!r}")
+            raise ValueError(f"loss must be 'latent' (the release) or 'pixel', got {self.loss!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         for name in ("normals", "target_order", "invalid_targets"):

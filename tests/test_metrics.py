@@ -252,7 +252,7 @@ def test_delta_m_hand_case_and_terms():
 
 
 def test_delta_m_of_the_papers_headline_numbers():
-    # REFERENCE section 7, six headline metrics (the paper also uses others, so its -1.57 differs)
+    # docs/method.md "Published numbers", six headline metrics (the paper also uses others, so its -1.57 differs)
     single_task = {"miou": 48.17, "mean": 22.27, "abs_rel": 14.21, "epe": 10.36, "epe3d": 0.2735, "rmse": 0.2551}
     single_stream = {"miou": 52.57, "mean": 23.94, "abs_rel": 15.64, "epe": 12.76, "epe3d": 0.2618, "rmse": 0.2077}
     expected = np.mean([(52.57 - 48.17) / 48.17, -(23.94 - 22.27) / 22.27, -(15.64 - 14.21) / 14.21,

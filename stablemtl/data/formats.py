@@ -365,7 +365,7 @@ def write_vkitti_flow(path, flow, valid) -> Path:
 def read_vkitti_scene_flow(path) -> tuple[np.ndarray, np.ndarray]:
     """vKITTI 2 forward-scene-flow PNG: (2 / 65535 * RGB - 1) * 10 m.
 
-    The file has no validity flag, so ``valid`` is all True here; the reference
+    The file has no validity flag, so ``valid`` is all True here; the release
     masks scene flow with the forward-flow file's valid mask (B > 0).
     """
     img = _read_png(path, np.uint16, 3, "a vKITTI 2 16-bit RGB scene-flow PNG")

@@ -199,7 +199,7 @@ def _write_diode(root: Path, i: int, s: dict, spec: dict):
     valid = (depth > 0.6) & (depth < 350)
     formats.write_diode_depth(root / f"{stem}_depth.npy", np.where(valid, depth, 0.0))
     formats.write_diode_mask(root / f"{stem}_depth_mask.npy", valid)
-    # DIODE stores (-nx, ny, nz) of the reference convention (normals away from the camera); no normal = 0
+    # DIODE stores (-nx, ny, nz) of the release's convention (normals away from the camera); no normal = 0
     formats.write_diode_normal(root / f"{stem}_normal.npy", np.where((depth > 0)[..., None], -s["normal"], 0.0))
     return {"diode_val_all_filename_list.txt": [f"{stem}.png {stem}_depth.npy {stem}_depth_mask.npy"]}, f"{stem}.png"
 

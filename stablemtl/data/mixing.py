@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from stablemtl.tasks import TASK_NAMES
 
-# task -> {dataset: probability}, the reference's training mix
+# task -> {dataset: probability}, the release's training mix
 TASK_DATASET_PROBS = {
     "albedo": {"hypersim": 1.0},
     "shading": {"hypersim": 1.0},

@@ -133,7 +133,7 @@ class Source(Dataset):
         self.split = split
         self.resolution = None if resolution is None else (int(resolution[0]), int(resolution[1]))
         if rgb_resize not in ("nearest-exact", "antialias"):
-            raise ValueError(f"rgb_resize must be 'nearest-exact' (reference) or 'antialias', got {rgb_resize!r}")
+            raise ValueError(f"rgb_resize must be 'nearest-exact' (the release) or 'antialias', got {rgb_resize!r}")
         self.rgb_resize = rgb_resize
         self.resize_targets = resize_targets
         self.normals = options.check("normals", normals)

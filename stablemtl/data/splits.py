@@ -16,7 +16,7 @@ from pathlib import Path
 from stablemtl.data import formats
 from stablemtl.data.sources import HYPERSIM_LISTS, REPO_SPLITS, SOURCES, DatasetLayoutError
 
-VKITTI_SCENES = ("Scene02", "Scene06", "Scene18", "Scene20")  # Scene01 is held out by the reference
+VKITTI_SCENES = ("Scene02", "Scene06", "Scene18", "Scene20")  # Scene01 is held out by the release
 VKITTI_VARIATIONS = ("15-deg-left", "15-deg-right", "clone", "morning", "overcast", "sunset")  # no fog, rain
 
 
@@ -94,7 +94,7 @@ def cityscapes_lines(root: Path) -> dict[str, list[str]]:
 
 def kitti_depth_lines(root: Path, eigen_list=None) -> dict[str, list[str]]:
     """With ``eigen_list`` (the Eigen test file list: one image path per line, optional further
-    columns), follow it and write ``None`` where the ground truth is missing, as the reference's list.
+    columns), follow it and write ``None`` where the ground truth is missing, as the release's list.
     Without it, list every image with ground truth under ``root`` (not the official split)."""
     if eigen_list is not None:
         images = [line.split()[0] for line in Path(eigen_list).read_text().splitlines() if line.strip()]

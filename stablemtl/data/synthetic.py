@@ -8,7 +8,7 @@ against primitives (quads, boxes, spheres, capped cylinders) placed by rigid
 poses at time 1 and time 2; from the hits come
 
 - geometry: planar depth z, camera-frame unit normals facing the camera,
-  semantic classes (the reference's 8; ignore where none fits);
+  semantic classes (the release's 8; ignore where none fits);
 - appearance: albedo from solid procedural textures attached to each object
   (they move with it), shading = ambient + Lambertian lights with cast shadows,
   RGB = albedo x shading, plus a Blinn-Phong highlight on glossy materials whose
@@ -41,7 +41,7 @@ from stablemtl.metrics import IGNORE_INDEX
 KINDS = ("indoor", "street", "flying")
 DOMAINS = ("train", "real")
 
-# Semantic ids of the reference's 8 classes.
+# Semantic ids of the release's 8 classes.
 ROAD, BUILDING, POLE, LIGHT, SIGN, VEGETATION, SKY, VEHICLE = range(8)
 
 _EPS = 1e-6
@@ -345,7 +345,7 @@ def _street(rng, domain: str) -> tuple[list, dict]:
     eye = np.eye(3)
     road_half = rng.uniform(3.5, 5.0)
     add("quad", (road_half, 45.0), eye, np.array([0, cam_h, 40.0]), ROAD, _material(rng, domain, [0.35, 0.33, 0.38], 0.1))
-    for side in (-1, 1):  # sidewalks / terrain: ignore in the reference's 8-class map
+    for side in (-1, 1):  # sidewalks / terrain: ignore in the release's 8-class map
         add("quad", (4.0, 45.0), eye, np.array([side * (road_half + 4.0), cam_h - 0.12, 40.0]), IGNORE_INDEX,
             _material(rng, domain, [0.55, 0.5, 0.45], 0.2))
         z = rng.uniform(-2, 4)

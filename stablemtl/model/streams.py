@@ -386,7 +386,7 @@ class MultiStream(nn.Module):
         return self.predict_latents(z_image, z_next, tasks)
 
     def predict_latents_reference(self, z_image, z_next, tasks) -> torch.Tensor:
-        """The reference's scheme, for comparison: per main task, one auxiliary pass per other task."""
+        """The release's scheme, for comparison: per main task, one auxiliary pass per other task."""
         tasks = _check_tasks(tasks, self.tasks)
         outs = []
         for task in tasks:
