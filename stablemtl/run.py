@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import stablemtl
+from stablemtl import options
 from stablemtl import study as S
 from stablemtl.presets import yaml_numbers
 
@@ -183,6 +184,11 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
             valid = sorted({k for d in declared.values() for k in d} - set(RUNNER_PARAMETERS))
             raise RunError(f"unknown parameter {key!r} for stage(s) {', '.join(stages)}; "
                            f"the notebooks declare: {', '.join(valid)}")
+        if key in options.OPTIONS and parameters[key] is not None:  # a release-parity option: check it now
+            try:
+                options.check(key, parameters[key])
+            except ValueError as err:
+                raise RunError(str(err)) from None
     paths = {k: parameters.get(k) for k in ("data_root", "output_root", "results_root", "base_dir")}
     paths["results_root"] = paths["results_root"] or results_root
     paths["output_root"] = paths["output_root"] or output_root

@@ -114,6 +114,8 @@ def test_unknown_or_runner_parameters_are_rejected_before_any_work(in_project):
         run_study("smoke", only="03", parameters={"iteration": 5}, run_name="typo", progress=False)
     with pytest.raises(RunError, match="--run-name"):
         run_study("smoke", parameters={"run_name": "x"}, progress=False)
+    with pytest.raises(RunError, match=r"normals='bogus' is not a valid choice; valid: 'as_stored', 'facing'"):
+        run_study("smoke", parameters={"normals": "bogus"}, run_name="typo", progress=False)
     with pytest.raises(RunError, match="unknown preset 'nope'"):
         run_study("nope", progress=False)
     with pytest.raises(RunError, match="unknown stage '09'"):
