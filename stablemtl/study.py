@@ -353,7 +353,7 @@ def train_config(study: Study, kind: str, **overrides):
     A multi stream learns the normals in the convention of the single stream it starts from."""
     import json
 
-    from stablemtl.model.streams import MODEL_FILE
+    from stablemtl.model.streams import MODEL_FILE, saved_normals
     from stablemtl.train import preset_config
 
     values = {k: v for k, v in overrides.items() if v is not None}
@@ -364,7 +364,7 @@ def train_config(study: Study, kind: str, **overrides):
         values.setdefault("init", str(study.model_dir("single_stream")))
         record = Path(values["init"]) / MODEL_FILE
         if "normals" not in values and record.is_file():
-            values["normals"] = json.loads(record.read_text()).get("normals", "facing")
+            values["normals"] = saved_normals(json.loads(record.read_text()))
     return preset_config(study.preset, kind, **values)
 
 

@@ -5,8 +5,6 @@ the real datasets' formats and sizes and read through the kit's loaders, so a ch
 loader, an encoding or the protocol that drifts from the release fails here.
 """
 
-import math
-
 import cv2
 import numpy as np
 import pytest
@@ -397,4 +395,3 @@ def test_every_option_defaults_to_the_release_and_rejects_unknown_values():
     assert T.TrainConfig().target_order == "normalise_then_resize"
     with pytest.raises(ValueError, match="normals='inward'"):
         T.TrainConfig(normals="inward", base=".", data_root=".").validate()
-    assert math.isclose(T.lr_factor(0, 2, 10, 0.01), 0.0)

@@ -458,6 +458,12 @@ def model_fingerprint(model) -> str:
     return f"{model.kind}:{','.join(model.tasks)}:{model.normals}:{module_fingerprint(modules)}"
 
 
+def saved_normals(config: dict) -> str:
+    """The normal convention a saved model's ``stablemtl_model.json`` records; checkpoints written
+    before the convention was recorded were trained on camera-facing normals."""
+    return config.get("normals", "facing")
+
+
 def load_model(path, base=None, expect: str | None = None):
     """Load a saved ``SingleStream`` or ``MultiStream`` (safetensors + JSON only; nothing is unpickled).
 
@@ -483,8 +489,7 @@ def load_model(path, base=None, expect: str | None = None):
             raise ValueError(f"{path}: no base directory recorded; pass base=")
         base = load_base(base_dir)
     kw = dict(local_files_only=True)
-    # checkpoints written before the convention was recorded were trained on camera-facing normals
-    normals = config.get("normals", "facing")
+    normals = saved_normals(config)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
     if kind == SingleStream.kind:
         return SingleStream(unet, base.vae, base.text_encoder, base.tokenizer, config["tasks"], base.path, normals)
