@@ -7,7 +7,6 @@ Prints one JSON object:
 - ``demo_write_s``: wall time of ``write_mini_datasets(tmp, "demo")`` from
   scratch with the default worker count (target: under 120 s on 2 CPU cores),
   ``demo_images`` and ``demo_bytes``;
-- ``cached_rerun_s``: the same call again (everything is current: only checks);
 - ``parallel_speedup``: single-process render time of all demo images divided by
   ``demo_write_s`` (includes the file encoding in the latter).
 
@@ -45,9 +44,6 @@ def main() -> None:
         start = time.perf_counter()
         roots = mini.write_mini_datasets(tmp, args.preset, progress=False)
         write_s = time.perf_counter() - start
-        start = time.perf_counter()
-        mini.write_mini_datasets(tmp, args.preset, progress=False)
-        rerun_s = time.perf_counter() - start
         n_bytes = sum(p.stat().st_size for root in roots.values() for p in Path(root).rglob("*") if p.is_file())
     print(json.dumps({
         "preset": args.preset,
@@ -56,7 +52,6 @@ def main() -> None:
         "demo_write_s": round(write_s, 1),
         "demo_images": sum(mini._count(n, s) for n, s in specs.items()),
         "demo_bytes": n_bytes,
-        "cached_rerun_s": round(rerun_s, 3),
         "parallel_speedup": round(serial_estimate / write_s, 2),
         "per_dataset": per_dataset,
     }, indent=1))

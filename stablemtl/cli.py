@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 import stablemtl
 
@@ -51,12 +52,12 @@ def _self_check() -> list[str]:
         elif name == "semantic":
             err = float((out != ann).float().mean())
             how = "fraction of wrong class ids"
-        elif name in ("optical_flow", "scene_flow"):
+        elif name in tasks.FLOW_TASKS:
             o, a = out[0].permute(1, 2, 0).numpy(), ann[0].permute(1, 2, 0).numpy()
             err = float(np.abs(metrics.align_flow_nnls(o, a, valid[0, 0].numpy()) - a).max())
             how = "max |scale-aligned - flow|"
         elif name == "shading":
-            grey = (ann * torch.tensor(tasks.SHADING_WEIGHTS)[None, :, None, None]).sum(1, keepdim=True)
+            grey = tasks.to_grey(ann, dim=1, keepdim=True)
             err = float((out - grey).abs().max())
             how = "max |output - grey shading|"
         else:
@@ -67,29 +68,32 @@ def _self_check() -> list[str]:
 
 
 def _study(args):
-    from stablemtl import study
+    import os
 
-    return study.context(args.preset, data_root=args.root, base_dir=args.out)
+    from stablemtl.paths import context
+
+    for variable, folder in (("DATA_DIR", args.root), ("BASE_DIR", args.out)):
+        if folder:
+            os.environ[variable] = str(Path(folder).resolve())
+    return context(args.preset)
 
 
 def cmd_data(args) -> int:
-    """Write (or reuse) the procedural mini datasets (or check the real ones) and summarise them."""
-    from stablemtl import study
+    """Stage 01's work alone: write the procedural mini datasets (or check the real ones); summarise them."""
+    from stablemtl import views
+    from stablemtl.data import prepare_data
 
-    s = _study(args)
-    roots = study.prepare_data(s)
-    print(study.dataset_table(roots).to_string())
+    print(views.dataset_table(prepare_data(_study(args))).to_string())
     return 0
 
 
 def cmd_base(args) -> int:
-    """Build (or reuse) the tiny base model and print its build report."""
-    from stablemtl import study
+    """Stage 02's work alone: build the tiny base model (or check SD2) and print its build report."""
+    from stablemtl.model.base import describe, prepare_base
 
-    s = _study(args)
-    out = study.build_base(s)
+    out = prepare_base(_study(args), progress=False)
     print(f"base model ready in {out}")
-    print(study.base_report(s))
+    print(describe(out))
     return 0
 
 
@@ -139,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun the selected stages even when complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
-    for name, func, text in (("data", cmd_data, "write the procedural mini datasets (cached) or check real ones"),
-                             ("base", cmd_base, "build the tiny base model (cached)")):
+    for name, func, text in (("data", cmd_data, "stage 01's work alone: write the procedural mini datasets "
+                                                "or check the real ones"),
+                             ("base", cmd_base, "stage 02's work alone: build the tiny base model or check SD2")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--preset", default="demo", help=f"{presets} (default demo) or a preset YAML path")
         p.add_argument("--root", default=None,
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="check the task encodings on synthetic annotations").set_defaults(func=cmd_check)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
-    from stablemtl.study import StageError
+    from stablemtl.paths import StageError
 
     try:
         return args.func(args)

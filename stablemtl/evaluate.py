@@ -38,8 +38,7 @@ import numpy as np
 import torch
 
 from stablemtl import metrics, options
-from stablemtl.tasks import SHADING_WEIGHTS, get_task
-from stablemtl.model.streams import FLOW_TASKS
+from stablemtl.tasks import FLOW_TASKS, get_task, to_grey
 
 # bump when a change of the kit changes what a cached prediction holds (decoding, resizing, ground truth)
 PROTOCOL_VERSION = 2
@@ -57,6 +56,11 @@ class Benchmark:
     resolution: tuple[int, int]  # the release's evaluation resolution
     depth_range: tuple[float, float] | None = None
     native_units: bool = False  # KITTI flow: flow values stay in the ground truth's full-resolution pixels
+
+    @property
+    def headline(self) -> str:
+        """The benchmark's headline metric (``metrics.HEADLINE`` of its task)."""
+        return metrics.HEADLINE[self.task]
 
 
 BENCHMARKS = {b.name: b for b in (
@@ -95,8 +99,7 @@ def ground_truth(sample: dict, task: str) -> tuple[np.ndarray, np.ndarray]:
     """The metric's ground truth and mask: grey shading for shading, class ids, metric depth, ..."""
     gt, valid = sample[task], sample[f"{task}_valid"][0].numpy()
     if task == "shading":
-        w = torch.tensor(SHADING_WEIGHTS)[:, None, None]
-        return (gt * w).sum(0).numpy(), valid
+        return to_grey(gt).numpy(), valid
     return _hwc(gt), valid
 
 
@@ -129,20 +132,16 @@ def trivial_prediction(sample: dict, task: str, majority_class: int = 0, normals
         return torch.zeros(1, 3, h, w)
     if task == "albedo":
         return rgb[None].clone()
-    return (rgb * torch.tensor(SHADING_WEIGHTS)[:, None, None]).sum(0)[None, None]
+    return to_grey(rgb)[None, None]
 
 
 def vae_ceiling_prediction(sample: dict, task: str, frozen) -> torch.Tensor:
     """The ground truth encoded as the task's target, through the frozen VAE, decoded as a prediction."""
+    from stablemtl.model.base import vae_roundtrip
+
     t = get_task(task)
     target, _ = t.encode(sample[task][None], sample[f"{task}_valid"][None])
-    factor = frozen.vae_factor
-    h, w = target.shape[-2:]
-    ph, pw = (-h) % factor, (-w) % factor
-    padded = torch.nn.functional.pad(target, (0, pw, 0, ph), mode="replicate")
-    with torch.no_grad():
-        recon = frozen.vae.decode(frozen.vae.encode(padded).latent_dist.mean).sample[..., :h, :w]
-    return t.decode(recon)
+    return t.decode(vae_roundtrip(frozen.vae, target))
 
 
 class _CsvRows:
@@ -192,6 +191,101 @@ def _open_cache(cache: Path, key: dict) -> None:
         record.write_text(json.dumps(key, indent=1) + "\n")
 
 
+class _Predictor:
+    """What ``evaluate`` scores: a model (through its pipeline), a reference row or a custom function,
+    with its kind, name, normal convention, the fingerprint of its weights (the cache key) and the
+    tasks it predicts (``None``: any)."""
+
+    def __init__(self, model, model_name=None, expect_kind=None, fingerprint=None, normals=None):
+        from stablemtl.model.pipeline import StableMTLPipeline
+        from stablemtl.model.streams import load_model, model_fingerprint, module_fingerprint
+
+        self.model, self.tasks, self.memo = model, None, {}
+        if isinstance(model, tuple) and model and model[0] == "vae_ceiling":
+            self.kind, self.frozen = "vae_ceiling", model[1]
+            self.weights = "vae_ceiling:" + module_fingerprint({"vae": self.frozen.vae})
+        elif isinstance(model, str) and model == "trivial":
+            self.kind, self.weights = "trivial", "trivial"
+        elif callable(model) and not isinstance(model, torch.nn.Module):
+            self.kind, self.weights = "custom", fingerprint  # a function (sample, task) -> prediction [1, C, h, w]
+            if model_name is None:
+                raise ValueError("give a model_name for a custom predictor")
+        else:
+            if isinstance(model, (str, Path)):
+                model = load_model(model, expect=expect_kind)
+            elif expect_kind is not None and model.kind != expect_kind:
+                raise ValueError(f"the model is a {model.kind!r} model, not a {expect_kind!r} one")
+            self.kind, self.tasks, self.weights = model.kind, list(model.tasks), model_fingerprint(model)
+            self.pipe = StableMTLPipeline.from_model(model)
+            normals = model.normals if normals is None else normals
+        self.normals = options.check("normals", normals or "as_stored")
+        self.name = model_name or self.kind
+
+    def predicts(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
+
+    def __call__(self, sample: dict, task: str, key: tuple, shared: list[str]) -> torch.Tensor:
+        """The prediction ``[1, C, h, w]`` of ``task`` for ``sample``. A model predicts the ``shared``
+        tasks of the same image (``key``) in one pipeline call and hands them out one by one."""
+        if self.kind == "trivial":
+            return trivial_prediction(sample, task, 0, self.normals)  # class 0, road: the majority class
+        if self.kind == "vae_ceiling":
+            return vae_ceiling_prediction(sample, task, self.frozen)
+        if self.kind == "custom":
+            return self.model(sample, task)
+        if task not in self.memo.get(key, {}):
+            nxt = sample["rgb_next"][None] if "rgb_next" in sample else None
+            tasks = [t for t in shared if nxt is not None or t not in FLOW_TASKS]
+            self.memo[key] = self.pipe(sample["rgb"][None], tasks=tasks, next_images=nxt).predictions
+        out = self.memo[key].pop(task)
+        if not self.memo[key]:
+            del self.memo[key]  # every shared benchmark has taken its prediction
+        return out
+
+
+def _cached(file: Path, expected_id: str) -> dict | None:
+    """A cached prediction (``pred``, ``gt``, ``valid``, ``id``) of the image ``expected_id``, if any."""
+    if not file.is_file():
+        return None
+    with np.load(file, allow_pickle=False) as npz:
+        stored = {k: npz[k] for k in ("pred", "gt", "valid", "id")}
+    return stored if str(stored["id"]) == expected_id else None  # else the split changed under the cache
+
+
+def _score(b: Benchmark, predictor: _Predictor, source, cache: Path, n: int, shared: list[str], size, silog: str,
+           progress: bool) -> tuple[dict, int, list[dict]]:
+    """Predict (or read from ``cache``) and score the first ``n`` images of benchmark ``b``; returns the
+    dataset-level metrics, the number of images scored and per-image rows (without run and model)."""
+    from tqdm.auto import tqdm
+
+    acc = _accumulator(b, silog)
+    rows = []
+    for i in tqdm(range(n), desc=f"{predictor.name} / {b.name}", disable=not progress, leave=False):
+        file = cache / f"{i:05d}.npz"
+        stored = _cached(file, source.entries[i][0])
+        if stored is not None:
+            pred, gt, valid, sample_id = stored["pred"], stored["gt"], stored["valid"], str(stored["id"])
+        else:
+            sample = source[i]
+            gt, valid = ground_truth(sample, b.task)
+            out = predictor(sample, b.task, (b.dataset, size, i), shared)
+            pred = _hwc(_resize(out, gt.shape[:2], b.task)[0])
+            sample_id = sample["id"]
+            np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),
+                                rgb=(sample["rgb"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        result = acc.update(pred, gt, valid)[0]
+        for metric, value in (result or {}).items():
+            if not isinstance(value, (list, tuple, dict, np.ndarray)):
+                rows.append({"benchmark": b.name, "index": i, "id": sample_id, "metric": metric,
+                             "value": _value(value)})
+    summary = acc.compute()
+    if "iou" in summary:  # per-class IoU of the semantic benchmark, one row per class
+        from stablemtl.tasks import SEMANTIC_CLASSES
+
+        summary.update({f"iou_{c.replace(' ', '_')}": v for c, v in zip(SEMANTIC_CLASSES, summary.pop("iou"))})
+    return summary, acc.n_images, rows
+
+
 def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name: str | None = None,
              resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
              expect_kind: str | None = None, normals: str | None = None, silog: str = "x100",
@@ -208,121 +302,44 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
     when they come from the same weights, data, resolution and protocol; a custom predictor's are
     reused only when it has a ``fingerprint``.
     """
-    from tqdm.auto import tqdm
-
     from stablemtl.data.sources import SOURCES
-    from stablemtl.model.pipeline import StableMTLPipeline
-    from stablemtl.model.streams import load_model, model_fingerprint, module_fingerprint
 
     options.check("silog", silog)
     options.check("flow_scoring", flow_scoring)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    frozen = None
-    if isinstance(model, tuple) and model and model[0] == "vae_ceiling":
-        kind, frozen = "vae_ceiling", model[1]
-        weights = "vae_ceiling:" + module_fingerprint({"vae": frozen.vae})
-    elif isinstance(model, str) and model == "trivial":
-        kind, weights = "trivial", "trivial"
-    elif callable(model) and not isinstance(model, torch.nn.Module):
-        kind, weights = "custom", fingerprint  # a function (sample, task) -> prediction [1, C, h, w]
-        if model_name is None:
-            raise ValueError("give a model_name for a custom predictor")
-    else:
-        if isinstance(model, (str, Path)):
-            model = load_model(model, expect=expect_kind)
-        elif expect_kind is not None and model.kind != expect_kind:
-            raise ValueError(f"the model is a {model.kind!r} model, not a {expect_kind!r} one")
-        kind = model.kind
-        pipe = StableMTLPipeline(model)
-        weights = model_fingerprint(model)
-        if normals is None:
-            normals = model.normals
-    normals = options.check("normals", normals or "as_stored")
-    name = model_name or kind
+    predictor = _Predictor(model, model_name, expect_kind, fingerprint, normals)
+    name = predictor.name
     benchmarks = [get_benchmark(b) if isinstance(b, str) else b for b in benchmarks]
+    mine = lambda r: r["run"] == run and r["model"] == name and r["benchmark"] in {b.name for b in benchmarks}  # noqa: E731
     metrics_csv = _CsvRows(out_dir / "metrics.csv", METRIC_FIELDS)
     samples_csv = _CsvRows(out_dir / "per_sample.csv", SAMPLE_FIELDS)
-    metric_rows = [r for r in metrics_csv.read() if not (r["run"] == run and r["model"] == name
-                                                         and r["benchmark"] in {b.name for b in benchmarks})]
-    sample_rows = [r for r in samples_csv.read() if not (r["run"] == run and r["model"] == name
-                                                         and r["benchmark"] in {b.name for b in benchmarks})]
-    def size_of(b):
-        return tuple((resolution or {}).get(b.name, b.resolution))
-
-    # benchmarks on the same images (DIODE depth + normal, KITTI flow + scene flow, MID albedo +
-    # shading) share one pipeline call per image: the multi stream's auxiliary pass is the same
-    memo: dict[tuple, dict] = {}
+    metric_rows = [r for r in metrics_csv.read() if not mine(r)]
+    sample_rows = [r for r in samples_csv.read() if not mine(r)]
+    size_of = lambda b: tuple((resolution or {}).get(b.name, b.resolution))  # noqa: E731
     for b in benchmarks:
-        cls = SOURCES[b.dataset]
-        root = Path(data_root) / cls.root_hint
-        size = size_of(b)
-        later = benchmarks[benchmarks.index(b):]
-        shared = [o.task for o in later if o.dataset == b.dataset and size_of(o) == size
-                  and (kind not in ("single_stream", "multi_stream") or o.task in model.tasks)]
-        native = b.native_units and flow_scoring == "native"
-        source = cls(root, tasks=[b.task], resolution=size, resize_targets=not native,
-                     rescale_flow=not b.native_units, normals=normals)
-        if kind in ("single_stream", "multi_stream") and b.task not in model.tasks:
-            raise ValueError(f"model {name!r} does not predict {b.task!r} (it has {model.tasks})")
-        acc = _accumulator(b, silog)
+        if not predictor.predicts(b.task):
+            raise ValueError(f"model {name!r} does not predict {b.task!r} (it has {predictor.tasks})")
+        cls, size = SOURCES[b.dataset], size_of(b)
+        # benchmarks on the same images (DIODE depth + normal, KITTI flow + scene flow, MID albedo +
+        # shading) share one pipeline call per image: the multi stream's auxiliary pass is the same
+        shared = [o.task for o in benchmarks[benchmarks.index(b):]
+                  if o.dataset == b.dataset and size_of(o) == size and predictor.predicts(o.task)]
+        source = cls(Path(data_root) / cls.root_hint, tasks=[b.task], resolution=size,
+                     resize_targets=not (b.native_units and flow_scoring == "native"),
+                     rescale_flow=not b.native_units, normals=predictor.normals)
         cache = out_dir / "predictions" / name / b.name
         cache.mkdir(parents=True, exist_ok=True)
-        _open_cache(cache, _cache_key(b, weights, source, size, normals, flow_scoring))
+        _open_cache(cache, _cache_key(b, predictor.weights, source, size, predictor.normals, flow_scoring))
         n = len(source) if max_images is None else min(len(source), max_images)
-        majority = 0  # road: the most frequent class of street scenes (the trivial semantic prediction)
-        for i in tqdm(range(n), desc=f"{name} / {b.name}", disable=not progress, leave=False):
-            file = cache / f"{i:05d}.npz"
-            sample = None
-            stored = None
-            if file.is_file():
-                with np.load(file, allow_pickle=False) as npz:
-                    stored = {k: npz[k] for k in ("pred", "gt", "valid", "id")}
-                if str(stored["id"]) != source.entries[i][0]:  # the split changed under the cache
-                    stored = None
-            if stored is not None:
-                pred, gt, valid, sample_id = stored["pred"], stored["gt"], stored["valid"], str(stored["id"])
-            else:
-                sample = source[i]
-                gt, valid = ground_truth(sample, b.task)
-                if kind == "trivial":
-                    out = trivial_prediction(sample, b.task, majority, normals)
-                elif kind == "vae_ceiling":
-                    out = vae_ceiling_prediction(sample, b.task, frozen)
-                elif kind == "custom":
-                    out = model(sample, b.task)
-                else:
-                    key = (b.dataset, size, i)
-                    if b.task not in memo.get(key, {}):
-                        nxt = sample["rgb_next"][None] if "rgb_next" in sample else None
-                        tasks = [t for t in shared if nxt is not None or t not in FLOW_TASKS]
-                        memo[key] = pipe(sample["rgb"][None], tasks=tasks, next_images=nxt)
-                    out = memo[key].pop(b.task)
-                    if not memo[key]:
-                        del memo[key]  # every shared benchmark has taken its prediction
-                pred = _hwc(_resize(out, gt.shape[:2], b.task)[0])
-                sample_id = sample["id"]
-                np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),
-                                    rgb=(sample["rgb"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-            result = acc.update(pred, gt, valid)[0]
-            if result is not None:
-                for metric, value in result.items():
-                    if not isinstance(value, (list, tuple, dict, np.ndarray)):
-                        sample_rows.append({"run": run, "model": name, "benchmark": b.name, "index": i,
-                                            "id": sample_id, "metric": metric, "value": _value(value)})
-        summary = acc.compute()
-        if "iou" in summary:  # per-class IoU of the semantic benchmark, one row per class
-            from stablemtl.tasks import SEMANTIC_CLASSES
-
-            summary.update({f"iou_{c.replace(' ', '_')}": v for c, v in zip(SEMANTIC_CLASSES, summary.pop("iou"))})
-        n_images = acc.n_images
+        summary, n_images, rows = _score(b, predictor, source, cache, n, shared, size, silog, progress)
+        sample_rows += [{"run": run, "model": name, **r} for r in rows]
         for metric, value in summary.items():
-            if isinstance(value, (list, tuple, dict, np.ndarray)):
-                continue
-            metric_rows.append({"run": run, "model": name, "benchmark": b.name, "dataset": b.dataset, "task": b.task,
-                                "metric": metric, "value": _value(value),
-                                "higher_is_better": metrics.HIGHER_IS_BETTER.get(metric, metric.startswith("iou_")),
-                                "n_images": n_images})
+            if not isinstance(value, (list, tuple, dict, np.ndarray)):
+                metric_rows.append({"run": run, "model": name, "benchmark": b.name, "dataset": b.dataset,
+                                    "task": b.task, "metric": metric, "value": _value(value),
+                                    "higher_is_better": metrics.HIGHER_IS_BETTER.get(metric, metric.startswith("iou_")),
+                                    "n_images": n_images})
     metrics_csv.write(metric_rows)
     samples_csv.write(sample_rows)
     return out_dir
@@ -339,6 +356,46 @@ def evaluate_single_task(models: dict, out_dir, data_root, run: str = "run", **k
         evaluate(model, benchmarks_of(task), out_dir, data_root, run=run, model_name="single_task",
                  expect_kind=None if not isinstance(model, (str, Path)) else "single_stream", **kwargs)
     return Path(out_dir)
+
+
+MODELS = ("trivial", "single_stream", "multi_stream")  # the rows of a run's evaluation (stage 05)
+
+
+def evaluate_run(study, models=MODELS, benchmarks=None, max_images=None, progress: bool = True,
+                 silog: str | None = None, flow_scoring: str | None = None) -> Path:
+    """Stage 05: evaluate ``models`` (names of ``MODELS``) of a run on its benchmarks into ``results/<run>``.
+
+    A model trained on fewer tasks (a single-task baseline) meets only their benchmarks;
+    ``max_images`` limits each benchmark; ``silog`` and ``flow_scoring`` (None: the release's)
+    choose the protocol options of ``stablemtl.options``. Cached predictions are reused only when
+    they come from the same weights, data and protocol (``evaluate``).
+    """
+    import json
+
+    from stablemtl.model.streams import MODEL_FILE
+    from stablemtl.paths import require
+
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
+    require(study, "01", *(["03"] if "single_stream" in models else []), *(["04"] if "multi_stream" in models else []))
+    benchmarks = [get_benchmark(b).name for b in (benchmarks or BENCHMARKS)]
+    resolution = (study.preset.get("evaluate") or {}).get("resolution")
+    protocol = {k: v for k, v in (("silog", silog), ("flow_scoring", flow_scoring)) if v is not None}
+    study.results_dir.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        source, chosen = "trivial", benchmarks
+        if name != "trivial":
+            source = study.model_dir(name)
+            trained = json.loads((source / MODEL_FILE).read_text()).get("tasks") or []
+            chosen = [b for b in benchmarks if BENCHMARKS[b].task in trained]
+            if not chosen:
+                print(f"{name}: trained on {trained}, none of the benchmarks {benchmarks}; skipped")
+                continue
+        evaluate(source, chosen, study.results_dir, study.data_root, run=study.run, model_name=name,
+                 resolution=resolution, max_images=max_images, progress=progress,
+                 expect_kind=None if name == "trivial" else name, **protocol)
+    return study.results_dir
 
 
 def read_metrics(results_dir) -> list[dict]:

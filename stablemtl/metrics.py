@@ -41,6 +41,9 @@ HIGHER_IS_BETTER = {
 }
 
 
+# the headline metric of each task: the paper's table columns, Delta_m and the VAE ceiling
+HEADLINE = {"depth": "abs_rel", "normal": "mean", "semantic": "miou", "optical_flow": "epe", "scene_flow": "epe3d",
+            "albedo": "rmse", "shading": "rmse"}
 IGNORE_INDEX = 250  # the semantic "ignore" label, shared by tasks, formats and metrics
 
 

@@ -23,20 +23,17 @@ from stablemtl import metrics
 from stablemtl.evaluate import BENCHMARKS, read_metrics
 
 MODEL_ORDER = ("trivial", "single_task", "single_stream", "multi_stream", "vae_ceiling")
-# (benchmark, metric, column title, display factor): docs/method.md, "Published numbers"
-HEADLINE = (
-    ("cityscapes_semantic", "miou", "Cityscapes mIoU", 100.0),
-    ("diode_normal", "mean", "DIODE normal mean", 1.0),
-    ("kitti_depth", "abs_rel", "KITTI AbsRel x100", 100.0),
-    ("kitti_flow", "epe", "KITTI flow EPE", 1.0),
-    ("kitti_scene_flow", "epe3d", "KITTI scene-flow EPE3D", 1.0),
-    ("mid_albedo", "rmse", "MID albedo RMSE", 1.0),
+# (benchmark, column title, display factor) of the published columns: docs/method.md, "Published numbers"
+COLUMNS = (
+    ("cityscapes_semantic", "Cityscapes mIoU", 100.0),
+    ("diode_normal", "DIODE normal mean", 1.0),
+    ("kitti_depth", "KITTI AbsRel x100", 100.0),
+    ("kitti_flow", "KITTI flow EPE", 1.0),
+    ("kitti_scene_flow", "KITTI scene-flow EPE3D", 1.0),
+    ("mid_albedo", "MID albedo RMSE", 1.0),
 )
-DELTA_M_METRICS = (
-    ("cityscapes_semantic", "miou"), ("kitti_depth", "abs_rel"), ("diode_depth", "abs_rel"),
-    ("diode_normal", "mean"), ("kitti_flow", "epe"), ("kitti_scene_flow", "epe3d"),
-    ("mid_albedo", "rmse"), ("mid_shading", "rmse"),
-)
+# Delta_m and the target check: the headline metric of every benchmark
+DELTA_M_METRICS = tuple((name, b.headline) for name, b in BENCHMARKS.items())
 # docs/method.md, "Published numbers" (paper v2; a third-party summary): the headline columns, then Delta_m %
 PAPER_ROWS = {
     "single-task": (48.17, 22.27, 14.21, 10.36, 0.2735, 0.2551, 0.0),
@@ -84,12 +81,12 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def main_table(rows: list[dict], paper: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the main table: one headline metric per task and Delta_m %."""
     values = _values(rows)
-    header = ["model"] + [title for _, _, title, _ in HEADLINE] + ["Delta_m %"]
+    header = ["model"] + [title for _, title, _ in COLUMNS] + ["Delta_m %"]
     body = []
     for model in models_in(rows):
         cells = [model]
-        for benchmark, metric, _, factor in HEADLINE:
-            v = values.get((model, benchmark, metric))
+        for benchmark, _, factor in COLUMNS:
+            v = values.get((model, benchmark, BENCHMARKS[benchmark].headline))
             cells.append(_fmt(None if v is None else v * factor))
         dm = delta_m_terms(rows, model)
         cells.append(_fmt(None if dm is None else dm[0]))
@@ -160,10 +157,7 @@ def write_tables(results_dir, run: str | None = None) -> dict[str, Path]:
 
 def plot_training_curves(log_files: dict, out_file, smooth: int = 10):
     """Loss per task against the step for each run (``{label: train_log.csv}``), one panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, no figure left open
     import pandas as pd
 
     frames = []
@@ -175,7 +169,8 @@ def plot_training_curves(log_files: dict, out_file, smooth: int = 10):
         raise ValueError("no training log given")
     data = pd.concat(frames)
     tasks = list(dict.fromkeys(data["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks), 2.6), squeeze=False)
+    fig = Figure(figsize=(2.6 * len(tasks), 2.6))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for label, df in data[data["task"] == task].groupby("run", sort=False):
             ax.plot(df["step"], df["loss"].rolling(smooth, min_periods=1).mean(), label=label)
@@ -186,16 +181,12 @@ def plot_training_curves(log_files: dict, out_file, smooth: int = 10):
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_file, dpi=110)
-    plt.close(fig)
     return Path(out_file)
 
 
 def plot_delta_m(rows: list[dict], out_file, models=("single_stream", "multi_stream")):
     """Delta_m terms per metric (bars), one colour per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, no figure left open
     import numpy as np
 
     found = {m: delta_m_terms(rows, m) for m in models}
@@ -203,7 +194,8 @@ def plot_delta_m(rows: list[dict], out_file, models=("single_stream", "multi_str
     if not found:
         raise ValueError("Delta_m needs single_task rows and the models' rows for every metric of DELTA_M_METRICS")
     keys = [f"{b}/{m}" for b, m in DELTA_M_METRICS]
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
     width = 0.8 / len(found)
     for i, (model, (total, terms)) in enumerate(found.items()):
         ax.bar(np.arange(len(keys)) + i * width, [terms[k] for k in keys], width, label=f"{model} ({total:+.1f} %)")
@@ -213,7 +205,6 @@ def plot_delta_m(rows: list[dict], out_file, models=("single_stream", "multi_str
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_file, dpi=110)
-    plt.close(fig)
     return Path(out_file)
 
 
@@ -238,10 +229,7 @@ def colorize_cached(task: str, array, valid=None):
 
 def plot_qualitative(results_dir, out_file, models=("single_stream", "multi_stream"), index: int = 0):
     """Per benchmark: input, ground truth and each model's prediction of sample ``index``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, no figure left open
     import numpy as np
 
     results_dir = Path(results_dir)
@@ -254,7 +242,8 @@ def plot_qualitative(results_dir, out_file, models=("single_stream", "multi_stre
     if not rows:
         raise FileNotFoundError(f"{results_dir}/predictions: no cached predictions of {list(models)}")
     cols = 2 + len(models)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 1.6 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.4 * cols, 1.6 * len(rows)))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (name, task, files) in enumerate(rows):
         with np.load(next(iter(files.values()))) as first:
             images = [("input", first["rgb"]), ("ground truth", colorize_cached(task, first["gt"], first["valid"]))]
@@ -274,17 +263,67 @@ def plot_qualitative(results_dir, out_file, models=("single_stream", "multi_stre
         axes[r][0].text(-0.05, 0.5, name, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(out_file, dpi=110)
-    plt.close(fig)
     return Path(out_file)
 
 
-def write_report(results_dir, training_logs: dict | None = None, run: str | None = None) -> dict[str, Path]:
-    """Tables and every figure the inputs allow, under ``<results_dir>/tables`` and ``figures``."""
+def target_check(rows: list[dict]) -> tuple[list[dict], bool]:
+    """The demo's targets per benchmark headline metric: each trained model beats the trivial row, and
+    multi-stream is not worse than single-stream on average (mean signed relative change >= 0).
+
+    Returns (one dict per benchmark, then the row ``"mean"``; passed).
+    """
+    values = _values(rows)
+    table, ok, changes = [], True, []
+    for benchmark, metric in DELTA_M_METRICS:
+        hib = metrics.HIGHER_IS_BETTER[metric]
+        t, s, m = (values.get((model, benchmark, metric)) for model in ("trivial", "single_stream", "multi_stream"))
+        better = lambda a, b: a is not None and b is not None and (a > b if hib else a < b)  # noqa: E731
+        row = {"benchmark": benchmark, "metric": metric + (" (higher better)" if hib else " (lower better)"),
+               "trivial": t, "single_stream": s, "multi_stream": m,
+               "single beats trivial": better(s, t), "multi beats trivial": better(m, t)}
+        if s is not None and m is not None and s != 0:
+            row["multi vs single %"] = (m - s) / abs(s) * (1 if hib else -1) * 100
+            changes.append(row["multi vs single %"])
+        ok = ok and row["single beats trivial"] and row["multi beats trivial"]
+        table.append(row)
+    mean_change = sum(changes) / len(changes) if len(changes) == len(DELTA_M_METRICS) else None
+    table.append({"benchmark": "mean", "metric": "multi vs single (signed relative change)",
+                  "multi vs single %": mean_change})
+    return table, bool(ok and mean_change is not None and mean_change >= 0)
+
+
+def format_target_check(table: list[dict], passed: bool) -> str:
+    """The target check as the fixed-width text of ``summary.md`` and the end of ``stablemtl run``."""
+    f = lambda v: "-" if v is None or v != v else f"{v:.4g}"  # noqa: E731
+    mark = lambda b: "*" if b else " "  # noqa: E731
+    lines = [f"{'benchmark':<20}{'metric':<24}{'trivial':>10}{'single':>10}{'multi':>10}{'multi vs single':>17}"]
+    for r in table:
+        change = f(r.get("multi vs single %")) + " %"
+        if r["benchmark"] == "mean":
+            lines.append(f"{'mean':<20}{'':<24}{'':>30}{change:>17}")
+            continue
+        lines.append(f"{r['benchmark']:<20}{r['metric'].split(' ')[0]:<24}{f(r['trivial']):>10}"
+                     f"{f(r['single_stream']) + mark(r['single beats trivial']):>10}"
+                     f"{f(r['multi_stream']) + mark(r['multi beats trivial']):>10}{change:>17}")
+    lines.append("* = beats the trivial baseline.  Targets " + ("MET" if passed else "NOT MET") +
+                 ": both models beat trivial on every benchmark and multi-stream is not worse than single-stream "
+                 "on average.")
+    return "\n".join(lines)
+
+
+def write_report(results_dir, training_logs: dict | None = None, run: str | None = None,
+                 title: str | None = None) -> dict[str, Path]:
+    """Tables, every figure the inputs allow (``<results_dir>/tables``, ``figures``) and ``summary.md``
+    (the target check of ``run``'s rows, under the heading ``title``)."""
     results_dir = Path(results_dir)
     written = write_tables(results_dir, run)
     figures = results_dir / "figures"
     figures.mkdir(exist_ok=True)
     rows = [r for r in read_metrics(results_dir) if run is None or r["run"] == run]
+    table, passed = target_check(rows)
+    summary = results_dir / "summary.md"
+    summary.write_text(f"# {title or 'Run ' + str(run)}\n\n```\n{format_target_check(table, passed)}\n```\n")
+    written["summary.md"] = summary
     if training_logs:
         written["training_curves.png"] = plot_training_curves(training_logs, figures / "training_curves.png")
     if any(delta_m_terms(rows, m) for m in ("single_stream", "multi_stream")):

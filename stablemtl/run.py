@@ -1,23 +1,23 @@
 """``stablemtl run``: the numbered notebooks, executed in order with papermill.
 
-Each stage is a notebook of ``notebooks/``. The runner
+Each stage is a notebook of ``notebooks/``; each writes its outputs into its folder
+(``Study.stage_dir``) and, once it finished, a ``done.json`` there holding the stage's hash:
+the sha256 of its parameters (the notebook's knobs, the preset sections and folders it uses)
+and of the ``done.json`` files of the stages it reads (``READS``). One rule decides:
 
-- checks every ``-p key=value`` against the parameters the selected notebooks
-  declare in their ``parameters`` cell (papermill itself only warns);
-- checks the inputs of the first selected stage before any long work;
-- skips a stage whose outputs are complete and whose parameters are those of
-  its last successful run and that ran after every earlier stage's last run
-  (``force`` reruns it); once a stage runs, every later selected stage runs as
-  well, and a later stage left out by ``only`` runs on the next call;
-- resumes a training stage (03, 04) only when its last attempt was interrupted
-  with the same parameters and nothing before it ran again; otherwise the
-  earlier training folder is moved to ``<kind>.previous`` and training starts
-  from scratch (a checkpoint of other settings is never continued);
-- writes the executed notebooks to ``results/<run>/notebooks/`` and the manifest
-  (``results/<run>/manifest.json``: preset, parameters, seed, git commit,
-  package versions, data split hashes, wall time per stage) after every stage;
-- stops at the first failing cell and reports the notebook, the cell and the
-  error; the executed notebook keeps the traceback.
+- a stage whose ``done.json`` holds its current hash is skipped (``force`` runs it anyway);
+- any other stage runs; its new ``done.json`` changes the hash of every stage that reads it, so
+  those run too (on this call, or on the next when ``only`` left them out).
+
+A killed stage leaves no new ``done.json`` and runs again on the next call; a training
+resumes from its checkpoint there (``stablemtl.train.train_stage``). The runner also
+
+- checks every ``-p key=value`` against the parameters the selected notebooks declare in their
+  ``parameters`` cell (papermill itself only warns) and the inputs of the first selected stage;
+- writes the executed notebooks to ``results/<run>/notebooks/`` and ``results/<run>/manifest.json``
+  (preset, parameters, seed, git commit, package versions, data split hashes, wall time per stage);
+- stops at the first failing cell and reports the notebook, the cell and the error; the executed
+  notebook keeps the traceback.
 """
 
 from __future__ import annotations
@@ -29,22 +29,19 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import stablemtl
 from stablemtl import options
-from stablemtl import study as S
+from stablemtl.paths import DONE_FILE, README_PAPER, STAGES, StageError, Study, context, project_root, require, stage_name
 from stablemtl.presets import yaml_numbers
 
 MANIFEST = "manifest.json"
-# the parameters the runner sets itself (from --preset / --run-name and the study's directories)
-RUNNER_PARAMETERS = ("preset", "run_name")
-
-
-# the stages whose outputs each stage reads
-_NEEDS = {"01": set(), "02": {"01"}, "03": {"01", "02"}, "04": {"01", "02", "03"}, "05": {"01", "03", "04"},
-          "06": {"05"}}
+RUNNER_PARAMETERS = ("preset", "run_name")  # set with --preset / --run-name, not -p
+# the stages whose done.json each stage's hash includes (05: only those of the models it evaluates)
+READS = {"01": (), "02": (), "03": ("01", "02"), "04": ("01", "02", "03"), "05": ("01", "03", "04"), "06": ("05",)}
 
 
 class RunError(RuntimeError):
@@ -54,7 +51,7 @@ class RunError(RuntimeError):
 def notebook_dir() -> Path:
     """``notebooks/`` of the checkout this package is installed from (editable install)."""
     here = Path(stablemtl.__file__).resolve().parents[1] / "notebooks"
-    if not (here / f"{S.STAGES[0]}.ipynb").is_file():
+    if not (here / f"{STAGES[0]}.ipynb").is_file():
         raise RunError(f"the notebooks are not next to the package ({here}); install stablemtl from a clone of "
                        f"the repository with ./setup.sh (editable), which keeps notebooks/ beside it")
     return here
@@ -92,16 +89,170 @@ def parse_parameters(pairs) -> dict:
 def select_stages(only) -> list[str]:
     """``"03,04"`` or ``["03", "04"]`` -> stage names; ``None`` -> all."""
     if not only:
-        return list(S.STAGES)
+        return list(STAGES)
     keys = [k.strip() for k in (only.split(",") if isinstance(only, str) else only) if k.strip()]
-    chosen = []
-    for key in keys:
-        match = [s for s in S.STAGES if s == key or s.split("_")[0] == key.zfill(2)]
-        if not match:
-            raise RunError(f"unknown stage {key!r} in --only; stages: "
-                           + ", ".join(s.split('_')[0] + ' (' + s + ')' for s in S.STAGES))
-        chosen += [m for m in match if m not in chosen]
-    return sorted(chosen)
+    try:
+        return sorted({stage_name(key) for key in keys})
+    except ValueError as err:
+        raise RunError(f"{err} (in --only)") from None
+
+
+# --------------------------------------------------------------------------- the stage hash
+
+def reads(stage: str, knobs: dict) -> tuple[str, ...]:
+    """The stages whose ``done.json`` enter ``stage``'s hash."""
+    key = stage[:2]
+    if key == "05":
+        models = knobs.get("models") or ()
+        return ("01",) + tuple(k for k, kind in (("03", "single_stream"), ("04", "multi_stream")) if kind in models)
+    return READS[key]
+
+
+def stage_key(study: Study, stage: str, knobs: dict) -> dict:
+    """What ``stage``'s outputs depend on, besides the stages it reads: its notebook's knobs and the
+    preset sections, folders and format versions it uses."""
+    preset, key = study.preset, stage[:2]
+    out = {"knobs": {k: v for k, v in knobs.items() if k not in RUNNER_PARAMETERS}, "seed": preset.get("seed")}
+    if key == "01":
+        from stablemtl.data.mini import WORLD_VERSION
+
+        out.update(data=preset.get("data"), root=str(study.data_root), world=WORLD_VERSION)
+    elif key == "02":
+        from stablemtl.model.base import BUILD_VERSION
+
+        out.update(base=(preset.get("model") or {}).get("base"), dir=str(study.base_dir), build=BUILD_VERSION)
+    elif key in ("03", "04"):
+        from stablemtl.train import TrainConfig, train_config
+
+        names = {f.name for f in fields(TrainConfig)}
+        try:
+            config = train_config(study, "single_stream" if key == "03" else "multi_stream",
+                                  **{k: v for k, v in out["knobs"].items() if k in names})
+            out["config"] = asdict(config)
+        except (ValueError, TypeError) as err:  # the notebook reports it, with its cell
+            out["config"] = f"invalid: {err}"
+    elif key == "05":
+        from stablemtl.evaluate import PROTOCOL_VERSION
+
+        out.update(resolution=(preset.get("evaluate") or {}).get("resolution"), data=str(study.data_root),
+                   protocol=PROTOCOL_VERSION)
+    return out
+
+
+def read_done(study: Study, stage: str) -> dict:
+    """The stage's ``done.json`` (``{}`` when it has not finished)."""
+    path = study.stage_dir(stage) / DONE_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def stage_hash(study: Study, stage: str, knobs: dict) -> str:
+    """sha256 of ``stage_key`` and of the ``done.json`` of every stage in ``reads``."""
+    upstream = {}
+    for other in reads(stage, knobs):
+        path = study.stage_dir(other) / DONE_FILE
+        upstream[other] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    text = json.dumps({"key": stage_key(study, stage, knobs), "reads": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_done(study: Study, stage: str, digest: str, knobs: dict) -> Path:
+    path = study.stage_dir(stage) / DONE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"stage": stage_name(stage), "hash": digest, "knobs": knobs,
+                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return path
+
+
+# --------------------------------------------------------------------------- before and around the stages
+
+def _check_parameters(stages: list[str], parameters: dict) -> dict:
+    """Each ``-p`` key must be a knob of a selected notebook, an option value a valid one; returns the
+    notebooks' declared knobs and defaults per stage."""
+    nb_dir = notebook_dir()
+    declared = {s: declared_parameters(nb_dir / f"{s}.ipynb") for s in stages}
+    for key, value in parameters.items():
+        if key in RUNNER_PARAMETERS:
+            raise RunError(f"set {key!r} with --{key.replace('_', '-')}, not -p")
+        if not any(key in d for d in declared.values()):
+            valid = sorted({k for d in declared.values() for k in d} - set(RUNNER_PARAMETERS))
+            raise RunError(f"unknown parameter {key!r} for stage(s) {', '.join(stages)}; "
+                           f"the notebooks declare: {', '.join(valid)}")
+        if key in options.OPTIONS and value is not None:  # a release-parity option: check it now
+            try:
+                options.check(key, value)
+            except ValueError as err:
+                raise RunError(str(err)) from None
+    return declared
+
+
+def _check_inputs(study: Study, stages: list[str], knobs: dict) -> None:
+    """Inputs made by stages outside the selection must exist now, not after an hour of work."""
+    selected = {s[:2] for s in stages}
+    needed = sorted({r for s in stages for r in reads(s, knobs[s])} - selected)
+    try:
+        require(study, *needed)
+    except StageError as err:
+        raise RunError(str(err)) from err
+    if not study.procedural:
+        _check_paper_inputs(study, stages)
+
+
+class Manifest:
+    """``results/<run>/manifest.json``: what ran, with which parameters and versions, for how long."""
+
+    def __init__(self, study: Study, parameters: dict):
+        self.study = study
+        self.path = study.results_dir / MANIFEST
+        study.results_dir.mkdir(parents=True, exist_ok=True)
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data.update({"run": study.run, "preset_name": study.name, "preset": study.preset,
+                          "seed": parameters.get("seed", study.preset.get("seed")),
+                          "git_commit": _git_commit(project_root()), "versions": _versions(),
+                          "platform": platform.platform(),
+                          "directories": {"data": str(study.data_root), "base": str(study.base_dir),
+                                          "outputs": str(study.output_dir), "results": str(study.results_dir)}})
+        self.data.setdefault("stages", {})
+
+    def record(self, stage: str, **values) -> None:
+        entry = self.data["stages"].setdefault(stage, {})
+        if values.get("status") == "skipped" and entry.get("status") == "done":
+            return  # keep the record of the run that made the outputs
+        entry.update(values)
+        if stage == STAGES[0] and values.get("status") == "done":
+            self.data["data_split_hashes"] = split_hashes(self.study)
+        _write_json(self.path, self.data)
+
+    def finish(self, wall_s: float) -> None:
+        self.data["last_run_wall_s"] = wall_s
+        _write_json(self.path, self.data)
+
+
+def _execute(study: Study, stage: str, knobs: dict, manifest: Manifest, progress: bool) -> float:
+    """Run one notebook with papermill into ``results/<run>/notebooks/``; returns its wall seconds."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output = study.results_dir / "notebooks" / f"{stage}.ipynb"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in knobs.items()}
+    manifest.record(stage, status="running", parameters=knobs,
+                    started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook_dir() / f"{stage}.ipynb"), str(output), parameters=given,
+                                   cwd=str(project_root()), kernel_name="python3", progress_bar=progress,
+                                   log_output=False, report_mode=False)
+    except PapermillExecutionError as err:
+        manifest.record(stage, status="failed", wall_s=round(time.perf_counter() - start, 1),
+                        error=f"{err.ename}: {err.evalue}", cell=err.exec_count)
+        source = (err.source or "").strip().splitlines()
+        raise RunError(f"stage {stage} failed in notebooks/{stage}.ipynb, cell [{err.exec_count}] "
+                       f"({source[0] if source else ''}...):\n  {err.ename}: {err.evalue}\n"
+                       f"the executed notebook with the full traceback: {output}") from None
+    return round(time.perf_counter() - start, 1)
 
 
 def _git_commit(root: Path) -> str | None:
@@ -126,7 +277,7 @@ def _versions() -> dict:
     return out
 
 
-def split_hashes(study: S.Study) -> dict:
+def split_hashes(study: Study) -> dict:
     """sha256 (16 hex) of each dataset's split lists and generation record, the data a run saw."""
     from stablemtl.data.sources import SOURCES
 
@@ -150,132 +301,40 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def _stage_outputs_complete(study: S.Study, stage: str) -> bool:
-    return all(p.exists() for p in S.stage_outputs(study, stage))
-
-
-def _earlier_stage_ran_after(manifest: dict, stage: str) -> str | None:
-    """The first earlier stage whose last run started after ``stage``'s (its outputs are then stale),
-    from the run counter ``sequence`` of the manifest's stage records."""
-    records = manifest.get("stages", {})
-    own = records.get(stage, {}).get("sequence", 0)
-    for earlier in S.STAGES[:S.STAGES.index(stage)]:
-        if records.get(earlier, {}).get("sequence", 0) > own:
-            return earlier
-    return None
-
-
 def run_study(preset: str = "demo", only=None, parameters: dict | None = None, run_name: str | None = None,
-              force: bool = False, results_root=None, output_root=None, progress: bool = True,
-              log=print) -> S.Study:
-    """Execute the selected stages' notebooks; returns the study. Raises ``RunError`` with the failing
-    notebook and cell."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
+              force: bool = False, progress: bool = True, log=print) -> Study:
+    """Execute the selected stages' notebooks; returns the run's ``Study``. Raises ``RunError`` with the
+    failing notebook and cell."""
     parameters = dict(parameters or {})
     stages = select_stages(only)
-    nb_dir = notebook_dir()
-    declared = {s: declared_parameters(nb_dir / f"{s}.ipynb") for s in stages}
-    for key in parameters:
-        if key in RUNNER_PARAMETERS:
-            raise RunError(f"set {key!r} with --{key.replace('_', '-')}, not -p")
-        if not any(key in d for d in declared.values()):
-            valid = sorted({k for d in declared.values() for k in d} - set(RUNNER_PARAMETERS))
-            raise RunError(f"unknown parameter {key!r} for stage(s) {', '.join(stages)}; "
-                           f"the notebooks declare: {', '.join(valid)}")
-        if key in options.OPTIONS and parameters[key] is not None:  # a release-parity option: check it now
-            try:
-                options.check(key, parameters[key])
-            except ValueError as err:
-                raise RunError(str(err)) from None
-    paths = {k: parameters.get(k) for k in ("data_root", "output_root", "results_root", "base_dir")}
-    paths["results_root"] = paths["results_root"] or results_root
-    paths["output_root"] = paths["output_root"] or output_root
+    declared = _check_parameters(stages, parameters)
     try:
-        study = S.context(preset, run_name, **paths)
-    except (ValueError, S.StageError) as err:
+        study = context(preset, run_name)
+    except (ValueError, StageError) as err:
         raise RunError(str(err)) from err
-    # inputs made by stages outside the selection must exist now, not after an hour of work
-    selected = {s[:2] for s in stages}
-    needs = {s[:2]: set(_NEEDS[s[:2]]) for s in stages}
-    models = parameters.get("models")
-    if "05" in needs and models is not None:  # evaluating without a model kind does not need its stage
-        needs["05"] -= {k for k, kind in (("03", "single_stream"), ("04", "multi_stream")) if kind not in models}
-    needed = sorted(set().union(*needs.values()) - selected)
-    try:
-        S.require(study, *needed)
-    except S.StageError as err:
-        raise RunError(str(err)) from err
-    if not study.procedural:
-        _check_paper_inputs(study, stages)
-
-    root = S.project_root()
-    study.results_dir.mkdir(parents=True, exist_ok=True)
-    executed_dir = study.results_dir / "notebooks"
-    executed_dir.mkdir(exist_ok=True)
-    manifest_path = study.results_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest.update({"run": study.run, "preset_name": study.name, "preset": study.preset,
-                     "seed": parameters.get("seed", study.preset.get("seed")), "git_commit": _git_commit(root),
-                     "versions": _versions(), "platform": platform.platform(),
-                     "directories": {"data": str(study.data_root), "base": str(study.base_dir),
-                                     "outputs": str(study.output_dir), "results": str(study.results_dir)}})
-    manifest.setdefault("stages", {})
-    rerun_from_here = False
+    given = {**parameters, "preset": preset if isinstance(preset, str) else study.name, "run_name": study.run}
+    knobs = {s: {**declared[s], **{k: v for k, v in given.items() if k in declared[s]}} for s in stages}
+    _check_inputs(study, stages, knobs)
+    manifest = Manifest(study, parameters)
     total = time.perf_counter()
     for i, stage in enumerate(stages, 1):
-        given = {"preset": preset if isinstance(preset, str) else study.name, "run_name": study.run}
-        given.update({k: str(v) if isinstance(v, Path) else v for k, v in parameters.items() if k in declared[stage]})
-        given = {k: v for k, v in given.items() if k in declared[stage]}
-        record = manifest["stages"].get(stage, {})
-        newer = _earlier_stage_ran_after(manifest, stage)
-        complete = (record.get("status") == "done" and record.get("parameters") == given and newer is None
-                    and _stage_outputs_complete(study, stage))
-        if complete and not force and not rerun_from_here:
-            log(f"[{i}/{len(stages)}] {stage}: complete, skipped (outputs present, same parameters; --force reruns)")
+        digest = stage_hash(study, stage, knobs[stage])
+        done = read_done(study, stage)
+        if not force and done.get("hash") == digest:
+            log(f"[{i}/{len(stages)}] {stage}: done, skipped (same parameters and inputs; --force reruns it)")
+            manifest.record(stage, status="skipped")
             continue
-        stale = newer and not force and not rerun_from_here and record.get("status") == "done"
-        # training resumes only an interrupted attempt of the same settings on unchanged inputs
-        interrupted = record.get("status") in ("running", "failed") and record.get("parameters") == given
-        kind = {"03": "single_stream", "04": "multi_stream"}.get(stage[:2])
-        fresh = force or rerun_from_here or newer is not None or not interrupted
-        rerun_from_here = True
-        log(f"[{i}/{len(stages)}] {stage}" + (f": {newer} ran after it, so it runs again" if stale else
-                                              "" if fresh or not kind else " (resuming the interrupted training)"))
-        moved = S.set_aside_training(study, kind) if kind and fresh else None
-        if moved:
-            log(f"      the earlier training of this run moved to {moved}")
-        output = executed_dir / f"{stage}.ipynb"
-        manifest["sequence"] = manifest.get("sequence", 0) + 1
-        manifest["stages"][stage] = {"status": "running", "parameters": given, "sequence": manifest["sequence"],
-                                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        _write_json(manifest_path, manifest)
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(str(nb_dir / f"{stage}.ipynb"), str(output), parameters=given,
-                                       cwd=str(root), kernel_name="python3", progress_bar=progress,
-                                       log_output=False, report_mode=False)
-        except PapermillExecutionError as err:
-            manifest["stages"][stage].update(status="failed", wall_s=round(time.perf_counter() - start, 1),
-                                             error=f"{err.ename}: {err.evalue}", cell=err.exec_count)
-            _write_json(manifest_path, manifest)
-            source = (err.source or "").strip().splitlines()
-            raise RunError(f"stage {stage} failed in notebooks/{stage}.ipynb, cell [{err.exec_count}] "
-                           f"({source[0] if source else ''}...):\n  {err.ename}: {err.evalue}\n"
-                           f"the executed notebook with the full traceback: {output}") from None
-        manifest["stages"][stage].update(status="done", wall_s=round(time.perf_counter() - start, 1),
-                                         outputs=[str(p) for p in S.stage_outputs(study, stage)])
-        if stage.startswith("01"):
-            manifest["data_split_hashes"] = split_hashes(study)
-        _write_json(manifest_path, manifest)
-        log(f"      done in {manifest['stages'][stage]['wall_s']:.0f} s")
-    manifest["last_run_wall_s"] = round(time.perf_counter() - total, 1)
-    _write_json(manifest_path, manifest)
+        log(f"[{i}/{len(stages)}] {stage}")
+        (study.stage_dir(stage) / DONE_FILE).unlink(missing_ok=True)  # until it finishes again
+        wall = _execute(study, stage, knobs[stage], manifest, progress)
+        write_done(study, stage, digest, knobs[stage])
+        manifest.record(stage, status="done", wall_s=wall, hash=digest)
+        log(f"      done in {wall:.0f} s")
+    manifest.finish(round(time.perf_counter() - total, 1))
     return study
 
 
-def _check_paper_inputs(study: S.Study, stages: list[str]) -> None:
+def _check_paper_inputs(study: Study, stages: list[str]) -> None:
     """Real data and SD2 weights: a clear message before any stage starts."""
     missing = []
     if not study.data_root.is_dir():
@@ -284,12 +343,13 @@ def _check_paper_inputs(study: S.Study, stages: list[str]) -> None:
         missing.append(f"Stable Diffusion 2 weights: {study.base_dir}/model_index.json is missing (BASE_CKPT_DIR)")
     if missing:
         raise RunError("the paper preset needs real data and weights:\n  " + "\n  ".join(missing)
-                       + f"\nsee {S.README_PAPER}")
+                       + f"\nsee {README_PAPER}")
 
 
-def summary(study: S.Study) -> str:
+def summary(study: Study) -> str:
     """The end-of-run summary: where the results are and the target check of the run's metrics."""
     from stablemtl.evaluate import read_metrics
+    from stablemtl.report import format_target_check, target_check
 
     lines = [f"results of run {study.run!r} (preset {study.name}): {study.results_dir}"]
     for name in ("tables/main.md", "figures", "notebooks", MANIFEST, "summary.md"):
@@ -297,8 +357,7 @@ def summary(study: S.Study) -> str:
             lines.append(f"  {study.results_dir / name}")
     if (study.results_dir / "metrics.csv").is_file():
         rows = [r for r in read_metrics(study.results_dir) if r["run"] == study.run]
-        table, passed = S.target_check(rows)
-        lines += ["", S.format_target_check(table, passed)]
+        lines += ["", format_target_check(*target_check(rows))]
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ from stablemtl import options
 from stablemtl.metrics import IGNORE_INDEX
 
 TASK_NAMES = ("albedo", "shading", "depth", "normal", "semantic", "optical_flow", "scene_flow")
+FLOW_TASKS = ("optical_flow", "scene_flow")  # the tasks that take the next frame as a second input
 
 SEMANTIC_CLASSES = (
     "road", "building", "pole", "traffic light", "traffic sign", "vegetation", "sky", "vehicle",
@@ -43,6 +44,14 @@ SEMANTIC_PALETTE = (
 DEPTH_QUANTILES = (0.02, 0.98)
 ALBEDO_MIN = 0.004  # on the [0, 1] scale: a pixel is valid when every channel reaches it
 SHADING_WEIGHTS = (0.3, 0.59, 0.11)  # RGB -> grey, as the release
+
+
+def to_grey(rgb: torch.Tensor, dim: int = -3, keepdim: bool = False) -> torch.Tensor:
+    """RGB -> grey with the release's ``SHADING_WEIGHTS`` along the channel axis ``dim``."""
+    shape = [1] * rgb.ndim
+    shape[dim] = 3
+    w = torch.tensor(SHADING_WEIGHTS, dtype=rgb.dtype, device=rgb.device).view(shape)
+    return (rgb * w).sum(dim=dim, keepdim=keepdim)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -377,11 +386,7 @@ class ShadingTask(Task):
 
     def _encode(self, shading, valid, keep):
         shading = _unit_interval(shading, valid, "shading annotation")
-        if shading.shape[1] == 3:
-            w = torch.tensor(SHADING_WEIGHTS, dtype=shading.dtype, device=shading.device)
-            grey = (shading * w[None, :, None, None]).sum(dim=1, keepdim=True)
-        else:
-            grey = shading
+        grey = to_grey(shading, dim=1, keepdim=True) if shading.shape[1] == 3 else shading
         valid = valid & torch.isfinite(grey)
         return (grey * 2.0 - 1.0).repeat(1, 3, 1, 1), valid
 

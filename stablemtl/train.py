@@ -41,15 +41,18 @@ import torch
 
 from stablemtl import options
 from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler
-from stablemtl.model.streams import FLOW_TASKS
-from stablemtl.tasks import TASK_NAMES
+from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
-KINDS = ("single_stream", "multi_stream")
+from stablemtl.paths import KINDS, Study, require
 # what may change between a checkpoint and its resumption: the length and bookkeeping of the run and
 # where files live (the base and init weights themselves are compared by fingerprint)
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "output_dir", "tensorboard", "base", "init",
                      "data_root")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in a training folder was written by other settings; it is never continued."""
 
 
 @dataclass
@@ -111,8 +114,7 @@ class TrainConfig:
         if not self.tasks:
             raise ValueError("no task to train")
         for task in self.tasks:
-            if task not in TASK_NAMES:
-                raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+            get_task(task)  # an unknown name: a ValueError listing the valid ones
             if task not in self.probabilities:
                 raise ValueError(f"no dataset probabilities for task {task!r}")
             for dataset in self.probabilities[task]:
@@ -138,7 +140,7 @@ class TrainConfig:
                                         f"init={self.init!r} is not one (train the single stream first)")
         if not self.data_root or not Path(self.data_root).is_dir():
             raise FileNotFoundError(f"data root {self.data_root!r} does not exist (write the mini datasets with "
-                                    f"stablemtl.data.synthetic.write_mini_datasets or set PREPROCESSED_DIR)")
+                                    f"stablemtl.data.mini.write_mini_datasets or set PREPROCESSED_DIR)")
 
 
 def lr_factor(step: int, warmup: int, decay_steps: int, decay_to: float) -> float:
@@ -309,8 +311,9 @@ class Trainer:
         saved = json.loads((path / "state.json").read_text()).get("identity")
         if saved is not None and saved != self.identity:
             changed = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
-            raise ValueError(f"{path} was written by a different training ({', '.join(changed)} changed) and is not "
-                             f"resumed; move or delete {self.out} to train anew, or give another output_dir")
+            raise CheckpointMismatch(f"{path} was written by a different training ({', '.join(changed)} changed) and "
+                                     f"is not resumed; move or delete {self.out} to train anew, or give another "
+                                     f"output_dir")
         state = load_file(str(path / "weights.safetensors"))
         unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
         self.model.unet.load_state_dict(unet, strict=True)
@@ -478,6 +481,72 @@ def train(config: TrainConfig | dict, until: int | None = None, progress: bool =
     trainer = Trainer(config, progress=progress)
     trainer.train(until)
     return trainer
+
+
+def train_config(study: Study, kind: str, **overrides) -> TrainConfig:
+    """The preset's ``TrainConfig`` for ``kind`` in this run's folders; ``None`` overrides are ignored.
+    A multi stream learns the normals in the convention of the single stream it starts from."""
+    from stablemtl.model.streams import MODEL_FILE, saved_normals
+
+    values = {k: v for k, v in overrides.items() if v is not None}
+    values.setdefault("base", str(study.base_dir))
+    values.setdefault("data_root", str(study.data_root))
+    values.setdefault("output_dir", str(study.output_dir / kind))
+    if kind == "multi_stream":
+        values.setdefault("init", str(study.model_dir("single_stream")))
+        record = Path(values["init"]) / MODEL_FILE
+        if "normals" not in values and record.is_file():
+            values["normals"] = saved_normals(json.loads(record.read_text()))
+    return preset_config(study.preset, kind, **values)
+
+
+def set_aside(folder) -> Path | None:
+    """Move a training folder to ``<folder>.previous`` (replacing an older one), so that a new training
+    starts from scratch; returns the new place, or ``None`` when there was nothing."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    previous = folder.with_name(folder.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    folder.rename(previous)
+    return previous
+
+
+def train_stage(study: Study, kind: str, progress: bool = True, **overrides) -> Path:
+    """Stages 03 and 04: train ``kind`` and save ``<output>/<kind>/model``; returns that folder.
+
+    A training folder is continued only when it holds an unfinished training of the same settings
+    (it resumes from its last checkpoint); one that finished (it has ``model/``) or whose checkpoint
+    has other settings is moved to ``<kind>.previous`` (one generation is kept) and training starts
+    from scratch. With several GPUs the run goes through ``accelerate launch``.
+    """
+    import subprocess
+    import sys
+
+    require(study, "01", "02", *(["03"] if kind == "multi_stream" else []))
+    config = train_config(study, kind, **overrides)
+    out = Path(config.output_dir)
+    if (out / "model").exists():
+        print(f"{out} holds a finished training; moved to {set_aside(out)}", flush=True)
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        config.validate(gpus)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+               "-m", "stablemtl.train", "--config", str(out / "config.json")]
+        print("launching:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        return out / "model"
+    try:
+        trainer = Trainer(config, progress=progress)
+    except CheckpointMismatch as err:
+        print(f"{err.args[0].split(' and ')[0]}; moved to {set_aside(out)}", flush=True)
+        trainer = Trainer(config, progress=progress)
+    if trainer.resumed_from:
+        print(f"resuming from {trainer.resumed_from} at step {trainer.step}", flush=True)
+    trainer.train()
+    return trainer.save_model()
 
 
 def main(argv=None) -> int:

@@ -235,36 +235,24 @@ def test_images_without_valid_ground_truth_are_skipped_and_counted(data, tmp_pat
     assert row["n_images"] == str(len(source) - 1) and math.isfinite(float(row["value"]))
 
 
-def test_a_checkpoint_of_the_wrong_kind_is_named(data, tmp_path):
-    from stablemtl.model import base as B
+def test_a_checkpoint_of_the_wrong_kind_is_named(data, tmp_path, tiny_base):
     from stablemtl.model import streams as S
-    from stablemtl.presets import load_preset
 
-    cfg = dict(load_preset("smoke")["model"]["base"])
-    cfg.update({"vae_steps": 1, "vae_images": 3, "report_images": 1})
-    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
-    B.save_base(base, tmp_path / "base", info)
-    path = S.SingleStream.from_base(base).save_pretrained(tmp_path / "single")
+    path = S.SingleStream.from_base(tiny_base).save_pretrained(tmp_path / "single")
     with pytest.raises(ValueError, match="holds a 'single_stream' model, not a 'multi_stream' one"):
         E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, expect_kind="multi_stream", progress=False)
     E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, resolution=RES, expect_kind="single_stream", progress=False)
     assert {r["model"] for r in E.read_metrics(tmp_path / "out")} == {"single_stream"}
 
 
-def test_benchmarks_on_the_same_images_share_one_pipeline_call(data, tmp_path, monkeypatch):
+def test_benchmarks_on_the_same_images_share_one_pipeline_call(data, tmp_path, monkeypatch, tiny_base):
     import numpy as np
 
-    from stablemtl.model import base as B
     from stablemtl.model import streams as S
     from stablemtl.model.pipeline import StableMTLPipeline
-    from stablemtl.presets import load_preset
 
-    cfg = dict(load_preset("smoke")["model"]["base"])
-    cfg.update({"vae_steps": 1, "vae_images": 3, "report_images": 1})
-    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
-    B.save_base(base, tmp_path / "base", info)
     torch.manual_seed(0)
-    multi = S.MultiStream.from_single_stream(S.SingleStream.from_base(base), query_hidden=16, heads=2)
+    multi = S.MultiStream.from_single_stream(S.SingleStream.from_base(tiny_base), query_hidden=16, heads=2)
     for p in multi.task_attention.parameters():  # away from the identity initialisation
         p.data.add_(0.05 * torch.randn_like(p))
     path = multi.save_pretrained(tmp_path / "multi")
@@ -284,21 +272,16 @@ def test_benchmarks_on_the_same_images_share_one_pipeline_call(data, tmp_path, m
                 np.testing.assert_allclose(x["pred"], y["pred"], atol=1e-4, err_msg=f"{b} {file.name}")
 
 
-def test_another_model_of_the_same_name_never_scores_stale_predictions(data, tmp_path):
+def test_another_model_of_the_same_name_never_scores_stale_predictions(data, tmp_path, tiny_base):
     """``evaluate`` called directly: the prediction cache carries the weights' fingerprint."""
     import json
 
     import numpy as np
 
-    from stablemtl.model import base as B
     from stablemtl.model import streams as S
-    from stablemtl.presets import load_preset
 
-    cfg = dict(load_preset("smoke")["model"]["base"])
-    cfg.update({"vae_steps": 1, "vae_images": 3, "report_images": 1})
-    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
-    first = S.SingleStream.from_base(base, ["albedo", "shading"])
-    second = S.SingleStream.from_base(base, ["albedo", "shading"])
+    first = S.SingleStream.from_base(tiny_base, ["albedo", "shading"])
+    second = S.SingleStream.from_base(tiny_base, ["albedo", "shading"])
     with torch.no_grad():
         second.unet.conv_out.bias.add_(0.3)  # other weights, same name and tasks
     assert S.model_fingerprint(first) != S.model_fingerprint(second)

@@ -3,9 +3,8 @@
 from collections import Counter
 
 import pytest
-import torch
 
-from stablemtl.data.mixing import TASK_DATASET_PROBS, MixedDataset, TaskMixingSampler
+from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler
 from stablemtl.tasks import TASK_NAMES
 
 SIZES = {(t, d): 10 + 3 * i for i, (t, d) in enumerate((t, d) for t, p in TASK_DATASET_PROBS.items() for d in p)}
@@ -67,24 +66,3 @@ def test_bad_configurations_fail_early():
         TaskMixingSampler({("depth", "hypersim"): 4}, tasks=["semantic"])
     with pytest.raises(ValueError, match="fewer than one global batch"):
         TaskMixingSampler({("semantic", "vkitti"): 3}, tasks=["semantic"], batch_size=2, num_replicas=2)
-
-
-class _Numbers(torch.utils.data.Dataset):
-    def __init__(self, n, tag):
-        self.n, self.tag = n, tag
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"value": torch.tensor(i), "tag": self.tag}
-
-
-def test_dataloader_over_a_mixed_dataset():
-    mixed = MixedDataset({("depth", "hypersim"): _Numbers(6, "h"), ("depth", "vkitti"): _Numbers(5, "v"),
-                          ("semantic", "vkitti"): _Numbers(4, "s")})
-    sampler = TaskMixingSampler({k: len(v) for k, v in mixed.sources.items()}, tasks=["depth", "semantic"],
-                                batch_size=2, num_steps=6)
-    loader = torch.utils.data.DataLoader(mixed, batch_sampler=sampler.batch_sampler(mixed))
-    tasks = [batch["task"] for batch in loader]
-    assert [t[0] for t in tasks] == ["depth", "semantic"] * 3 and all(len(set(t)) == 1 for t in tasks)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from diffusers.utils import BaseOutput
 
 from stablemtl.model import base as B
 from stablemtl.model import streams as S
@@ -15,20 +16,17 @@ H, W = 32, 48
 
 
 def _cfg(**changes):
-    cfg = dict(load_preset("smoke")["model"]["base"])
-    cfg.update({"vae_steps": 3, "vae_images": 6, "report_images": 2, **changes})
-    return cfg
+    return {**load_preset("smoke")["model"]["base"], "vae_steps": 3, "vae_images": 6, "report_images": 2, **changes}
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    base, info = B.make_tiny_base(_cfg(), seed=1, progress=False)
-    return B.save_base(base, tmp_path_factory.mktemp("base") / "tiny", info)
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 @pytest.fixture(scope="module")
-def base(base_dir):
-    return B.load_base(base_dir)
+def base(tiny_base):
+    return tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -64,29 +62,51 @@ def test_single_stream_widens_conv_in_as_the_reference(base, single):
 def test_multi_stream_equals_single_stream_at_initialisation(single):
     multi = S.MultiStream.from_single_stream(single, query_hidden=32).eval()
     images, nxt = _images()
-    a = StableMTLPipeline(single)(images, next_images=nxt, return_latents=True)
-    b = StableMTLPipeline(multi)(images, next_images=nxt, return_latents=True)
+    a = StableMTLPipeline.from_model(single)(images, next_images=nxt, return_latents=True)
+    b = StableMTLPipeline.from_model(multi)(images, next_images=nxt, return_latents=True)
     for task in TASK_NAMES:
-        assert (a["latents"][task] - b["latents"][task]).abs().max() <= 1e-5
-        assert (a[task].float() - b[task].float()).abs().max() <= 1e-5
+        assert (a.latents[task] - b.latents[task]).abs().max() <= 1e-5
+        assert (a.predictions[task].float() - b.predictions[task].float()).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["single", "multi"])
 def test_batched_pipeline_equals_task_by_task(single, kind):
     model = single if kind == "single" else _perturbed_multi(single)
-    pipe = StableMTLPipeline(model)
+    pipe = StableMTLPipeline.from_model(model)
+    assert pipe.model is model
     images, nxt = _images(1)
     together = pipe(images, next_images=nxt, return_latents=True)
     for task in TASK_NAMES:
         alone = pipe(images, tasks=[task], next_images=nxt, return_latents=True)
-        assert (together["latents"][task] - alone["latents"][task]).abs().max() <= 1e-5, task
+        assert (together.latents[task] - alone.latents[task]).abs().max() <= 1e-5, task
     if kind == "multi":  # the reference scheme (6 aux passes per main task) gives the same latents
         z = model.frozen.encode(torch.cat([images, nxt]) * 2 - 1)
         with torch.no_grad():
             ref = model.predict_latents_reference(*z.chunk(2), list(TASK_NAMES))
         for i, task in enumerate(TASK_NAMES):
-            assert (ref[i] - together["latents"][task]).abs().max() <= 1e-5
-        assert (together["latents"]["depth"] - StableMTLPipeline(single)(images, next_images=nxt, return_latents=True)["latents"]["depth"]).abs().max() > 1e-3
+            assert (ref[i] - together.latents[task]).abs().max() <= 1e-5
+        plain = StableMTLPipeline.from_model(single)(images, next_images=nxt, return_latents=True)
+        assert (together.latents["depth"] - plain.latents["depth"]).abs().max() > 1e-3
+
+
+def test_recorded_attention_weights_are_distributions_over_the_other_tasks(single):
+    multi = _perturbed_multi(single)
+    images, nxt = _images(3)
+    z_image, z_next = multi.frozen.encode(torch.cat([images, nxt]) * 2 - 1).chunk(2)
+    tasks = ["depth", "normal", "semantic"]
+    aux = multi.aux_tasks_for(tasks)
+    weights = {}
+    with torch.no_grad():
+        recorded = multi.predict_latents(z_image, z_next, tasks, attention_weights=weights)
+        plain = multi.predict_latents(z_image, z_next, tasks)
+    assert torch.equal(recorded, plain)  # recording changes nothing
+    assert set(weights) == set(S.attention_sites(multi.unet))
+    for site, (w,) in weights.items():
+        assert w.shape[:2] == (len(tasks), len(images)) and w.shape[-1] == len(aux), site
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))  # over the heads' mean: still 1
+        for i, task in enumerate(tasks):
+            assert float(w[i, ..., aux.index(task)].abs().max()) == 0.0  # a task never attends to itself
+            assert float(w[i].mean(dim=(0, 1)).max()) < 1.0  # the others share it
 
 
 def _count_calls(module):
@@ -100,15 +120,15 @@ def test_unet_calls_are_batched(single):
     images, nxt = _images(2, n=3)
     main, h1 = _count_calls(multi.unet)
     aux, h2 = _count_calls(multi.aux_unet)
-    StableMTLPipeline(multi)(images, next_images=nxt)
+    StableMTLPipeline.from_model(multi)(images, next_images=nxt)
     h1.remove(), h2.remove()
     assert main == [7 * 3] and aux == [7 * 3]  # 2 UNet calls for 7 tasks x 3 images (the reference: 49)
     calls, h = _count_calls(single.unet)
-    StableMTLPipeline(single)(images, next_images=nxt)
+    StableMTLPipeline.from_model(single)(images, next_images=nxt)
     h.remove()
     assert calls == [21]
     aux, h = _count_calls(multi.aux_unet)
-    StableMTLPipeline(multi)(images, tasks=["depth"])
+    StableMTLPipeline.from_model(multi)(images, tasks=["depth"])
     h.remove()
     assert aux == [6 * 3]  # one main task needs the 6 others
 
@@ -135,22 +155,168 @@ def test_task_masking_drops_one_task_in_training():
         assert not torch.allclose(out, plain)
 
 
-def test_save_and_load_reproduce_outputs_bit_for_bit(single, base, tmp_path):
-    multi = _perturbed_multi(single)
+def _outputs(model, images, nxt):
+    return StableMTLPipeline.from_model(model)(images, next_images=nxt, return_latents=True)
+
+
+def _assert_same_outputs(a, b):
+    for task in TASK_NAMES:
+        assert torch.equal(a.latents[task], b.latents[task]), task
+        assert torch.equal(a.predictions[task], b.predictions[task]), task
+
+
+def test_save_and_load_reproduce_outputs_bit_for_bit(base_dir, tmp_path):
+    """``save_pretrained`` writes one self-contained folder: moved elsewhere, with the base it was
+    built from deleted, it loads (``from_pretrained``, ``load_model``) to the same bits."""
+    import shutil
+
+    own_base = shutil.copytree(base_dir, tmp_path / "base")  # a base of its own, deleted below
+    torch.manual_seed(0)
+    single = S.SingleStream.from_base(B.load_base(own_base))
+    models = {"single_stream": single, "multi_stream": _perturbed_multi(single)}
     images, nxt = _images(3)
-    for model in (single, multi):
-        path = model.save_pretrained(tmp_path / model.kind)
-        assert sorted(p.name for p in (path / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    before = {kind: _outputs(model, images, nxt) for kind, model in models.items()}
+    for kind, model in models.items():
+        assert StableMTLPipeline.from_model(model).save_pretrained(tmp_path / "a" / kind) == tmp_path / "a" / kind
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(own_base)
+    for kind, model in models.items():
+        path = tmp_path / "b" / kind
+        multi = kind == "multi_stream"
+        layout = {"model_index.json", S.MODEL_FILE, "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+        assert {p.name for p in path.iterdir()} == layout | ({"aux_unet", "task_attention"} if multi else set())
+        assert sorted(p.name for p in (path / "unet").iterdir()) == \
+            ["config.json", "diffusion_pytorch_model.safetensors"]
         assert json.loads((path / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "sample"
         assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # nothing to unpickle
+        for file in path.rglob("*.json"):  # no absolute path: neither the base's nor the folder's own
+            assert str(tmp_path) not in file.read_text() and "name_or_path" not in file.read_text(), file
+        settings = {"query_hidden": 32, "heads": 4, "mask_prob": 0.4} if multi else {}
+        record = {"kind": kind, "tasks": list(TASK_NAMES), **settings, "normals": "as_stored"}
+        assert json.loads((path / S.MODEL_FILE).read_text()) == record
+        assert {k: v for k, v in json.loads((path / "model_index.json").read_text()).items() if k in record} == record
+        if multi:  # the task attention keeps its state-dict names: <site_key>.<parameter>
+            from safetensors import safe_open
+
+            with safe_open(str(path / "task_attention/diffusion_pytorch_model.safetensors"), "pt") as f:
+                assert set(f.keys()) == set(model.task_attention.state_dict())
+            assert json.loads((path / "model_index.json").read_text())["task_attention"] == \
+                ["stablemtl.model.streams", "TaskAttentionSites"]
+        pipe = StableMTLPipeline.from_pretrained(path)
+        assert type(pipe.model) is type(model) and pipe.model.unet is pipe.unet and pipe.model is pipe.model
+        assert (pipe.aux_unet is None) == (not multi) and pipe.config.kind == kind
+        if multi:  # the sites in the UNet's module order, as built
+            assert list(pipe.task_attention.keys()) == list(model.task_attention.keys())
+        _assert_same_outputs(before[kind], pipe(images, next_images=nxt, return_latents=True))
+        assert S.model_fingerprint(pipe.model) == S.model_fingerprint(model)  # prediction caches stay valid
         loaded = S.load_model(path)
         assert type(loaded) is type(model)
-        a = StableMTLPipeline(model)(images, next_images=nxt, return_latents=True)
-        b = StableMTLPipeline(loaded)(images, next_images=nxt, return_latents=True)
-        for task in TASK_NAMES:
-            assert torch.equal(a["latents"][task], b["latents"][task])
+        assert torch.equal(_outputs(loaded, images, nxt).latents["depth"], before[kind].latents["depth"])
     with pytest.raises(ValueError, match="holds a 'single_stream' model"):
-        S.MultiStream.from_pretrained(tmp_path / "single_stream")
+        S.MultiStream.from_pretrained(tmp_path / "b/single_stream")
+
+
+def _save_kit_checkpoint(model, path, base_dir):
+    """A checkpoint as the kit wrote it before the pipeline folder: trained weights, the base's path."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    model.unet.save_pretrained(path / "unet", safe_serialization=True)
+    record = {"kind": model.kind, "tasks": model.tasks}
+    if model.kind == "multi_stream":
+        model.aux_unet.save_pretrained(path / "aux_unet", safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in model.task_attention.state_dict().items()},
+                  str(path / "task_attention.safetensors"))
+        record.update(model.settings)
+    S.make_scheduler().save_pretrained(path / "scheduler")
+    (path / S.MODEL_FILE).write_text(json.dumps({**record, "normals": model.normals, "base": str(base_dir)}))
+    return path
+
+
+def test_checkpoints_of_the_older_layout_still_load(single, base, base_dir, tmp_path):
+    multi = _perturbed_multi(single)
+    images, nxt = _images(5)
+    for model in (single, multi):
+        path = _save_kit_checkpoint(model, tmp_path / model.kind, base_dir)
+        assert S.checkpoint_layout(path) == "kit"
+        before = _outputs(model, images, nxt)
+        loaded = S.load_model(path, expect=model.kind)
+        assert type(loaded) is type(model)
+        _assert_same_outputs(before, _outputs(loaded, images, nxt))
+        pipe = StableMTLPipeline.from_pretrained(path)
+        assert type(pipe.model) is type(model) and pipe.config.kind == model.kind
+        _assert_same_outputs(before, pipe(images, next_images=nxt, return_latents=True))
+    # the recorded base directory is gone: the error names the checkpoint, the base and the fix
+    record = json.loads((path / S.MODEL_FILE).read_text())
+    record["base"] = str(tmp_path / "gone/base")
+    (path / S.MODEL_FILE).write_text(json.dumps(record))
+    for load in (S.load_model, StableMTLPipeline.from_pretrained):
+        with pytest.raises(FileNotFoundError) as err:
+            load(path)
+        for part in (str(path), str(tmp_path / "gone/base"), "base=", "save_pretrained"):
+            assert part in str(err.value)
+    loaded = S.load_model(path, base=base)  # a Base, or a directory
+    assert loaded.frozen.vae is base.vae
+    pipe = StableMTLPipeline.from_pretrained(path, base=base_dir, torch_dtype=torch.float64)
+    assert pipe.unet.dtype == pipe.task_attention.dtype == pipe.text_encoder.dtype == torch.float64
+    # re-saved: a self-contained folder that no longer needs the base
+    resaved = loaded.save_pretrained(tmp_path / "resaved")
+    assert S.checkpoint_layout(resaved) == "pipeline" and "base" not in json.loads((resaved / S.MODEL_FILE).read_text())
+    assert torch.equal(_outputs(S.load_model(resaved), images, nxt).latents["depth"], before.latents["depth"])
+
+
+def test_from_pretrained_casts_every_component_to_torch_dtype(single, tmp_path):
+    import warnings
+
+    multi = _perturbed_multi(single)
+    path = multi.save_pretrained(tmp_path / "multi")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = StableMTLPipeline.from_pretrained(path, torch_dtype=torch.float64)
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]  # passed on as diffusers' ``dtype``
+    for name in ("unet", "aux_unet", "vae", "text_encoder", "task_attention"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.float64}, name
+    images, nxt = _images(6, n=1)
+    a = _outputs(multi, images, nxt)
+    b = pipe(images, next_images=nxt, return_latents=True)
+    for task in TASK_NAMES:
+        assert b.latents[task].dtype == torch.float64
+        assert (a.latents[task].double() - b.latents[task]).abs().max() <= 1e-4, task
+
+
+def test_the_call_context_reaches_every_processor_without_warnings(single):
+    """The task-attention keywords travel in ``cross_attention_kwargs``; every processor of both
+    UNets names them (diffusers warns about and drops keywords a processor does not take) and keeps
+    nothing between calls."""
+    import inspect
+    import logging
+
+    multi = _perturbed_multi(single)
+    for unet in (multi.unet, multi.aux_unet):
+        for proc in unet.attn_processors.values():
+            keywords = set(inspect.signature(proc.__call__).parameters)
+            assert {"task_features", "task_layout", "task_mask_prob"} <= keywords
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        out = StableMTLPipeline.from_model(multi)(_images(7, n=1)[0], tasks=["depth", "normal"])
+    finally:
+        logger.removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]
+    assert isinstance(out, BaseOutput) and list(out.keys()) == ["predictions"] and out.latents is None
+    assert set(out.predictions) == {"depth", "normal"}
+    assert not hasattr(S, "_Store") and not hasattr(multi, "store")
+    for unet in (multi.unet, multi.aux_unet):
+        for proc in unet.attn_processors.values():
+            assert not any(isinstance(v, (dict, torch.Tensor)) for v in vars(proc).values())
+    # without a call's context the main UNet is plain attention: the single stream's UNet
+    x, t = torch.randn(1, 12, 4, 6), torch.tensor([S.TIMESTEP])
+    prompts = torch.randn(1, 3, single.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(multi.unet(x, t, prompts).sample, single.unet(x, t, prompts).sample)
 
 
 def test_tiny_base_round_trips_through_load_base(base_dir, base):
@@ -173,7 +339,7 @@ def test_tiny_base_building_is_deterministic():
 
 
 def test_bad_input_is_named(single, base_dir, tmp_path):
-    pipe = StableMTLPipeline(single)
+    pipe = StableMTLPipeline.from_model(single)
     images, nxt = _images()
     factor = single.frozen.vae_factor
     assert factor == 2  # the smoke base
@@ -217,6 +383,7 @@ def _task_attention_parameters(c: int, n_tasks: int = 7, q: int = 640) -> int:
     return n_tasks * (2 * c + 2 * mlp(c, c // 2, c) + mlp(c, q, q, q, c)) + 2 * c + c * c + c
 
 
+@pytest.mark.slow
 def test_sd2_architecture_from_its_config():
     from diffusers import UNet2DConditionModel
 
@@ -229,31 +396,27 @@ def test_sd2_architecture_from_its_config():
     sites = S.attention_sites(unet)
     assert len(sites) == 16
     assert sorted(sites.values()) == sorted([320] * 5 + [640] * 5 + [1280] * 6)
-    modules = {s: S.TaskAttention(c, TASK_NAMES) for s, c in sites.items()}
-    assert sum(p.numel() for m in modules.values() for p in m.parameters()) == \
-        sum(_task_attention_parameters(c) for c in sites.values())
+    modules = S.TaskAttentionSites(sites, TASK_NAMES)
+    assert sum(p.numel() for p in modules.parameters()) == sum(_task_attention_parameters(c) for c in sites.values())
     # one forward on a small latent: an auxiliary pass captures 7 tasks' features, then the main
     # pass with task attention (zero-initialised: equal to the plain UNet; perturbed: different)
-    store = S._Store()
     x, prompts, t = torch.randn(1, 12, 16, 16), torch.randn(1, 4, 1024), torch.tensor([999])
     with torch.no_grad():
         plain = unet(x, t, encoder_hidden_states=prompts).sample
-
-        def install(make):
-            unet.set_attn_processor({name: make(name[: -len(".processor")]) if name[: -len(".processor")] in sites
-                                     else proc for name, proc in unet.attn_processors.items()})
-
-        install(lambda site: S._CaptureProcessor(store, site))
-        unet(x.repeat(7, 1, 1, 1), t.repeat(7), encoder_hidden_states=prompts.repeat(7, 1, 1))
-        assert len(store.features) == 16
-        install(lambda site: S._TaskAttentionProcessor(store, site, modules[site]))
-        store.layout = (["depth"], list(TASK_NAMES), 1)
-        out = unet(x, t, encoder_hidden_states=prompts).sample
+        S.install_capture(unet, sites)
+        features = {}
+        unet(x.repeat(7, 1, 1, 1), t.repeat(7), encoder_hidden_states=prompts.repeat(7, 1, 1),
+             cross_attention_kwargs={"task_features": features})
+        assert len(features) == 16
+        S.install_task_attention(unet, modules)
+        context = {"task_features": features, "task_layout": (["depth"], list(TASK_NAMES), 1)}
+        out = unet(x, t, encoder_hidden_states=prompts, cross_attention_kwargs=context).sample
         assert out.shape == (1, 4, 16, 16)
         torch.testing.assert_close(out, plain)
         for m in modules.values():
             torch.nn.init.normal_(m.out.weight, std=0.01)
-        assert not torch.allclose(unet(x, t, encoder_hidden_states=prompts).sample, plain)
+        perturbed = unet(x, t, encoder_hidden_states=prompts, cross_attention_kwargs=context).sample
+        assert not torch.allclose(perturbed, plain)
 
 
 def test_paper_base_directory_comes_from_base_ckpt_dir(monkeypatch, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from stablemtl import study as S
-from stablemtl.evaluate import BENCHMARKS
+from stablemtl import paths
+from stablemtl.evaluate import BENCHMARKS, MODELS
 from stablemtl.run import RunError, declared_parameters, notebook_dir, parse_parameters, run_study, select_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def in_project(monkeypatch, smoke_study):
     return project
 
 
-@pytest.mark.parametrize("stage", S.STAGES)
+@pytest.mark.parametrize("stage", paths.STAGES)
 def test_notebooks_are_committed_stripped_with_one_parameters_cell(stage):
     path = ROOT / "notebooks" / f"{stage}.ipynb"
     nb = nbformat.read(str(path), as_version=4)
@@ -45,13 +46,14 @@ def test_notebooks_are_committed_stripped_with_one_parameters_cell(stage):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {stage[:2]} ")
 
 
+@pytest.mark.slow
 def test_smoke_study_runs_every_notebook(smoke_study):
     study, project, lines = smoke_study
     manifest = json.loads((study.results_dir / "manifest.json").read_text())
-    assert [manifest["stages"][s]["status"] for s in S.STAGES] == ["done"] * len(S.STAGES)
+    assert [manifest["stages"][s]["status"] for s in paths.STAGES] == ["done"] * len(paths.STAGES)
     assert manifest["seed"] == 2024 and manifest["preset_name"] == "smoke"
     assert set(manifest["data_split_hashes"]) >= {"hypersim", "vkitti", "mid"}
-    for stage in S.STAGES:
+    for stage in paths.STAGES:
         executed = nbformat.read(str(study.results_dir / "notebooks" / f"{stage}.ipynb"), as_version=4)
         code = [c for c in executed.cells if c.cell_type == "code"]
         assert all(c.execution_count is not None for c in code)  # every cell ran
@@ -65,7 +67,7 @@ def test_smoke_study_runs_every_notebook(smoke_study):
     with open(study.results_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     got = {(r["model"], r["benchmark"]) for r in rows}
-    assert got == {(m, b) for m in S.MODELS for b in BENCHMARKS}
+    assert got == {(m, b) for m in MODELS for b in BENCHMARKS}
     main = (study.results_dir / "tables" / "main.md").read_text()
     assert "multi_stream" in main and "single_stream" in main and "trivial" in main
     assert (study.results_dir / "figures" / "training_curves.png").stat().st_size > 1000
@@ -75,32 +77,71 @@ def test_smoke_study_runs_every_notebook(smoke_study):
     assert any("image/png" in o.get("data", {}) for c in nb03.cells if c.cell_type == "code" for o in c.outputs)
 
 
-def test_a_second_run_skips_complete_stages_and_force_reruns(smoke_study, in_project):
+def _ran(lines: list[str]) -> list[str]:
+    """The stages a runner log says it executed."""
+    return [line.split("] ")[1] for line in lines if line.startswith("[") and "skipped" not in line]
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_every_stage_and_a_changed_parameter_reruns_its_stage_and_the_later_ones(
+        smoke_study, in_project):
     study, _, _ = smoke_study
+    done = {s: (study.stage_dir(s) / paths.DONE_FILE).read_text() for s in paths.STAGES}
     lines: list[str] = []
     run_study("smoke", progress=False, log=lines.append)
-    assert sum("complete, skipped" in line for line in lines) == len(S.STAGES)
-    before = json.loads((study.results_dir / "manifest.json").read_text())["stages"]["06_results"]["started"]
+    assert sum("done, skipped" in line for line in lines) == len(paths.STAGES) and _ran(lines) == []
+    assert {s: (study.stage_dir(s) / paths.DONE_FILE).read_text() for s in paths.STAGES} == done
+    # a knob of stage 05 only: 05 and 06 (which reads 05) run, nothing before them
     lines.clear()
-    run_study("smoke", only="06", force=True, progress=False, log=lines.append)
-    assert any(line.endswith("06_results") for line in lines) and not any("skipped" in line for line in lines)
-    after = json.loads((study.results_dir / "manifest.json").read_text())["stages"]
-    assert after["06_results"]["status"] == "done" and after["06_results"]["started"] >= before
-    # a stage rerun alone leaves the later ones stale: the next call runs them again, and only them
-    run_study("smoke", only="05", force=True, progress=False, log=lines.append)
+    run_study("smoke", parameters={"max_images": 2}, progress=False, log=lines.append)
+    assert _ran(lines) == ["05_evaluate", "06_results"]
+    with open(study.results_dir / "metrics.csv", newline="") as f:
+        assert {int(r["n_images"]) for r in csv.DictReader(f)} == {2}
+    for stage in paths.STAGES[:4]:  # untouched: same done.json, same trained model
+        assert (study.stage_dir(stage) / paths.DONE_FILE).read_text() == done[stage]
+    # --force of one stage alone: the stages that read it run on the next call, and only them
+    run_study("smoke", only="05", force=True, progress=False, log=lambda *_: None)
+    lines.clear()
+    run_study("smoke", parameters={"max_images": 2}, progress=False, log=lines.append)
+    assert _ran(lines) == ["06_results"]
+    # back to the defaults: 05 and 06 again
     lines.clear()
     run_study("smoke", progress=False, log=lines.append)
-    assert sum("complete, skipped" in line for line in lines) == len(S.STAGES) - 1
-    assert any("06_results: 05_evaluate ran after it, so it runs again" in line for line in lines)
-    lines.clear()
-    run_study("smoke", progress=False, log=lines.append)
-    assert sum("complete, skipped" in line for line in lines) == len(S.STAGES)
-    # changed parameters make a complete stage run again
+    assert _ran(lines) == ["05_evaluate", "06_results"]
+    manifest = json.loads((study.results_dir / "manifest.json").read_text())["stages"]
+    assert manifest["06_results"]["status"] == "done" and manifest["01_prepare_data"]["status"] == "done"
+
+
+@pytest.mark.slow
+def test_the_stage_hash_covers_knobs_preset_sections_and_what_a_stage_reads(smoke_study, in_project):
+    from stablemtl.run import READS, reads, stage_hash
+
+    study, _, _ = smoke_study
+    knobs = {"preset": "smoke", "run_name": None}
+    base = {s: stage_hash(study, s, dict(knobs, models=list(MODELS))) for s in paths.STAGES}
+    assert len(set(base.values())) == len(paths.STAGES)
+    # the run name is not a knob of a stage: stage 01 and 02 of another run of the preset are the same
+    assert stage_hash(study, "01", dict(knobs, run_name="other")) == base["01_prepare_data"]
+    changed = paths.Study(dict(study.preset, evaluate={"resolution": {}}), study.run, study.results_dir,
+                          study.output_dir, study.data_root, study.base_dir)
+    assert stage_hash(changed, "05", dict(knobs, models=list(MODELS))) != base["05_evaluate"]
+    assert stage_hash(changed, "03", knobs) == base["03_train_single_stream"]
+    longer = dict(study.preset, train=dict(study.preset["train"], single_stream={"iterations": 99}))
+    longer = paths.Study(longer, study.run, study.results_dir, study.output_dir, study.data_root, study.base_dir)
+    assert stage_hash(longer, "03", knobs) != base["03_train_single_stream"]
+    assert stage_hash(longer, "02", knobs) == base["02_build_model"]
+    # evaluating the trivial row alone does not read the trainings
+    assert READS["05"] == ("01", "03", "04") and reads("05", {"models": ["trivial"]}) == ("01",)
+
+
+@pytest.mark.slow
+def test_another_run_of_the_preset_shares_its_data_and_reruns_on_changed_parameters(in_project):
+    lines: list[str] = []
     few = dict(only="05", run_name="few", progress=False, log=lines.append)
     run_study("smoke", parameters={"models": ["trivial"], "max_images": 1}, **few)
     lines.clear()
     run_study("smoke", parameters={"models": ["trivial"], "max_images": 1}, **few)
-    assert any("complete, skipped" in line for line in lines)
+    assert any("done, skipped" in line for line in lines)
     lines.clear()
     run_study("smoke", parameters={"models": ["trivial"], "max_images": 2}, **few)
     assert not any("skipped" in line for line in lines)
@@ -109,6 +150,7 @@ def test_a_second_run_skips_complete_stages_and_force_reruns(smoke_study, in_pro
     assert max(counts) == 2
 
 
+@pytest.mark.slow
 def test_unknown_or_runner_parameters_are_rejected_before_any_work(in_project):
     with pytest.raises(RunError, match=r"unknown parameter 'iteration'.*iterations"):
         run_study("smoke", only="03", parameters={"iteration": 5}, run_name="typo", progress=False)
@@ -130,14 +172,15 @@ def test_unknown_or_runner_parameters_are_rejected_before_any_work(in_project):
 def test_a_missing_stage_output_names_the_stage_and_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv("STABLEMTL_PROJECT", str(tmp_path))
     monkeypatch.delenv("OUTPUT_DIR", raising=False)
-    with pytest.raises(RunError, match=r"stage 01 .*stablemtl run --only 01"):
+    with pytest.raises(RunError, match=r"stage 01_prepare_data .*stablemtl run --only 01"):
         run_study("smoke", only="03", progress=False)
-    run = S.context("smoke")
-    with pytest.raises(S.StageError, match=r"stage 05 of run 'smoke' has not finished: .*metrics.csv"):
-        S.results_stage(run)
+    run = paths.context("smoke")
+    with pytest.raises(paths.StageError, match=r"stage 05_evaluate of run 'smoke' has not finished: .*metrics.csv"):
+        paths.require(run, "05")
     assert not (tmp_path / "results" / "smoke").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_reported_with_notebook_and_cell(in_project):
     with pytest.raises(RunError) as err:
         run_study("smoke", only="03", parameters={"tasks": ["depth", "telepathy"]}, run_name="broken",
@@ -150,6 +193,7 @@ def test_a_failing_cell_is_reported_with_notebook_and_cell(in_project):
     assert manifest["stages"]["03_train_single_stream"]["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_single_task_baseline_runs_through_the_notebooks(in_project):
     run_study("smoke", only="03,05", parameters={"tasks": ["depth"], "iterations": 2,
                                                  "models": ["single_stream"]}, run_name="depth_only",
@@ -157,21 +201,19 @@ def test_a_single_task_baseline_runs_through_the_notebooks(in_project):
     with open(in_project / "results" / "depth_only" / "metrics.csv", newline="") as f:
         benchmarks = {r["benchmark"] for r in csv.DictReader(f)}
     assert benchmarks == {"kitti_depth", "diode_depth"}
-    # an interrupted training resumes; a rerun with other inputs starts anew, the old one set aside
-    manifest = in_project / "results" / "depth_only" / "manifest.json"
-    record = json.loads(manifest.read_text())
-    record["stages"]["03_train_single_stream"]["status"] = "running"  # as a kill leaves it
-    manifest.write_text(json.dumps(record))
-    lines: list[str] = []
-    same = dict(only="03", parameters={"tasks": ["depth"], "iterations": 2}, run_name="depth_only", progress=False,
-                log=lines.append)
-    run_study("smoke", **same)
-    assert any("resuming the interrupted training" in line for line in lines)
+    # a killed training (no done.json, no final model yet) resumes from its checkpoint
     trained = in_project / "outputs" / "depth_only" / "single_stream"
+    (trained / paths.DONE_FILE).unlink()
+    shutil.rmtree(trained / "model")
+    same = dict(only="03", parameters={"tasks": ["depth"], "iterations": 2}, run_name="depth_only", progress=False,
+                log=lambda *_: None)
+    run_study("smoke", **same)
+    executed = in_project / "results" / "depth_only" / "notebooks" / "03_train_single_stream.ipynb"
+    assert "resuming from" in executed.read_text() and "moved to" not in executed.read_text()
     assert not trained.with_name("single_stream.previous").exists()
-    lines.clear()
+    # a finished training is never continued: a rerun moves it aside and trains anew
     run_study("smoke", force=True, **same)
-    assert any("moved to" in line for line in lines)
+    assert "moved to" in executed.read_text()
     assert (trained.with_name("single_stream.previous") / "model" / "stablemtl_model.json").is_file()
     assert (trained / "model" / "stablemtl_model.json").is_file()
 
@@ -188,8 +230,10 @@ def test_the_paper_preset_names_missing_data_and_weights(tmp_path, monkeypatch):
         run_study("paper", progress=False)
     (tmp_path / "ckpt" / "stable-diffusion-2").mkdir(parents=True)
     (tmp_path / "ckpt" / "stable-diffusion-2" / "model_index.json").write_text("{}")
-    with pytest.raises(S.StageError, match=r"(?s)real datasets under .*hypersim.*README"):
-        S.prepare_data(S.context("paper"))
+    from stablemtl.data import prepare_data
+
+    with pytest.raises(paths.StageError, match=r"(?s)real datasets under .*hypersim.*README"):
+        prepare_data(paths.context("paper"))
 
 
 def test_paper_preset_carries_the_reference_numbers():
@@ -206,6 +250,7 @@ def test_paper_preset_carries_the_reference_numbers():
     assert "evaluate" not in load_preset("paper")  # every benchmark at its reference resolution
 
 
+@pytest.mark.slow
 def test_cli_run_rejects_bad_input_with_exit_status(in_project):
     script = Path(sys.executable).with_name("stablemtl")
     bad = subprocess.run([str(script), "run", "--preset", "smoke", "-p", "iteratons=3"], capture_output=True,
@@ -217,4 +262,4 @@ def test_cli_run_rejects_bad_input_with_exit_status(in_project):
 
 def test_notebooks_live_next_to_the_package():
     assert notebook_dir() == ROOT / "notebooks"
-    assert sorted(p.stem for p in notebook_dir().glob("0*.ipynb")) == list(S.STAGES)
+    assert sorted(p.stem for p in notebook_dir().glob("0*.ipynb")) == list(paths.STAGES)

@@ -74,6 +74,7 @@ def jupyterlab(smoke_study, tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium; "
                                                "./setup.sh --test does it when run as root)")
+@pytest.mark.slow
 def test_results_notebook_browser_widget_in_jupyterlab(jupyterlab):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
                                                                   "(./setup.sh --test installs it)")

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import stablemtl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,7 @@ def test_package_import_loads_no_heavy_module():
     assert _loaded_after("import stablemtl.metrics, stablemtl.data.formats") == []
 
 
+@pytest.mark.slow
 def test_console_script_runs_and_checks_the_tasks(tmp_path):
     script = Path(sys.executable).with_name("stablemtl")
     out = "".join(subprocess.run([str(script), command, "--preset", "smoke", "--root", str(tmp_path),

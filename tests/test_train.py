@@ -2,30 +2,27 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_base
 
 from stablemtl import train as T
 from stablemtl.data import mini
-from stablemtl.model import base as B
-from stablemtl.presets import load_preset
 from stablemtl.tasks import TASK_NAMES
 
 RES = {"hypersim": [32, 48], "vkitti": [32, 104], "flying_things_3d": [32, 64]}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_base_dir):
     root = tmp_path_factory.mktemp("train")
     mini.write_mini_datasets(root / "data", "smoke", workers=1, progress=False)
-    cfg = dict(load_preset("smoke")["model"]["base"])
-    cfg.update({"vae_steps": 3, "vae_images": 6, "report_images": 2})
-    base, info = B.make_tiny_base(cfg, seed=1, progress=False)
-    B.save_base(base, root / "base", info)
+    shutil.copytree(tiny_base_dir, root / "base")
     return root
 
 
@@ -62,6 +59,7 @@ def test_schedule_and_latent_mask_follow_the_reference():
     assert T.masked_latent_mse(pred, target, mask) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["single_stream", "multi_stream"])
 def test_resume_is_bitwise_identical(setup, tmp_path, kind):
     extra = {}
@@ -81,6 +79,7 @@ def test_resume_is_bitwise_identical(setup, tmp_path, kind):
     assert (tmp_path / "straight/checkpoint/iter_000004/weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_augmentation_is_drawn_anew_every_epoch_and_survives_a_resume(setup, tmp_path):
     """Every draw of an image gets the flips of its stream's epoch: different across epochs,
     the same for the same seed, and the same after restoring the sampler mid-run."""
@@ -107,6 +106,7 @@ def test_augmentation_is_drawn_anew_every_epoch_and_survives_a_resume(setup, tmp
     assert draws(resumed, 11) == seen[10:]
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_save_leaves_a_loadable_latest(setup, tmp_path, monkeypatch):
     trainer = T.Trainer(config(setup, tmp_path), progress=False)
     trainer.train(until=2)
@@ -128,6 +128,7 @@ def test_a_kill_during_the_save_leaves_a_loadable_latest(setup, tmp_path, monkey
     assert resumed.step == 4
 
 
+@pytest.mark.slow
 def test_loss_decreases_for_every_task(setup, tmp_path):
     for task in TASK_NAMES:
         trainer = T.Trainer(config(setup, tmp_path / task, tasks=[task], iterations=12, lr=2e-3, warmup=1,
@@ -144,6 +145,7 @@ def test_loss_decreases_for_every_task(setup, tmp_path):
         assert after < 0.8 * before, (task, before, after)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_task_and_dataset(setup, tmp_path, monkeypatch):
     trainer = T.Trainer(config(setup, tmp_path), progress=False)
     real_loss = trainer.loss
@@ -153,6 +155,7 @@ def test_non_finite_loss_stops_with_the_step_task_and_dataset(setup, tmp_path, m
     assert T.Trainer(config(setup, tmp_path), progress=False).step == 2
 
 
+@pytest.mark.slow
 def test_bad_configurations_fail_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown training option"):
         T.TrainConfig.from_dict({"learning_rate": 1})
@@ -170,6 +173,7 @@ def test_bad_configurations_fail_before_any_work(setup, tmp_path):
         config(setup, tmp_path, kind="multi_stream").validate()
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_agree(setup, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(f"""
@@ -208,6 +212,7 @@ def test_pixel_losses_are_zero_on_the_target_and_depth_is_affine_invariant():
     assert float(T.pixel_loss(target + 0.1, target, valid, "albedo")) == pytest.approx(0.1, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_pixel_loss_option_trains(setup, tmp_path):
     trainer = T.train(config(setup, tmp_path, tasks=["depth", "normal"], loss="pixel", iterations=2), progress=False)
     assert trainer.step == 2 and all(r[3] != "nan" for r in log(tmp_path))
@@ -215,6 +220,7 @@ def test_pixel_loss_option_trains(setup, tmp_path):
         config(setup, tmp_path, loss="l2").validate()
 
 
+@pytest.mark.slow
 def test_cached_latents_give_the_same_loss(setup, tmp_path):
     trainer = T.Trainer(config(setup, tmp_path, tasks=["depth"], cache_latents=True), progress=False)
     source = trainer.sources[("depth", "hypersim")]
@@ -228,6 +234,7 @@ def test_cached_latents_give_the_same_loss(setup, tmp_path):
     assert first == pytest.approx(plain, rel=1e-5) and again == first
 
 
+@pytest.mark.slow
 def test_module_entry_trains_from_a_json_config_as_accelerate_launch_runs_it(setup, tmp_path):
     """``python -m stablemtl.train --config run.json`` (what notebooks 03/04 launch on several GPUs)
     trains the configuration and saves the model, matching the in-process run."""
@@ -249,6 +256,7 @@ def test_module_entry_trains_from_a_json_config_as_accelerate_launch_runs_it(set
     assert bad.returncode == 2 and "no training configuration" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_settings_or_weights_is_not_resumed(setup, tmp_path):
     import shutil
 
@@ -259,10 +267,7 @@ def test_a_checkpoint_of_other_settings_or_weights_is_not_resumed(setup, tmp_pat
     shutil.copytree(setup / "base", tmp_path / "base")
     other = T.Trainer(config(setup, tmp_path / "other", base=str(tmp_path / "base")), progress=False)
     other.train(until=2)  # the copy has the same weights: its checkpoint is compatible so far
-    cfg = dict(load_preset("smoke")["model"]["base"])
-    cfg.update({"vae_steps": 3, "vae_images": 6, "report_images": 2})
-    rebuilt, info = B.make_tiny_base(cfg, seed=2, progress=False)
-    B.save_base(rebuilt, tmp_path / "base", info)
+    build_tiny_base(tmp_path / "base", seed=2)
     with pytest.raises(ValueError, match=r"base_weights changed"):
         T.Trainer(config(setup, tmp_path / "other", base=str(tmp_path / "base")), progress=False)
     # longer runs continue; a checkpoint past the requested length is named

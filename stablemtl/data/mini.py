@@ -7,7 +7,7 @@ provides, with split lists under ``<dataset root>/data_split/``. The loaders in
 ``stablemtl.data.sources`` then read a miniature exactly as the real thing.
 
 Each dataset root gets ``stablemtl_dataset.json``: the parameters it was written
-with (a dataset is regenerated only when they change), the geometry overrides
+with, the geometry overrides
 the loaders need at this reduced scale, and, per sample id, the render
 parameters, so tests can re-render a sample and compare it with what the
 loader returns. A dataset is written into a temporary folder and renamed into
@@ -32,16 +32,16 @@ from stablemtl.metrics import IGNORE_INDEX
 
 WORLD_VERSION = 4  # bump when the renderer or a writer changes what is written
 
-# dataset -> (directory under the root, scene kind, domain)
-MINI_LAYOUT = {
-    "hypersim": ("hypersim/train", "indoor", "train"),
-    "vkitti": ("vkitti_v2", "street", "train"),
-    "flying_things_3d": ("FlyingThings3D_preprocessed", "flying", "train"),
-    "cityscapes": ("cityscapes", "street", "real"),
-    "kitti_depth": ("kitti/kitti_eigen_split_test", "street", "real"),
-    "kitti_flow": ("kitti/flow_2015", "street", "real"),
-    "diode": ("diode/diode_val", "indoor", "real"),  # every second sample is outdoor (street)
-    "mid": ("mid_intrinsics", "indoor", "real"),
+# dataset -> (scene kind, domain); each is written under its source's directory (``Source.root_hint``)
+MINI_SCENES = {
+    "hypersim": ("indoor", "train"),
+    "vkitti": ("street", "train"),
+    "flying_things_3d": ("flying", "train"),
+    "cityscapes": ("street", "real"),
+    "kitti_depth": ("street", "real"),
+    "kitti_flow": ("street", "real"),
+    "diode": ("indoor", "real"),  # every second sample is outdoor (street)
+    "mid": ("indoor", "real"),
 }
 _CLASS_TO_VKITTI = {0: "Road", 1: "Building", 2: "Pole", 3: "TrafficLight", 4: "TrafficSign", 5: "Vegetation",
                     6: "Sky", 7: "Car", IGNORE_INDEX: "Terrain"}
@@ -56,7 +56,7 @@ def _u8(x: np.ndarray) -> np.ndarray:
 
 def _render(dataset: str, index: int, spec: dict, seed: int) -> tuple[dict, dict]:
     """Render sample ``index`` of a mini dataset; returns (sample, its render parameters)."""
-    _, kind, domain = MINI_LAYOUT[dataset]
+    kind, domain = MINI_SCENES[dataset]
     light_seed = None
     if dataset == "diode" and index % 2 == 1:
         kind = "street"
@@ -225,7 +225,7 @@ def _geometry(dataset: str, spec: dict, seed: int) -> dict:
     if dataset in ("kitti_depth", "kitti_flow"):
         return {"kb_crop": list(spec["kb_crop"])}
     if dataset in ("hypersim", "vkitti", "flying_things_3d"):
-        _, kind, domain = MINI_LAYOUT[dataset]
+        kind, domain = MINI_SCENES[dataset]
         h, w = spec["size"]
         K = synthetic.intrinsics(synthetic.make_scene(kind, 0, domain), h, w)  # fixed in the training domain
         if dataset == "hypersim":
@@ -250,27 +250,15 @@ def _params(dataset: str, spec: dict, seed: int) -> dict:
     return {"dataset": dataset, "spec": spec, "seed": seed, "world_version": WORLD_VERSION}
 
 
-def is_current(directory, dataset: str, spec: dict, seed: int) -> bool:
-    """True when ``directory`` holds this mini dataset written with exactly these parameters."""
-    meta = Path(directory) / META_FILE
-    if not meta.is_file():
-        return False
-    try:
-        return json.loads(meta.read_text()).get("params") == json.loads(json.dumps(_params(dataset, spec, seed)))
-    except json.JSONDecodeError:
-        return False
-
-
 def write_mini_dataset(root, dataset: str, spec: dict, seed: int = 2024, workers: int | None = None,
                        progress: bool = True) -> Path:
-    """Write one mini dataset under ``root`` (skipped when it is current); returns its directory."""
+    """Write one mini dataset under ``root``, replacing an earlier miniature there; returns its directory.
+    (``stablemtl run`` skips stage 01 when the data was written with the same parameters.)"""
     from tqdm.auto import tqdm
 
-    if dataset not in MINI_LAYOUT:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(MINI_LAYOUT)}")
-    final = Path(root) / MINI_LAYOUT[dataset][0]
-    if is_current(final, dataset, spec, seed):
-        return final
+    if dataset not in MINI_SCENES:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(MINI_SCENES)}")
+    final = Path(root) / SOURCES[dataset].root_hint
     if final.exists() and not (final / META_FILE).is_file():
         raise FileExistsError(f"{final} exists and is not a procedural mini dataset (no {META_FILE}); "
                               f"refusing to overwrite it: choose another root")
@@ -315,7 +303,7 @@ def write_mini_dataset(root, dataset: str, spec: dict, seed: int = 2024, workers
 
 def write_mini_datasets(root, preset="demo", datasets=None, workers: int | None = None,
                         progress: bool = True) -> dict[str, Path]:
-    """Write (or reuse) every mini dataset of ``preset`` under ``root``; returns name -> directory."""
+    """Write every mini dataset of ``preset`` under ``root``; returns name -> directory."""
     from stablemtl.presets import load_preset
 
     config = load_preset(preset)

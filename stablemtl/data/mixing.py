@@ -17,13 +17,11 @@ and take disjoint slices of the same global batch.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from stablemtl.tasks import TASK_NAMES
+from stablemtl.tasks import TASK_NAMES, get_task
 
 # task -> {dataset: probability}, the release's training mix
 TASK_DATASET_PROBS = {
@@ -47,37 +45,11 @@ class MicroBatch:
     epoch: int = 0  # the stream's epoch these indices come from (the augmentation's draw)
 
 
-class MixedDataset(Dataset):
-    """One index space over several sources keyed by (task, dataset); samples gain a ``task`` key."""
-
-    def __init__(self, sources: dict):
-        self.keys = list(sources)
-        self.sources = sources
-        self.offsets = np.cumsum([0] + [len(sources[k]) for k in self.keys]).tolist()
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def global_index(self, key, index: int) -> int:
-        return self.offsets[self.keys.index(key)] + index
-
-    def __getitem__(self, index) -> dict:
-        """``index`` or ``(index, epoch)`` (the epoch's augmentation), as the sources take them."""
-        index, epoch = index if isinstance(index, tuple) else (index, None)
-        k = bisect_right(self.offsets, index) - 1
-        task, dataset = self.keys[k]
-        local = index - self.offsets[k]
-        sample = self.sources[(task, dataset)][local if epoch is None else (local, epoch)]
-        sample["task"] = task
-        return sample
-
-
 class TaskMixingSampler:
     """Round-robin tasks per optimizer step, a dataset per micro-batch, seeded and resumable.
 
     ``stream_sizes`` maps (task, dataset) to the number of samples of that source.
-    Iterating yields ``MicroBatch`` objects forever (or ``num_steps`` steps);
-    ``batch_sampler(mixed)`` adapts it to a DataLoader over a ``MixedDataset``.
+    Iterating yields ``MicroBatch`` objects forever (or ``num_steps`` steps).
     """
 
     def __init__(self, stream_sizes: dict, tasks=None, batch_size: int = 1, accumulation: int = 1,
@@ -88,8 +60,7 @@ class TaskMixingSampler:
         tasks = [t for t in TASK_NAMES if t in tasks] + [t for t in tasks if t not in TASK_NAMES]
         self.choices = {}
         for task in tasks:
-            if task not in TASK_NAMES:
-                raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+            get_task(task)  # an unknown name: a ValueError listing the valid ones
             if task not in probabilities:
                 raise ValueError(f"no dataset probabilities for task {task!r}")
             avail = {d: p for d, p in probabilities[task].items() if stream_sizes.get((task, d), 0) > 0}
@@ -157,8 +128,3 @@ class TaskMixingSampler:
     def __iter__(self):
         while self.num_steps is None or self.position < self.num_steps * self.accumulation:
             yield self.next()
-
-    def batch_sampler(self, mixed: MixedDataset):
-        """``(global index, epoch)`` lists for ``DataLoader(mixed, batch_sampler=...)``."""
-        for mb in self:
-            yield [(mixed.global_index((mb.task, mb.dataset), i), mb.epoch) for i in mb.indices]

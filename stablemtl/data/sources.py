@@ -55,9 +55,10 @@ import torch
 from torch.utils.data import Dataset
 
 from stablemtl import options
-from stablemtl.data import formats
+from stablemtl.data import formats, transforms
+from stablemtl.data.transforms import eigen_crop_mask
 from stablemtl.metrics import IGNORE_INDEX
-from stablemtl.tasks import ALBEDO_MIN, TASK_NAMES, get_task
+from stablemtl.tasks import ALBEDO_MIN, FLOW_TASKS, get_task
 
 META_FILE = "stablemtl_dataset.json"
 README_DATA = "README.md, section 'Real datasets'"
@@ -66,28 +67,6 @@ REPO_SPLITS = Path(__file__).resolve().parents[2] / "data_split"
 
 class DatasetLayoutError(FileNotFoundError):
     """A dataset root, split list or listed file is missing or not where the layout says."""
-
-
-def _kb_crop(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
-    """Top-left corner of the KITTI benchmark crop: bottom rows, centred columns."""
-    ch, cw = crop
-    if height < ch or width < cw:
-        raise ValueError(f"image {height}x{width} is smaller than the KITTI benchmark crop {ch}x{cw}")
-    return height - ch, (width - cw) // 2
-
-
-def eigen_crop_mask(full_height: int, full_width: int, crop: tuple[int, int] = (352, 1216)) -> np.ndarray:
-    """The release's Eigen evaluation window in KB-crop coordinates: bool ``[352, 1216]``.
-
-    The window is built on the original image (rows ``[int(0.3324324 H), int(0.91351351 H))``,
-    columns ``[int(0.0359477 W), int(0.96405229 W))``), then the KITTI benchmark crop is applied:
-    for 375 x 1242 that is rows 101..318 and columns 31..1183 of the crop.
-    """
-    mask = np.zeros((full_height, full_width), dtype=bool)
-    mask[int(0.3324324 * full_height):int(0.91351351 * full_height),
-         int(0.0359477 * full_width):int(0.96405229 * full_width)] = True
-    top, left = _kb_crop(full_height, full_width, crop)
-    return mask[top:top + crop[0], left:left + crop[1]]
 
 
 class Source(Dataset):
@@ -116,13 +95,12 @@ class Source(Dataset):
             raise DatasetLayoutError(
                 f"{type(self).__name__}: dataset root {root} does not exist; expected {self.layout} "
                 f"(usually $PREPROCESSED_DIR/{self.root_hint}); see {README_DATA} for how to obtain it, "
-                f"or write the procedural miniature with stablemtl.data.synthetic.write_mini_datasets"
+                f"or write the procedural miniature with stablemtl.data.mini.write_mini_datasets"
             )
         self.root = root
         tasks = list(self.tasks_provided) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
         for task in tasks:
-            if task not in TASK_NAMES:
-                raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+            get_task(task)  # an unknown name: a ValueError listing the valid ones
             if task not in self.tasks_provided:
                 raise ValueError(f"{type(self).__name__} does not provide {task!r}; it provides: "
                                  f"{', '.join(self.tasks_provided)}")
@@ -205,7 +183,7 @@ class Source(Dataset):
         raise NotImplementedError
 
     def needs_next_frame(self) -> bool:
-        return any(t in ("optical_flow", "scene_flow") for t in self.tasks)
+        return any(t in FLOW_TASKS for t in self.tasks)
 
     def __getitem__(self, index) -> dict:
         """Sample ``index`` (an int, or ``(index, epoch)`` to draw that epoch's augmentation)."""
@@ -256,36 +234,8 @@ class Source(Dataset):
         return out
 
     def _resize(self, sample: dict, size: tuple[int, int]) -> dict:
-        import torch.nn.functional as F
-
-        h, w = sample["rgb"].shape[-2:]
-        if (h, w) == tuple(size):
-            return sample
-        sy, sx = size[0] / h, size[1] / w
-
-        def nearest(x):
-            return F.interpolate(x[None].float(), size=size, mode="nearest-exact")[0].to(x.dtype)
-
-        for key in ("rgb", "rgb_next"):
-            if key in sample:
-                if self.rgb_resize == "antialias":
-                    sample[key] = F.interpolate(sample[key][None], size=size, mode="bilinear",
-                                                antialias=True, align_corners=False)[0].clamp(0, 1)
-                else:
-                    sample[key] = nearest(sample[key])
-        if self.resize_targets:
-            for task in self.tasks:
-                for key in (task, f"{task}_target", f"{task}_valid"):
-                    if key in sample:
-                        sample[key] = nearest(sample[key])
-                if task == "optical_flow" and task in sample and self.rescale_flow:
-                    # vectors scale with the image (the release forgot this; its scoring keeps native pixels)
-                    sample[task] = sample[task] * torch.tensor([sx, sy])[:, None, None]
-        K = sample["K"].clone()
-        K[0, 0], K[0, 2] = K[0, 0] * sx, (K[0, 2] + 0.5) * sx - 0.5
-        K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
-        sample["K"] = K
-        return sample
+        return transforms.resize(sample, size, self.tasks if self.resize_targets else (), self.rgb_resize,
+                                 self.rescale_flow)
 
     def _augment(self, sample: dict, index: int, epoch: int) -> dict:
         """Flips (p = 0.5, with the sign changes), the release's training crop and colour jitter, drawn
@@ -299,13 +249,7 @@ class Source(Dataset):
         for axis, component in flips:
             if torch.rand((), generator=g) < 0.5:
                 flipped[component] = True
-                for key in [k for k in sample if isinstance(sample[k], torch.Tensor) and sample[k].ndim == 3]:
-                    sample[key] = sample[key].flip(axis)
-                for task in ("optical_flow", "scene_flow", "normal"):
-                    if task in sample:
-                        sample[task][component] = -sample[task][component]
-                size = sample["rgb"].shape[axis]
-                sample["K"][component, 2] = size - 1 - sample["K"][component, 2]  # the principal point mirrors
+                transforms.flip(sample, axis, component)
         sample["flip"] = tuple(flipped)
         if any(t in self.crop_tasks for t in self.tasks):  # a random window of the release's size
             ch, cw = self.geometry["train_crop"]
@@ -314,16 +258,13 @@ class Source(Dataset):
                 raise ValueError(f"{type(self).__name__}: training crop {ch}x{cw} is larger than the image {h}x{w}")
             top = int(torch.randint(h - ch + 1, (), generator=g))
             left = int(torch.randint(w - cw + 1, (), generator=g))
-            for key in [k for k in sample if isinstance(sample[k], torch.Tensor) and sample[k].ndim == 3]:
-                sample[key] = sample[key][..., top:top + ch, left:left + cw]
-            sample["K"][0, 2] -= left
-            sample["K"][1, 2] -= top
+            transforms.crop(sample, top, left, ch, cw)
             sample["crop"] = (top, left)
         if self.jitters():
-            params = color_jitter_params(self.jitter, g)
+            params = transforms.color_jitter_params(self.jitter, g)
             for key in ("rgb", "rgb_next"):
                 if key in sample:
-                    sample[key] = color_jitter(sample[key], *params)
+                    sample[key] = transforms.color_jitter(sample[key], *params)
         return sample
 
     def jitters(self) -> bool:
@@ -346,32 +287,6 @@ class Source(Dataset):
         normal = np.where(finite[..., None], normal, 0.0)
         valid = valid & finite & (np.linalg.norm(normal, axis=-1) > 1e-6)
         return (normal if self.normals == "as_stored" else -normal).astype(np.float32), valid
-
-
-# --------------------------------------------------------------------------- colour jitter
-
-def color_jitter_params(strength, generator) -> tuple[float, float, float, float]:
-    """Draw (brightness, contrast, saturation, hue) factors as torchvision's ColorJitter ranges."""
-    b, c, s, h = strength
-    u = torch.rand(4, generator=generator).tolist()
-    return (1 - b + 2 * b * u[0], 1 - c + 2 * c * u[1], 1 - s + 2 * s * u[2], -h + 2 * h * u[3])
-
-
-def color_jitter(rgb: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float) -> torch.Tensor:
-    """Brightness, contrast, saturation, then a hue rotation (a fraction of the colour circle, in YIQ)."""
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype)[:, None, None]
-    x = (rgb * brightness).clamp(0, 1)
-    grey_mean = (x * weights).sum(0).mean()
-    x = (grey_mean + contrast * (x - grey_mean)).clamp(0, 1)
-    grey = (x * weights).sum(0, keepdim=True)
-    x = (grey + saturation * (x - grey)).clamp(0, 1)
-    if hue:
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=rgb.dtype)
-        a = 2 * math.pi * hue
-        rot = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]], dtype=rgb.dtype)
-        m = torch.linalg.inv(to_yiq) @ rot @ to_yiq
-        x = torch.einsum("ij,jhw->ihw", m, x).clamp(0, 1)
-    return x
 
 
 def _albedo_valid(albedo: np.ndarray) -> np.ndarray:
@@ -538,13 +453,6 @@ class VirtualKITTI2(Source):
         return out
 
 
-def _center_crop(height: int, width: int, crop_hw) -> tuple[int, int]:
-    ch, cw = crop_hw
-    if height < ch or width < cw:
-        raise ValueError(f"image {height}x{width} is smaller than the centre crop {ch}x{cw}")
-    return (height - ch) // 2, (width - cw) // 2
-
-
 class FlyingThings3D(Source):
     """FlyingThings3D as StableMTL preprocesses it: ``<split>/image_clean/NNNNNNN.png`` (frame 2 =
     id + 1), ``flow_2d/`` (KITTI-style 16-bit flow png), ``pc/`` (.npz, ``pc1`` N x 3) and
@@ -575,7 +483,7 @@ class FlyingThings3D(Source):
         image = lambda n: f"{folder}/image_clean/{n:07d}.png"  # noqa: E731
         rgb, rgb_next = self._rgb(image(number)), self._rgb(image(number + 1))
         h, w = rgb.shape[:2]
-        top, left = _center_crop(h, w, self.geometry["crop"])
+        top, left = transforms.center_crop(h, w, self.geometry["crop"])
         ch, cw = self.geometry["crop"]
         crop = lambda a: a[top:top + ch, left:left + cw]  # noqa: E731
         out = {"rgb": crop(rgb), "rgb_next": crop(rgb_next)}
@@ -666,7 +574,7 @@ class KittiDepth(Source):
         if depth.shape != rgb.shape[:2]:
             raise formats.FormatError(f"depth {depth.shape} and image {rgb.shape[:2]} sizes differ")
         crop_size = tuple(self.geometry["kb_crop"])
-        top, left = _kb_crop(*depth.shape, crop_size)
+        top, left = transforms.kb_crop(*depth.shape, crop_size)
         ch, cw = crop_size
         valid = self._depth_valid(depth[top:top + ch, left:left + cw])
         if self.eigen_crop:
@@ -704,7 +612,7 @@ class KittiFlow(Source):
         rgb, rgb_next = self._rgb(rgb_path), self._rgb(rgb_path.replace("_10.", "_11."))
         flow, flow_valid = formats.read_kitti_flow(self.path(flow_path))
         h, w = flow.shape[:2]
-        top, left = _kb_crop(h, w, self.geometry["kb_crop"])
+        top, left = transforms.kb_crop(h, w, self.geometry["kb_crop"])
         ch, cw = self.geometry["kb_crop"]
         crop = lambda a: a[top:top + ch, left:left + cw]  # noqa: E731
         calib_path = flow_path.replace("flow_occ/", "calib_cam_to_cam/", 1).replace("_10.png", ".txt")
@@ -784,9 +692,3 @@ class MIDIntrinsics(Source):
 SOURCES = {cls.name: cls for cls in (Hypersim, VirtualKITTI2, FlyingThings3D, Cityscapes, KittiDepth,
                                      KittiFlow, DIODE, MIDIntrinsics)}
 
-
-def get_source(name: str) -> type[Source]:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(SOURCES)}") from None

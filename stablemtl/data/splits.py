@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stablemtl.data import formats
 from stablemtl.data.sources import HYPERSIM_LISTS, REPO_SPLITS, SOURCES, DatasetLayoutError
+from stablemtl.tasks import FLOW_TASKS
 
 VKITTI_SCENES = ("Scene02", "Scene06", "Scene18", "Scene20")  # Scene01 is held out by the release
 VKITTI_VARIATIONS = ("15-deg-left", "15-deg-right", "clone", "morning", "overcast", "sunset")  # no fog, rain
@@ -74,7 +75,7 @@ def vkitti_lines(root: Path) -> dict[str, list[str]]:
                     has_next = (rgb_dir / f"rgb_{number + 1:05d}.jpg").is_file()
                     for task, (top, folder, prefix, ext) in kinds.items():
                         path = root / top / scene / variation / "frames" / folder / camera / f"{prefix}_{number:05d}.{ext}"
-                        if path.is_file() and (has_next or task not in ("optical_flow", "scene_flow")):
+                        if path.is_file() and (has_next or task not in FLOW_TASKS):
                             out[f"vkitti_{task}_train.txt"].append(_rel(root, path))
     return out
 

@@ -592,28 +592,10 @@ def _render_frame(scene: Scene, K: np.ndarray, height: int, width: int, time: in
     return hits, dirs, albedo, shading, spec, np.clip(rgb, 0, 1)
 
 
-def render_sample(kind: str, seed: int, height: int, width: int, domain: str = "train",
-                  light_seed: int | None = None) -> dict:
-    """Render one sample; see the module docstring for the conventions.
-
-    Returns float32 arrays (H x W [x C]): ``rgb``, ``rgb_next``, ``rgb_linear``,
-    ``rgb_next_linear``, ``depth`` (0 where nothing is hit), ``normal``,
-    ``semantic`` (int32; 250 = ignore), ``albedo``, ``shading``,
-    ``optical_flow``, ``scene_flow``, ``valid_flow`` (visible in frame 2),
-    ``flow_defined`` (a surface point in front of camera 2, occluded or not), ``lambertian``,
-    ``object_id`` (int32, -1 = sky), ``K`` (3 x 3), ``cam2_from_cam1`` (4 x 4:
-    maps camera-1 coordinates of a static point to its camera-2 coordinates),
-    and ``kind``, ``domain``, ``seed``.
-    """
-    if height < 2 or width < 2:
-        raise ValueError(f"image size must be at least 2 x 2, got {height} x {width}")
-    scene = make_scene(kind, seed, domain, light_seed)
-    K = intrinsics(scene, height, width)
-    hits, dirs, albedo, shading, spec, rgb = _render_frame(scene, K, height, width, 1)
+def _motion(scene, K, hits, dirs, points1, height: int, width: int):
+    """Optical flow, scene flow, where the flow is defined and where it is valid (visible in frame 2)
+    of the surface points ``points1`` seen by camera 1."""
     hit = hits.index >= 0
-    depth = np.where(hit, hits.t, 0.0)  # rays have unit z, so t is planar depth
-    points1 = np.where(hit[:, None], hits.t[:, None] * dirs, 0.0)
-
     # frame 2: every surface point moves with its object; express it in camera 2
     world2 = np.zeros_like(points1)
     for k in np.unique(hits.index[hit]):
@@ -641,6 +623,32 @@ def render_sample(kind: str, seed: int, height: int, width: int, domain: str = "
         reach = cast(scene.objects, np.broadcast_to(scene.cam2_position, towards.shape), towards, 2)
         same = (reach.index == hits.index[inside]) & (np.abs(reach.t - 1.0) < 1e-4)
         valid_flow[np.nonzero(inside)[0][same]] = True
+    return flow, scene_flow, defined, valid_flow
+
+
+def render_sample(kind: str, seed: int, height: int, width: int, domain: str = "train",
+                  light_seed: int | None = None) -> dict:
+    """Render one sample; see the module docstring for the conventions.
+
+    Returns float32 arrays (H x W [x C]): ``rgb``, ``rgb_next``, ``rgb_linear``,
+    ``rgb_next_linear``, ``depth`` (0 where nothing is hit), ``normal``,
+    ``semantic`` (int32; 250 = ignore), ``albedo``, ``shading``,
+    ``optical_flow``, ``scene_flow``, ``valid_flow`` (visible in frame 2),
+    ``flow_defined`` (a surface point in front of camera 2, occluded or not), ``lambertian``,
+    ``object_id`` (int32, -1 = sky), ``K`` (3 x 3), ``cam2_from_cam1`` (4 x 4:
+    maps camera-1 coordinates of a static point to its camera-2 coordinates),
+    and ``kind``, ``domain``, ``seed``.
+    """
+    if height < 2 or width < 2:
+        raise ValueError(f"image size must be at least 2 x 2, got {height} x {width}")
+    scene = make_scene(kind, seed, domain, light_seed)
+    K = intrinsics(scene, height, width)
+    hits, dirs, albedo, shading, spec, rgb = _render_frame(scene, K, height, width, 1)
+    hit = hits.index >= 0
+    depth = np.where(hit, hits.t, 0.0)  # rays have unit z, so t is planar depth
+    points1 = np.where(hit[:, None], hits.t[:, None] * dirs, 0.0)
+
+    flow, scene_flow, defined, valid_flow = _motion(scene, K, hits, dirs, points1, height, width)
 
     _, _, _, _, _, rgb_next = _render_frame(scene, K, height, width, 2)
     semantic = np.full(len(dirs), IGNORE_INDEX, np.int32)
@@ -684,9 +692,3 @@ def stable_seed(*parts) -> int:
     """A seed from names and numbers that is the same on every machine and Python run."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
-
-def write_mini_datasets(root, preset="demo", **kwargs) -> dict:
-    """Write the procedural miniature of every dataset under ``root``; see ``stablemtl.data.mini``."""
-    from stablemtl.data.mini import write_mini_datasets as write
-
-    return write(root, preset, **kwargs)

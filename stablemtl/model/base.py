@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stablemtl.tasks import SHADING_WEIGHTS, TASK_NAMES, albedo_valid_mask, get_task
+from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, albedo_valid_mask, get_task, to_grey
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILD_FILE = "stablemtl_base.json"
@@ -277,9 +277,13 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
-    """Encode (posterior mean) and decode, in target space [-1, 1]."""
+    """``[B, 3, H, W]`` in target space through the VAE: padded (replicate) to a multiple of its
+    downsampling factor, encoded (posterior mean), decoded, cropped back to ``H x W``; not clamped."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (0, (-w) % factor, 0, (-h) % factor), mode="replicate")
     with torch.no_grad():
-        return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        return vae.decode(vae.encode(padded).latent_dist.mean).sample[..., :h, :w]
 
 
 def pretrain_vae(vae, cfg: dict, seed: int, progress: bool = True) -> dict:
@@ -338,7 +342,7 @@ def vae_report(vae, cfg: dict, seed: int) -> dict:
     for it in items:
         s = it["sample"]
         for name, (target, valid) in it["encodings"].items():
-            recon = vae_roundtrip(vae, target[None])
+            recon = vae_roundtrip(vae, target[None]).clamp(-1, 1)
             psnr.setdefault(name, []).append(_psnr(recon[0], target))
             if name == "rgb":
                 continue
@@ -351,16 +355,15 @@ def vae_report(vae, cfg: dict, seed: int) -> dict:
                 acc[name].update(out[0].numpy(), s["semantic"], v)
             elif name == "normal":
                 acc[name].update(hw(out), -s["normal"], v)  # the stored convention, as encoded
-            elif name in ("optical_flow", "scene_flow"):
+            elif name in FLOW_TASKS:
                 acc[name].update(hw(out), s[name], v)
             elif name == "albedo":
                 acc[name].update(hw(out), s["albedo"], v)
             else:
-                grey = (s["shading"] * np.array(SHADING_WEIGHTS)).sum(-1)
+                grey = to_grey(torch.from_numpy(s["shading"]).double(), dim=-1).numpy()
                 acc[name].update(out[0].numpy(), grey, v)
     ceiling = {}
-    headline = {"depth": "abs_rel", "normal": "mean", "semantic": "miou", "optical_flow": "epe",
-                "scene_flow": "epe3d", "albedo": "rmse", "shading": "rmse"}
+    headline = metrics.HEADLINE
     for name, a in acc.items():
         try:
             ceiling[name] = {headline[name]: float(a.compute()[headline[name]])}
@@ -433,7 +436,8 @@ def save_base(base: Base, out_dir, info: dict | None = None) -> Path:
 
 
 def build_tiny_base(out_dir, preset="demo", progress: bool = True) -> Path:
-    """Build (or reuse, when built with the same parameters) the tiny base of ``preset`` in ``out_dir``."""
+    """Build the tiny base of ``preset`` in ``out_dir`` (replacing an earlier one); returns ``out_dir``.
+    (``stablemtl run`` skips stage 02 when the base was built with the same parameters.)"""
     from stablemtl.presets import load_preset
 
     config = load_preset(preset)
@@ -443,14 +447,28 @@ def build_tiny_base(out_dir, preset="demo", progress: bool = True) -> Path:
     seed = int(config.get("seed", 2024))
     out_dir = Path(out_dir)
     params = {"base": cfg, "seed": seed, "version": BUILD_VERSION}
-    stamp = out_dir / BUILD_FILE
-    if stamp.is_file() and json.loads(stamp.read_text()).get("params") == json.loads(json.dumps(params)):
-        return out_dir
     base, info = make_tiny_base(cfg, seed, progress)
     save_base(base, out_dir, {"params": params, **info})
     if progress:
         print(format_build_report(info))
     return out_dir
+
+
+def prepare_base(study, progress: bool = True) -> Path:
+    """Stage 02: build the tiny base of a ``smoke``/``demo`` run, or load and check the SD2 weights of
+    a ``paper`` run; returns the base directory."""
+    if study.procedural:
+        return build_tiny_base(study.base_dir, study.preset, progress=progress)
+    load_base(study.base_dir)  # configs checked, weights loaded: fails here rather than in training
+    return study.base_dir
+
+
+def describe(base_dir) -> str:
+    """The tiny base's build report (VAE PSNR per encoding and the VAE ceiling per task), or a line
+    saying that the weights are the published ones."""
+    if not (Path(base_dir) / BUILD_FILE).is_file():
+        return f"{base_dir}: Stable Diffusion 2 (no build report; the weights are the published ones)"
+    return format_build_report(build_report(base_dir))
 
 
 def build_report(base_dir) -> dict:

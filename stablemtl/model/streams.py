@@ -27,9 +27,23 @@ call over the batch of (task, image) pairs; the multi stream one auxiliary call
 re-ran the auxiliary stream for every main task (49 UNet passes for 7 tasks);
 ``MultiStream.predict_latents_reference`` keeps that scheme for comparison only.
 
+The processors hold no state between calls: what one UNet call needs (the
+dictionary the auxiliary stream's features go to and the main stream reads,
+the batch layout, the masking probability, optionally a dictionary for the
+attention weights) travels with that call in its ``cross_attention_kwargs``
+(``task_features``, ``task_layout``, ``task_mask_prob``,
+``task_attention_weights``). Every attention processor of both UNets accepts these
+keywords, so diffusers passes them on without dropping or warning.
+
 A model records the normal convention it learned (``normals``: ``"as_stored"``,
 the release's, or ``"facing"``; ``stablemtl.options``), so that evaluation
 compares its normals with ground truth of the same convention.
+
+Saving: ``save_pretrained`` writes the model as a self-contained
+``StableMTLPipeline`` folder (``stablemtl.model.pipeline``: every component,
+VAE and text encoder included, and no absolute path). ``load_model`` reads that
+folder or the kit's older layout (the trained UNet(s) and task attention only,
+the frozen parts read from the base directory recorded at save time).
 """
 
 from __future__ import annotations
@@ -40,21 +54,23 @@ import math
 from pathlib import Path
 
 import torch
+from diffusers import ConfigMixin, ModelMixin  # module level: see TaskAttentionSites
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from stablemtl import options
-from stablemtl.tasks import TASK_NAMES
+from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
 TIMESTEP = 999
 MODEL_FILE = "stablemtl_model.json"
-FLOW_TASKS = ("optical_flow", "scene_flow")
+PIPELINE_FILE = "model_index.json"
+PIPELINE_CLASS = "StableMTLPipeline"
 
 
 def _check_tasks(tasks, allowed) -> list[str]:
     tasks = list(allowed if tasks is None else [tasks] if isinstance(tasks, str) else tasks)
     for task in tasks:
-        if task not in TASK_NAMES:
-            raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+        get_task(task)  # unknown task -> a ValueError listing the valid ones
         if task not in allowed:
             raise ValueError(f"this model was built for {', '.join(allowed)}; it cannot predict {task!r}")
     if not tasks:
@@ -96,8 +112,6 @@ class _Frozen(nn.Module):
     def prompt(self, task: str) -> torch.Tensor:
         """``[L, D]`` embedding of the task prompt (BOS + tokens + EOS, no padding), cached."""
         if task not in self._prompts:
-            from stablemtl.tasks import get_task
-
             ids = self.tokenizer(get_task(task).prompt, padding=False, return_tensors="pt").input_ids
             device = next(self.text_encoder.parameters()).device
             with torch.no_grad():
@@ -134,20 +148,17 @@ def _inputs(z_image, z_next, tasks) -> torch.Tensor:
     return torch.cat(rows, 0)
 
 
-def _unet(unet, x, prompts, mask):
+def _unet(unet, x, prompts, mask, context: dict | None = None):
+    """One UNet call at the fixed timestep; ``context``: the task-attention keywords of this call."""
     t = torch.full((x.shape[0],), TIMESTEP, device=x.device, dtype=torch.long)
-    return unet(x, t, encoder_hidden_states=prompts, encoder_attention_mask=mask).sample
+    return unet(x, t, encoder_hidden_states=prompts, encoder_attention_mask=mask, cross_attention_kwargs=context).sample
 
 
-def _save_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _save_scheduler(path: Path) -> None:
+def make_scheduler():
     """The scheduler only records the fixed single-step use: ``prediction_type = sample``."""
     from diffusers import DDIMScheduler
 
-    DDIMScheduler(num_train_timesteps=TIMESTEP + 1, prediction_type="sample").save_pretrained(path / "scheduler")
+    return DDIMScheduler(num_train_timesteps=TIMESTEP + 1, prediction_type="sample")
 
 
 class SingleStream(nn.Module):
@@ -188,17 +199,11 @@ class SingleStream(nn.Module):
         return out.view(len(tasks), *z_image.shape)
 
     # ---------------------------------------------------------------- persistence
-    def _config(self) -> dict:
-        return {"kind": self.kind, "tasks": self.tasks, "normals": self.normals,
-                "base": str(self.frozen.base_path) if self.frozen.base_path else None}
-
     def save_pretrained(self, path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(path / "unet", safe_serialization=True)
-        _save_scheduler(path)
-        _save_json(path / MODEL_FILE, self._config())
-        return path
+        """Write a self-contained ``StableMTLPipeline`` folder (``stablemtl.model.pipeline``)."""
+        from stablemtl.model.pipeline import StableMTLPipeline
+
+        return StableMTLPipeline.from_model(self).save_pretrained(path)
 
     @classmethod
     def from_pretrained(cls, path, base=None):
@@ -234,8 +239,9 @@ class TaskAttention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, h, main_tasks, features, aux_tasks, mask_prob: float = 0.0):
-        """``h`` ``[Tm, B, N, C]``, ``features`` ``[Ta, B, N, C]`` -> the addition to ``h``."""
+    def forward(self, h, main_tasks, features, aux_tasks, mask_prob: float = 0.0, weights: list | None = None):
+        """``h`` ``[Tm, B, N, C]``, ``features`` ``[Ta, B, N, C]`` -> the addition to ``h``; ``weights``
+        (a list) receives the attention probabilities averaged over the heads, ``[Tm, B, N, Ta]``."""
         tm, b, n, c = h.shape
         d = c // self.heads
         split = lambda x: x.reshape(*x.shape[:-1], self.heads, d)  # noqa: E731
@@ -254,52 +260,123 @@ class TaskAttention(nn.Module):
                     if torch.isfinite(bias[i]).sum() >= 2:
                         bias[i, torch.multinomial(probs[i], 1)] = float("-inf")
         probs = (scores + bias[:, None, None, None, :]).softmax(-1)
+        if weights is not None:
+            weights.append(probs.detach().mean(dim=3))
         out = torch.einsum("mbnha,abnhd->mbnhd", probs, v).reshape(tm, b, n, c)
         return self.out(out)
 
 
-class _Store:
-    """What the processors share during one forward: captured features and the batch layout."""
+class TaskAttentionSites(ModelMixin, ConfigMixin):
+    """The task attention of a multi-stream model: one ``TaskAttention`` per self-attention site.
 
-    def __init__(self):
-        self.features: dict[str, torch.Tensor] = {}
-        self.layout = None  # (main_tasks, aux_tasks, batch) while the main stream runs with task attention
-        self.mask_prob = 0.0
-        self.calls = 0
+    ``sites``: each site (the ``attn1`` module's name in the main UNet) with its feature width,
+    as ``{site: width}`` or ``[(site, width), ...]`` (the config keeps pairs: JSON objects are
+    saved with sorted keys, pairs keep the UNet's module order). A site's module is the child
+    ``<site with dots as underscores>``, so the state-dict keys are ``<site_key>.<parameter>``.
+    It reads like the ``nn.ModuleDict`` of the sites (``[key]``, ``len``, ``keys``, ``values``,
+    ``items``).
+
+    A diffusers model (``ModelMixin``, ``ConfigMixin``): the pipeline saves it as its
+    ``task_attention`` component, recorded in ``model_index.json`` as
+    ``["stablemtl.model.streams", "TaskAttentionSites"]``. diffusers (0.42) resolves such a
+    library from ``sys.modules`` (it never imports a module a folder names; the pipeline module
+    imports this one) and finds the loading method through the base classes this module's
+    namespace holds, hence ``ModelMixin`` imported at module level.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, sites, tasks=TASK_NAMES, query_hidden: int = 640, heads: int = 4):
+        super().__init__()
+        for site, width in (sites.items() if isinstance(sites, dict) else sites):
+            self.add_module(_site_key(site), TaskAttention(width, list(tasks), query_hidden, heads))
+
+    def __getitem__(self, key: str) -> TaskAttention:
+        return self._modules[key]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __contains__(self, key) -> bool:
+        return key in self._modules
+
+    def keys(self):
+        return self._modules.keys()
+
+    def values(self):
+        return self._modules.values()
+
+    def items(self):
+        return self._modules.items()
 
 
-class _CaptureProcessor:
-    """Auxiliary stream: standard attention; keep the branch output for the main stream."""
+class _Processor:
+    """An attention processor that takes the task-attention keywords of ``cross_attention_kwargs``.
 
-    def __init__(self, store: _Store, site: str):
+    diffusers passes a processor only the keywords its ``__call__`` names (and warns about the
+    others), so every processor of a multi-stream UNet names all four; this one ignores them.
+    """
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 task_features: dict | None = None, task_layout=None, task_mask_prob: float = 0.0,
+                 task_attention_weights: dict | None = None):
+        return self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                         attention_mask=attention_mask, temb=temb)
+
+
+class _CaptureProcessor(_Processor):
+    """Auxiliary stream: standard attention; the branch output goes to ``task_features[site]``."""
+
+    def __init__(self, site: str):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.base, self.store, self.site = AttnProcessor2_0(), store, site
+        super().__init__(AttnProcessor2_0())
+        self.site = site
 
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        out = self.base(attn, hidden_states, *args, **kwargs)
-        self.store.features[self.site] = out
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 task_features: dict | None = None, task_layout=None, task_mask_prob: float = 0.0,
+                 task_attention_weights: dict | None = None):
+        out = self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                        attention_mask=attention_mask, temb=temb)
+        if task_features is not None:
+            task_features[self.site] = out
         return out
 
 
-class _TaskAttentionProcessor:
-    """Main stream: standard attention, then the task attention added to the branch output."""
+class _TaskAttentionProcessor(_Processor):
+    """Main stream: standard attention, then the task attention added to the branch output.
 
-    def __init__(self, store: _Store, site: str, module: TaskAttention):
+    ``task_layout`` = (main tasks, auxiliary tasks, batch) of the call and ``task_features`` the
+    auxiliary stream's captured features; without a layout the processor is plain attention.
+    """
+
+    def __init__(self, site: str, module: TaskAttention):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.base, self.store, self.site = AttnProcessor2_0(), store, site
+        super().__init__(AttnProcessor2_0())
+        self.site = site
         self.module = [module]  # a list: the processor must not register the module inside the UNet
 
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        h = self.base(attn, hidden_states, *args, **kwargs)
-        if self.store.layout is None:
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 task_features: dict | None = None, task_layout=None, task_mask_prob: float = 0.0,
+                 task_attention_weights: dict | None = None):
+        h = self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      attention_mask=attention_mask, temb=temb)
+        if task_layout is None:
             return h
-        main_tasks, aux_tasks, b = self.store.layout
-        f = self.store.features[self.site]
+        main_tasks, aux_tasks, b = task_layout
+        f = task_features[self.site]
         n, c = h.shape[1], h.shape[2]
         h4 = h.view(len(main_tasks), b, n, c)
-        extra = self.module[0](h4, main_tasks, f.view(len(aux_tasks), b, n, c), aux_tasks, self.store.mask_prob)
+        weights = None if task_attention_weights is None else task_attention_weights.setdefault(self.site, [])
+        extra = self.module[0](h4, main_tasks, f.view(len(aux_tasks), b, n, c), aux_tasks, task_mask_prob, weights)
         return (h4 + extra).view_as(h)
 
 
@@ -316,13 +393,43 @@ def _site_key(site: str) -> str:
     return site.replace(".", "_")
 
 
+def _set_processors(unet, make) -> None:
+    """``make(site)`` at every site it returns a processor for; elsewhere the UNet's own processor,
+    wrapped to take the task-attention keywords."""
+    processors = {}
+    for name, proc in unet.attn_processors.items():
+        site = name[: -len(".processor")]
+        new = make(site)
+        if new is None:
+            new = _Processor(proc.base if isinstance(proc, _Processor) else proc)
+        processors[name] = new
+    unet.set_attn_processor(processors)
+
+
+def install_capture(unet, sites) -> None:
+    """Auxiliary stream: capture the ``attn1`` branch output at ``sites`` into ``task_features``."""
+    _set_processors(unet, lambda site: _CaptureProcessor(site) if site in sites else None)
+
+
+def install_task_attention(unet, task_attention: TaskAttentionSites) -> None:
+    """Main stream: add ``task_attention``'s module at each of its sites (when a call gives a ``task_layout``)."""
+    sites = dict(task_attention.config.sites)
+    _set_processors(unet, lambda site: _TaskAttentionProcessor(site, task_attention[_site_key(site)])
+                    if site in sites else None)
+
+
 class MultiStream(nn.Module):
-    """Main UNet (trainable) + frozen auxiliary UNet + task attention at every ``attn1``."""
+    """Main UNet (trainable) + frozen auxiliary UNet + task attention at every ``attn1``.
+
+    ``task_attention``: a ``TaskAttentionSites`` to use (a saved one); by default a new one,
+    zero-initialised output projections, for the main UNet's sites.
+    """
 
     kind = "multi_stream"
 
     def __init__(self, main_unet, aux_unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, query_hidden: int = 640,
-                 heads: int = 4, mask_prob: float = 0.4, base_path=None, normals: str = "as_stored"):
+                 heads: int = 4, mask_prob: float = 0.4, base_path=None, normals: str = "as_stored",
+                 task_attention: TaskAttentionSites | None = None):
         super().__init__()
         self.unet, self.aux_unet = main_unet, aux_unet
         self.aux_unet.requires_grad_(False).eval()
@@ -332,20 +439,20 @@ class MultiStream(nn.Module):
         if len(self.tasks) < 2:
             raise ValueError("the multi-stream model needs at least 2 tasks")
         self.settings = {"query_hidden": query_hidden, "heads": heads, "mask_prob": mask_prob}
-        self.store = _Store()
         sites = attention_sites(main_unet)
-        self.task_attention = nn.ModuleDict({_site_key(s): TaskAttention(c, self.tasks, query_hidden, heads)
-                                             for s, c in sites.items()})
-        self._install(sites)
-
-    def _install(self, sites) -> None:
-        for unet, make in ((self.aux_unet, lambda s: _CaptureProcessor(self.store, s)),
-                           (self.unet, lambda s: _TaskAttentionProcessor(self.store, s, self.task_attention[_site_key(s)]))):
-            processors = {}
-            for name, proc in unet.attn_processors.items():
-                site = name[: -len(".processor")]
-                processors[name] = make(site) if site in sites else proc
-            unet.set_attn_processor(processors)
+        if task_attention is None:
+            task_attention = TaskAttentionSites(list(sites.items()), self.tasks, query_hidden, heads)
+        else:
+            c = task_attention.config
+            found = {"sites": dict(c.sites), "tasks": list(c.tasks), "query_hidden": c.query_hidden, "heads": c.heads}
+            wanted = {"sites": sites, "tasks": self.tasks, "query_hidden": query_hidden, "heads": heads}
+            wrong = [k for k in wanted if found[k] != wanted[k]]
+            if wrong:
+                raise ValueError("the task attention does not fit the model: " + "; ".join(
+                    f"{k} {found[k]!r}, the model's {wanted[k]!r}" for k in wrong))
+        self.task_attention = task_attention
+        install_capture(self.aux_unet, sites)
+        install_task_attention(self.unet, self.task_attention)
 
     @classmethod
     def from_single_stream(cls, single: SingleStream, query_hidden: int = 640, heads: int = 4,
@@ -363,23 +470,24 @@ class MultiStream(nn.Module):
         """Every task other than a main task is needed; with 2+ main tasks, all of them."""
         return [t for t in self.tasks if any(t != m for m in tasks)]
 
-    def predict_latents(self, z_image, z_next, tasks) -> torch.Tensor:
-        """Task latents ``[T, B, 4, h, w]``: one auxiliary call for every needed task, one main call."""
+    def predict_latents(self, z_image, z_next, tasks, attention_weights: dict | None = None) -> torch.Tensor:
+        """Task latents ``[T, B, 4, h, w]``: one auxiliary call for every needed task, one main call.
+
+        ``attention_weights`` (a dict) receives, per site, the list of the task attention's
+        probabilities ``[T, B, N, Ta]`` (averaged over heads; ``N`` pixels of the site's feature map,
+        ``Ta`` the tasks of ``aux_tasks_for(tasks)``)."""
         tasks = _check_tasks(tasks, self.tasks)
         aux = self.aux_tasks_for(tasks)
         b = z_image.shape[0]
+        features: dict[str, torch.Tensor] = {}
         prompts, mask = self.frozen.prompts(aux, b, z_image.device, z_image.dtype)
-        self.store.layout = None
-        try:
-            with torch.no_grad():
-                _unet(self.aux_unet, _inputs(z_image, z_next, aux), prompts, mask)
-            self.store.layout = (tasks, aux, b)
-            self.store.mask_prob = self.settings["mask_prob"] if self.training else 0.0
-            prompts, mask = self.frozen.prompts(tasks, b, z_image.device, z_image.dtype)
-            out = _unet(self.unet, _inputs(z_image, z_next, tasks), prompts, mask)
-        finally:
-            self.store.layout = None
-            self.store.features.clear()
+        with torch.no_grad():
+            _unet(self.aux_unet, _inputs(z_image, z_next, aux), prompts, mask, {"task_features": features})
+        context = {"task_features": features, "task_layout": (tasks, aux, b),
+                   "task_mask_prob": self.settings["mask_prob"] if self.training else 0.0,
+                   "task_attention_weights": attention_weights}
+        prompts, mask = self.frozen.prompts(tasks, b, z_image.device, z_image.dtype)
+        out = _unet(self.unet, _inputs(z_image, z_next, tasks), prompts, mask, context)
         return out.view(len(tasks), *z_image.shape)
 
     def forward(self, z_image, z_next, tasks):
@@ -388,24 +496,22 @@ class MultiStream(nn.Module):
     def predict_latents_reference(self, z_image, z_next, tasks) -> torch.Tensor:
         """The release's scheme, for comparison: per main task, one auxiliary pass per other task."""
         tasks = _check_tasks(tasks, self.tasks)
+        b = z_image.shape[0]
         outs = []
         for task in tasks:
             aux = [t for t in self.tasks if t != task]
             captured: dict[str, list] = {}
             for t in aux:
-                prompts, mask = self.frozen.prompts([t], z_image.shape[0], z_image.device, z_image.dtype)
+                features: dict[str, torch.Tensor] = {}
+                prompts, mask = self.frozen.prompts([t], b, z_image.device, z_image.dtype)
                 with torch.no_grad():
-                    _unet(self.aux_unet, _inputs(z_image, z_next, [t]), prompts, mask)
-                for site, f in self.store.features.items():
+                    _unet(self.aux_unet, _inputs(z_image, z_next, [t]), prompts, mask, {"task_features": features})
+                for site, f in features.items():
                     captured.setdefault(site, []).append(f)
-            self.store.features = {site: torch.cat(f, 0) for site, f in captured.items()}
-            self.store.layout, self.store.mask_prob = ([task], aux, z_image.shape[0]), 0.0
-            try:
-                prompts, mask = self.frozen.prompts([task], z_image.shape[0], z_image.device, z_image.dtype)
-                outs.append(_unet(self.unet, _inputs(z_image, z_next, [task]), prompts, mask))
-            finally:
-                self.store.layout = None
-                self.store.features = {}
+            context = {"task_features": {site: torch.cat(f, 0) for site, f in captured.items()},
+                       "task_layout": ([task], aux, b), "task_mask_prob": 0.0}
+            prompts, mask = self.frozen.prompts([task], b, z_image.device, z_image.dtype)
+            outs.append(_unet(self.unet, _inputs(z_image, z_next, [task]), prompts, mask, context))
         return torch.stack(outs)
 
     def trainable_parameters(self):
@@ -414,18 +520,10 @@ class MultiStream(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, path) -> Path:
-        from safetensors.torch import save_file
+        """Write a self-contained ``StableMTLPipeline`` folder (``stablemtl.model.pipeline``)."""
+        from stablemtl.model.pipeline import StableMTLPipeline
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(path / "unet", safe_serialization=True)
-        self.aux_unet.save_pretrained(path / "aux_unet", safe_serialization=True)
-        _save_scheduler(path)
-        save_file({k: v.contiguous() for k, v in self.task_attention.state_dict().items()},
-                  str(path / "task_attention.safetensors"))
-        _save_json(path / MODEL_FILE, {"kind": self.kind, "tasks": self.tasks, **self.settings, "normals": self.normals,
-                                       "base": str(self.frozen.base_path) if self.frozen.base_path else None})
-        return path
+        return StableMTLPipeline.from_model(self).save_pretrained(path)
 
     @classmethod
     def from_pretrained(cls, path, base=None):
@@ -464,43 +562,98 @@ def saved_normals(config: dict) -> str:
     return config.get("normals", "facing")
 
 
-def load_model(path, base=None, expect: str | None = None):
-    """Load a saved ``SingleStream`` or ``MultiStream`` (safetensors + JSON only; nothing is unpickled).
+def model_record(kind: str, tasks, normals: str, settings: dict | None = None) -> dict:
+    """What a saved model's ``stablemtl_model.json`` holds: kind, tasks, task-attention settings
+    (multi stream), normal convention. Code that needs a model's tasks or normals reads this file."""
+    return {"kind": kind, "tasks": list(tasks), **(settings or {}), "normals": normals}
 
-    The frozen VAE, text encoder and tokenizer come from ``base`` (a ``Base`` or
-    a base directory), by default the base directory recorded at save time.
-    """
+
+def checkpoint_layout(path) -> str:
+    """``"pipeline"``: a ``StableMTLPipeline`` folder (``model_index.json`` naming the class),
+    self-contained; ``"kit"``: the older layout (``stablemtl_model.json``, ``unet/`` [+ ``aux_unet/``,
+    ``task_attention.safetensors``]) whose frozen parts live in a base directory."""
+    path = Path(path)
+    index = path / PIPELINE_FILE
+    if index.is_file():
+        name = json.loads(index.read_text()).get("_class_name")
+        if name == PIPELINE_CLASS:
+            return "pipeline"
+        if not (path / MODEL_FILE).is_file():
+            raise ValueError(f"{path}: {PIPELINE_FILE} describes a {name}, not a {PIPELINE_CLASS}; not a stablemtl "
+                             f"model (a base model directory?)")
+    if (path / MODEL_FILE).is_file():
+        return "kit"
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    raise FileNotFoundError(f"{path}: no {PIPELINE_FILE} or {MODEL_FILE}; not a stablemtl model checkpoint")
+
+
+def _kit_base(path: Path, config: dict, base):
+    """The ``Base`` an older-layout checkpoint reads its frozen parts from; a clear error when it is gone."""
+    from stablemtl.model.base import Base, load_base
+
+    if isinstance(base, Base):
+        return base
+    if base is None:
+        recorded = config.get("base")
+        where = (f"the base model directory recorded at save time, {recorded}, which does not exist"
+                 if recorded else "a base model directory, and it records none")
+        if not recorded or not Path(recorded).is_dir():
+            raise FileNotFoundError(
+                f"{path} is a model checkpoint in the kit's older layout: it holds only the trained weights and "
+                f"reads its frozen VAE, text encoder and tokenizer from {where}. Pass the base model: "
+                f"load_model(path, base=<base directory or Base>) or StableMTLPipeline.from_pretrained(path, "
+                f"base=...); then save_pretrained writes a self-contained folder that needs no base.")
+        base = recorded
+    return load_base(base)
+
+
+def load_kit_checkpoint(path, base=None):
+    """A ``SingleStream`` / ``MultiStream`` from the kit's older layout; the frozen parts from ``base``
+    (a ``Base`` or a base directory), by default the base directory recorded at save time."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from stablemtl.model.base import Base, load_base
-
     path = Path(path)
     config_file = path / MODEL_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no {MODEL_FILE}; not a stablemtl model checkpoint")
     config = json.loads(config_file.read_text())
     kind = config.get("kind")
-    if expect is not None and kind != expect:
-        raise ValueError(f"{path} holds a {kind!r} model, not a {expect!r} one")
-    if not isinstance(base, Base):
-        base_dir = base if base is not None else config.get("base")
-        if base_dir is None:
-            raise ValueError(f"{path}: no base directory recorded; pass base=")
-        base = load_base(base_dir)
+    if kind not in (SingleStream.kind, MultiStream.kind):
+        raise ValueError(f"{config_file}: unknown model kind {kind!r}; expected single_stream or multi_stream")
+    base = _kit_base(path, config, base)
     kw = dict(local_files_only=True)
     normals = saved_normals(config)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
     if kind == SingleStream.kind:
         return SingleStream(unet, base.vae, base.text_encoder, base.tokenizer, config["tasks"], base.path, normals)
-    if kind == MultiStream.kind:
-        aux = UNet2DConditionModel.from_pretrained(path / "aux_unet", **kw)
-        model = MultiStream(unet, aux, base.vae, base.text_encoder, base.tokenizer, config["tasks"],
-                            config["query_hidden"], config["heads"], config["mask_prob"], base.path, normals)
-        state = load_file(str(path / "task_attention.safetensors"))
-        missing, unexpected = model.task_attention.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}/task_attention.safetensors does not fit the model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-        return model
-    raise ValueError(f"{config_file}: unknown model kind {kind!r}; expected single_stream or multi_stream")
+    aux = UNet2DConditionModel.from_pretrained(path / "aux_unet", **kw)
+    model = MultiStream(unet, aux, base.vae, base.text_encoder, base.tokenizer, config["tasks"],
+                        config["query_hidden"], config["heads"], config["mask_prob"], base.path, normals)
+    state = load_file(str(path / "task_attention.safetensors"))
+    missing, unexpected = model.task_attention.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}/task_attention.safetensors does not fit the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model
+
+
+def load_model(path, base=None, expect: str | None = None):
+    """Load a saved ``SingleStream`` or ``MultiStream`` (safetensors + JSON only; nothing is unpickled).
+
+    ``path``: a ``StableMTLPipeline`` folder (``save_pretrained``), self-contained, or a checkpoint
+    of the kit's older layout (``checkpoint_layout``). ``base`` (a ``Base`` or a base directory):
+    the frozen VAE, text encoder and tokenizer to use, for a pipeline folder instead of its own
+    (the same base, loaded once), for the older layout instead of the recorded base directory.
+    ``expect``: the kind the folder must hold.
+    """
+    path = Path(path)
+    layout = checkpoint_layout(path)
+    config = json.loads((path / (PIPELINE_FILE if layout == "pipeline" else MODEL_FILE)).read_text())
+    kind = config.get("kind")
+    if expect is not None and kind != expect:
+        raise ValueError(f"{path} holds a {kind!r} model, not a {expect!r} one")
+    if layout == "kit":
+        return load_kit_checkpoint(path, base)
+    from stablemtl.model.pipeline import StableMTLPipeline
+
+    return StableMTLPipeline.from_pretrained(path, base=base).model
