@@ -153,7 +153,7 @@ def stage_outputs(study: Study, stage: str) -> list[Path]:
     if stage == STAGES[1]:
         return [study.base_dir / "model_index.json"]
     if stage in (STAGES[2], STAGES[3]):
-        return [study.model_dir(KINDS[STAGES.index(stage) - 2]) / "model_index.json"]
+        return [study.model_dir(KINDS[STAGES.index(stage) - 2]) / "stablemtl_model.json"]  # either layout
     if stage == STAGES[4]:
         return [study.results_dir / "metrics.csv"]
     return [study.results_dir / "tables" / "main.md", study.results_dir / "summary.md"]

@@ -85,7 +85,6 @@ def parse_parameters(pairs) -> dict:
     return out
 
 
-
 def select_stages(only) -> list[str]:
     """``"03,04"`` or ``["03", "04"]`` -> stage names; ``None`` -> all."""
     if not only:

@@ -52,12 +52,12 @@ class StableMTLOutput(BaseOutput):
             depth ``[B, 1]``, unit normals ``[B, 3]``, class ids ``[B, 1]``, scale-free flow
             ``[B, 2]`` / scene flow ``[B, 3]``, albedo ``[B, 3]``, shading ``[B, 1]``).
         latents: ``{task: [B, 4, h, w]}`` the predicted task latents (``return_latents=True``).
-        colorized: ``{task: [B, 3, H, W]}`` RGB renderings in [0, 1] (``colorize=True``).
+        colorized: ``{task: uint8 [B, H, W, 3]}`` RGB renderings (numpy; ``colorize=True``).
     """
 
     predictions: dict[str, torch.Tensor]
     latents: dict[str, torch.Tensor] | None = None
-    colorized: dict[str, torch.Tensor] | None = None
+    colorized: dict | None = None
 
     def __post_init__(self) -> None:
         # not BaseOutput's: with only ``predictions`` given it would make the tasks the output's keys
