@@ -100,7 +100,7 @@ def test_a_second_run_skips_every_stage_and_a_changed_parameter_reruns_its_stage
     for stage in paths.STAGES[:4]:  # untouched: same done.json, same trained model
         assert (study.stage_dir(stage) / paths.DONE_FILE).read_text() == done[stage]
     # --force of one stage alone: the stages that read it run on the next call, and only them
-    run_study("smoke", only="05", force=True, progress=False, log=lambda *_: None)
+    run_study("smoke", only="05", force=True, parameters={"max_images": 2}, progress=False, log=lambda *_: None)
     lines.clear()
     run_study("smoke", parameters={"max_images": 2}, progress=False, log=lines.append)
     assert _ran(lines) == ["06_results"]
@@ -117,14 +117,15 @@ def test_the_stage_hash_covers_knobs_preset_sections_and_what_a_stage_reads(smok
     from stablemtl.run import READS, reads, stage_hash
 
     study, _, _ = smoke_study
-    knobs = {"preset": "smoke", "run_name": None}
-    base = {s: stage_hash(study, s, dict(knobs, models=list(MODELS))) for s in paths.STAGES}
+    knobs = {"preset": "smoke", "run_name": None, "models": list(MODELS)}
+    base = {s: stage_hash(study, s, knobs) for s in paths.STAGES}
     assert len(set(base.values())) == len(paths.STAGES)
     # the run name is not a knob of a stage: stage 01 and 02 of another run of the preset are the same
     assert stage_hash(study, "01", dict(knobs, run_name="other")) == base["01_prepare_data"]
+    assert stage_hash(study, "05", dict(knobs, max_images=2)) != base["05_evaluate"]
     changed = paths.Study(dict(study.preset, evaluate={"resolution": {}}), study.run, study.results_dir,
                           study.output_dir, study.data_root, study.base_dir)
-    assert stage_hash(changed, "05", dict(knobs, models=list(MODELS))) != base["05_evaluate"]
+    assert stage_hash(changed, "05", knobs) != base["05_evaluate"]
     assert stage_hash(changed, "03", knobs) == base["03_train_single_stream"]
     longer = dict(study.preset, train=dict(study.preset["train"], single_stream={"iterations": 99}))
     longer = paths.Study(longer, study.run, study.results_dir, study.output_dir, study.data_root, study.base_dir)
