@@ -41,9 +41,9 @@ import torch
 
 from stablemtl import options
 from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler
+from stablemtl.paths import KINDS, Study, require
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
-from stablemtl.paths import KINDS, Study, require
 # what may change between a checkpoint and its resumption: the length and bookkeeping of the run and
 # where files live (the base and init weights themselves are compared by fingerprint)
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "output_dir", "tensorboard", "base", "init",
