@@ -25,19 +25,26 @@ convention is the model's own. Besides models, two reference rows can be compute
 ``trivial`` (constant or input-derived predictions) and ``vae_ceiling`` (the
 ground truth encoded and decoded by the frozen VAE, i.e. the best a latent
 regressor can do).
+
+A model runs on ``device`` (default: the GPU when there is one, ``stablemtl.devices``), moved
+there once, optionally in ``dtype`` (``torch.bfloat16``: about half the time on a GPU; its
+predictions are cached apart from float32 ones, as the weights' fingerprint records the dtype);
+ground truth and metrics stay on the CPU. While it predicts one image, a background thread
+loads the next ones (``prefetch``); the files are the same with or without it.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stablemtl import metrics, options
+from stablemtl import devices, metrics, options
 from stablemtl.tasks import FLOW_TASKS, get_task, to_grey
 
 # bump when a change of the kit changes what a cached prediction holds (decoding, resizing, ground truth)
@@ -196,11 +203,12 @@ class _Predictor:
     with its kind, name, normal convention, the fingerprint of its weights (the cache key) and the
     tasks it predicts (``None``: any)."""
 
-    def __init__(self, model, model_name=None, expect_kind=None, fingerprint=None, normals=None):
-        from stablemtl.model.pipeline import StableMTLPipeline
-        from stablemtl.model.streams import load_model, model_fingerprint, module_fingerprint
+    def __init__(self, model, model_name=None, expect_kind=None, fingerprint=None, normals=None, device=None,
+                 dtype=None):
+        from stablemtl.model.streams import load_model, module_fingerprint
 
-        self.model, self.tasks, self.memo = model, None, {}
+        self.model, self.tasks, self.memo, self.restore = model, None, {}, None
+        self.device = devices.resolve_device(device)
         if isinstance(model, tuple) and model and model[0] == "vae_ceiling":
             self.kind, self.frozen = "vae_ceiling", model[1]
             self.weights = "vae_ceiling:" + module_fingerprint({"vae": self.frozen.vae})
@@ -215,11 +223,34 @@ class _Predictor:
                 model = load_model(model, expect=expect_kind)
             elif expect_kind is not None and model.kind != expect_kind:
                 raise ValueError(f"the model is a {model.kind!r} model, not a {expect_kind!r} one")
-            self.kind, self.tasks, self.weights = model.kind, list(model.tasks), model_fingerprint(model)
-            self.pipe = StableMTLPipeline.from_model(model)
+            else:
+                self.restore = next(model.unet.parameters()).device  # the caller's model goes back there
+            self._place(model, dtype)
             normals = model.normals if normals is None else normals
         self.normals = options.check("normals", normals or "as_stored")
         self.name = model_name or self.kind
+
+    def _place(self, model, dtype) -> None:
+        """The pipeline of ``model``, in ``dtype`` (a caller's model: on a copy), moved to the device once."""
+        import copy
+
+        from stablemtl.model.pipeline import StableMTLPipeline
+        from stablemtl.model.streams import model_fingerprint
+
+        if dtype is not None and dtype != next(model.unet.parameters()).dtype:
+            devices.check_dtype(dtype, self.device)
+            if self.restore is not None:  # never cast the caller's weights in place
+                model, self.restore = copy.deepcopy(model), None
+            model.to(dtype)
+        self.kind, self.tasks, self.weights = model.kind, list(model.tasks), model_fingerprint(model)
+        self.pipe = StableMTLPipeline.from_model(model)
+        if self.restore != self.device:
+            self.pipe.to(self.device)
+
+    def close(self) -> None:
+        """Put a caller's model back on the device it came on."""
+        if self.restore is not None and self.restore != self.device:
+            self.pipe.to(self.restore)
 
     def predicts(self, task: str) -> bool:
         return self.tasks is None or task in self.tasks
@@ -236,7 +267,8 @@ class _Predictor:
         if task not in self.memo.get(key, {}):
             nxt = sample["rgb_next"][None] if "rgb_next" in sample else None
             tasks = [t for t in shared if nxt is not None or t not in FLOW_TASKS]
-            self.memo[key] = self.pipe(sample["rgb"][None], tasks=tasks, next_images=nxt).predictions
+            out = self.pipe(sample["rgb"][None], tasks=tasks, next_images=nxt).predictions
+            self.memo[key] = {t: v.cpu() for t, v in out.items()}  # resized and scored on the CPU, as always
         out = self.memo[key].pop(task)
         if not self.memo[key]:
             del self.memo[key]  # every shared benchmark has taken its prediction
@@ -252,32 +284,54 @@ def _cached(file: Path, expected_id: str) -> dict | None:
     return stored if str(stored["id"]) == expected_id else None  # else the split changed under the cache
 
 
+def _is_cached(file: Path, expected_id: str) -> bool:
+    """Whether ``_cached`` will find the image ``expected_id`` in ``file`` (reads its id only)."""
+    if not file.is_file():
+        return False
+    with np.load(file, allow_pickle=False) as npz:
+        return str(npz["id"]) == expected_id
+
+
+class _Prefetch:
+    """``source[i]`` of the ``indices`` still to predict, loaded in order by one background thread,
+    ``ahead`` at most waiting (0: loaded when asked, no thread)."""
+
+    def __init__(self, source, indices, ahead: int):
+        self.source, self.order, self.ahead, self.next, self.pending = source, list(indices), ahead, 0, {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="stablemtl-prefetch") if ahead > 0 and self.order else None
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.pool is not None and self.next < len(self.order) and len(self.pending) < self.ahead:
+            i = self.order[self.next]
+            self.pending[i], self.next = self.pool.submit(self.source.__getitem__, i), self.next + 1
+
+    def __getitem__(self, i: int) -> dict:
+        future = self.pending.pop(i, None)
+        self._fill()  # the thread goes on with the next image while this one is predicted
+        return self.source[i] if future is None else future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _score(b: Benchmark, predictor: _Predictor, source, cache: Path, n: int, shared: list[str], size, silog: str,
-           progress: bool) -> tuple[dict, int, list[dict]]:
+           progress: bool, prefetch: int = 0) -> tuple[dict, int, list[dict]]:
     """Predict (or read from ``cache``) and score the first ``n`` images of benchmark ``b``; returns the
-    dataset-level metrics, the number of images scored and per-image rows (without run and model)."""
+    dataset-level metrics, the number of images scored and per-image rows (without run and model).
+    ``prefetch``: how many of the images to predict are loaded ahead, in a background thread."""
     from tqdm.auto import tqdm
 
     acc = _accumulator(b, silog)
     rows = []
-    for i in tqdm(range(n), desc=f"{predictor.name} / {b.name}", disable=not progress, leave=False):
-        file = cache / f"{i:05d}.npz"
-        stored = _cached(file, source.entries[i][0])
-        if stored is not None:
-            pred, gt, valid, sample_id = stored["pred"], stored["gt"], stored["valid"], str(stored["id"])
-        else:
-            sample = source[i]
-            gt, valid = ground_truth(sample, b.task)
-            out = predictor(sample, b.task, (b.dataset, size, i), shared)
-            pred = _hwc(_resize(out, gt.shape[:2], b.task)[0])
-            sample_id = sample["id"]
-            np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),
-                                rgb=(sample["rgb"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        result = acc.update(pred, gt, valid)[0]
-        for metric, value in (result or {}).items():
-            if not isinstance(value, (list, tuple, dict, np.ndarray)):
-                rows.append({"benchmark": b.name, "index": i, "id": sample_id, "metric": metric,
-                             "value": _value(value)})
+    todo = [i for i in range(n) if not _is_cached(cache / f"{i:05d}.npz", source.entries[i][0])]
+    samples = _Prefetch(source, todo, prefetch)
+    try:
+        for i in tqdm(range(n), desc=f"{predictor.name} / {b.name}", disable=not progress, leave=False):
+            rows += _score_one(b, predictor, source, samples, cache, i, shared, size, acc)
+    finally:
+        samples.close()
     summary = acc.compute()
     if "iou" in summary:  # per-class IoU of the semantic benchmark, one row per class
         from stablemtl.tasks import SEMANTIC_CLASSES
@@ -286,10 +340,31 @@ def _score(b: Benchmark, predictor: _Predictor, source, cache: Path, n: int, sha
     return summary, acc.n_images, rows
 
 
+def _score_one(b: Benchmark, predictor: _Predictor, source, samples, cache: Path, i: int, shared, size,
+               acc) -> list[dict]:
+    """Image ``i``: its prediction read from the cache or made (``samples[i]``, then cached), scored."""
+    file = cache / f"{i:05d}.npz"
+    stored = _cached(file, source.entries[i][0])
+    if stored is not None:
+        pred, gt, valid, sample_id = stored["pred"], stored["gt"], stored["valid"], str(stored["id"])
+    else:
+        sample = samples[i]
+        gt, valid = ground_truth(sample, b.task)
+        out = predictor(sample, b.task, (b.dataset, size, i), shared)
+        pred = _hwc(_resize(out, gt.shape[:2], b.task)[0])
+        sample_id = sample["id"]
+        np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),
+                            rgb=(sample["rgb"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    result = acc.update(pred, gt, valid)[0]
+    return [{"benchmark": b.name, "index": i, "id": sample_id, "metric": metric, "value": _value(value)}
+            for metric, value in (result or {}).items() if not isinstance(value, (list, tuple, dict, np.ndarray))]
+
+
 def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name: str | None = None,
              resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
              expect_kind: str | None = None, normals: str | None = None, silog: str = "x100",
-             flow_scoring: str = "eval_resolution", fingerprint: str | None = None) -> Path:
+             flow_scoring: str = "eval_resolution", fingerprint: str | None = None, device=None, dtype=None,
+             prefetch: int = 2) -> Path:
     """Evaluate ``model`` (a SingleStream/MultiStream, a checkpoint directory (``expect_kind`` checks
     its kind), a reference row ``"trivial"`` / ``("vae_ceiling", frozen)``, or a function
     ``(sample, task) -> prediction`` named by ``model_name``) on ``benchmarks``; returns ``out_dir``.
@@ -300,15 +375,30 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
     release's ``"as_stored"``); ``silog`` and ``flow_scoring`` choose the protocol
     (``stablemtl.options``; the defaults are the release's). Cached predictions are reused only
     when they come from the same weights, data, resolution and protocol; a custom predictor's are
-    reused only when it has a ``fingerprint``.
+    reused only when it has a ``fingerprint``. ``device`` (None: the GPU when there is one, else the
+    CPU; a device that does not exist is named) and ``dtype`` (None: the model's own; e.g.
+    ``torch.bfloat16``) place a model (a caller's model is put back on its device afterwards, and
+    cast on a copy); ``prefetch`` images are loaded ahead in a background thread (0: none).
     """
-    from stablemtl.data.sources import SOURCES
 
     options.check("silog", silog)
     options.check("flow_scoring", flow_scoring)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictor = _Predictor(model, model_name, expect_kind, fingerprint, normals)
+    predictor = _Predictor(model, model_name, expect_kind, fingerprint, normals, device, dtype)
+    try:
+        _evaluate(predictor, benchmarks, out_dir, data_root, run, resolution, max_images, progress, silog,
+                  flow_scoring, prefetch)
+    finally:
+        predictor.close()
+    return out_dir
+
+
+def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: str, resolution, max_images,
+              progress: bool, silog: str, flow_scoring: str, prefetch: int) -> None:
+    """``evaluate`` with its predictor made: every benchmark predicted, scored and written."""
+    from stablemtl.data.sources import SOURCES
+
     name = predictor.name
     benchmarks = [get_benchmark(b) if isinstance(b, str) else b for b in benchmarks]
     mine = lambda r: r["run"] == run and r["model"] == name and r["benchmark"] in {b.name for b in benchmarks}  # noqa: E731
@@ -332,7 +422,7 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
         cache.mkdir(parents=True, exist_ok=True)
         _open_cache(cache, _cache_key(b, predictor.weights, source, size, predictor.normals, flow_scoring))
         n = len(source) if max_images is None else min(len(source), max_images)
-        summary, n_images, rows = _score(b, predictor, source, cache, n, shared, size, silog, progress)
+        summary, n_images, rows = _score(b, predictor, source, cache, n, shared, size, silog, progress, prefetch)
         sample_rows += [{"run": run, "model": name, **r} for r in rows]
         for metric, value in summary.items():
             if not isinstance(value, (list, tuple, dict, np.ndarray)):
@@ -342,7 +432,6 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
                                     "n_images": n_images})
     metrics_csv.write(metric_rows)
     samples_csv.write(sample_rows)
-    return out_dir
 
 
 def benchmarks_of(task: str) -> list[str]:
@@ -362,13 +451,14 @@ MODELS = ("trivial", "single_stream", "multi_stream")  # the rows of a run's eva
 
 
 def evaluate_run(study, models=MODELS, benchmarks=None, max_images=None, progress: bool = True,
-                 silog: str | None = None, flow_scoring: str | None = None) -> Path:
+                 silog: str | None = None, flow_scoring: str | None = None, device=None, dtype=None) -> Path:
     """Stage 05: evaluate ``models`` (names of ``MODELS``) of a run on its benchmarks into ``results/<run>``.
 
     A model trained on fewer tasks (a single-task baseline) meets only their benchmarks;
     ``max_images`` limits each benchmark; ``silog`` and ``flow_scoring`` (None: the release's)
     choose the protocol options of ``stablemtl.options``. Cached predictions are reused only when
-    they come from the same weights, data and protocol (``evaluate``).
+    they come from the same weights, data and protocol (``evaluate``). ``device`` (None: the GPU when
+    there is one) and ``dtype`` (e.g. ``torch.bfloat16``; None: float32) as in ``evaluate``.
     """
     import json
 
@@ -394,7 +484,7 @@ def evaluate_run(study, models=MODELS, benchmarks=None, max_images=None, progres
                 continue
         evaluate(source, chosen, study.results_dir, study.data_root, run=study.run, model_name=name,
                  resolution=resolution, max_images=max_images, progress=progress,
-                 expect_kind=None if name == "trivial" else name, **protocol)
+                 expect_kind=None if name == "trivial" else name, device=device, dtype=dtype, **protocol)
     return study.results_dir
 
 

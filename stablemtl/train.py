@@ -24,6 +24,12 @@ one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
   renamed, so a kill during the write never leaves a broken ``latest``; a run
   resumes from ``latest`` automatically and continues exactly (bitwise on CPU);
 - ``train_log.csv``: step, task, dataset, loss, lr, seconds per step, data time.
+- ``num_workers`` DataLoader worker processes (pinned memory with CUDA) read and prefetch exactly
+  the micro-batches of the synchronous path (0, the default), in order; the sampler advances only as
+  micro-batches are consumed, so checkpoints and resumes are the same with and without workers;
+- memory: ``gradient_checkpointing`` of the trainable UNet, ``optimizer`` ``"adam_fused"`` (CUDA) or
+  ``"adam8bit"`` (bitsandbytes); the optimizer is part of a checkpoint's identity, workers and
+  checkpointing may change on resume (``RESUMABLE_CHANGES``).
 """
 
 from __future__ import annotations
@@ -40,14 +46,17 @@ from pathlib import Path
 import torch
 
 from stablemtl import options
-from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler
+from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler, micro_batch_loader
 from stablemtl.paths import KINDS, Study, require
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
-# what may change between a checkpoint and its resumption: the length and bookkeeping of the run and
-# where files live (the base and init weights themselves are compared by fingerprint)
+# what may change between a checkpoint and its resumption: the length and bookkeeping of the run,
+# where files live (the base and init weights themselves are compared by fingerprint), and how the data
+# is read and the activations are kept: num_workers and prefetch_factor give the very same micro-batches,
+# gradient checkpointing recomputes the same forward (same RNG draws; equal up to float rounding)
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "output_dir", "tensorboard", "base", "init",
-                     "data_root")
+                     "data_root", "num_workers", "prefetch_factor", "gradient_checkpointing")
+OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
 
 
@@ -88,6 +97,10 @@ class TrainConfig:
     invalid_targets: str = "keep"  # the release; or "fill"
     tensorboard: bool = False
     task_attention: dict = field(default_factory=lambda: {"query_hidden": 640, "heads": 4, "mask_prob": 0.4})
+    num_workers: int = 0  # DataLoader worker processes; 0: samples read in the training loop (same batches)
+    prefetch_factor: int = 2  # micro-batches in flight per worker (num_workers > 0)
+    gradient_checkpointing: bool = False  # recompute the trainable UNet's activations in the backward pass
+    optimizer: str = "adam"  # the release; "adam_fused" (CUDA), "adam8bit" (bitsandbytes)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -129,6 +142,7 @@ class TrainConfig:
             raise ValueError(f"loss must be 'latent' (the release) or 'pixel', got {self.loss!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        self._validate_memory_and_data()
         for name in ("normals", "target_order", "invalid_targets"):
             options.check(name, getattr(self, name))
         if not self.base or not Path(self.base).is_dir():
@@ -141,6 +155,35 @@ class TrainConfig:
         if not self.data_root or not Path(self.data_root).is_dir():
             raise FileNotFoundError(f"data root {self.data_root!r} does not exist (write the mini datasets with "
                                     f"stablemtl.data.mini.write_mini_datasets or set PREPROCESSED_DIR)")
+
+    def _validate_memory_and_data(self) -> None:
+        for name, low in (("num_workers", 0), ("prefetch_factor", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {self.optimizer!r}")
+        if self.optimizer == "adam_fused" and not torch.cuda.is_available():
+            raise ValueError("optimizer 'adam_fused' (torch.optim.Adam(fused=True)) needs a CUDA device; none is "
+                             "available here: use optimizer 'adam'")
+        if self.optimizer == "adam8bit":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("optimizer 'adam8bit' needs the bitsandbytes package (pip install bitsandbytes), "
+                                 "which is not installed; or use optimizer 'adam'")
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (lr ``config.lr``, no weight decay) as ``config.optimizer`` names it."""
+    if config.optimizer == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(params, lr=config.lr, weight_decay=0.0)
+    fused = {"fused": True} if config.optimizer == "adam_fused" else {}
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=0.0, **fused)
 
 
 def lr_factor(step: int, warmup: int, decay_steps: int, decay_to: float) -> float:
@@ -222,6 +265,8 @@ class Trainer:
                 raise ValueError(f"{config.init} was trained with normals={single.normals!r}; a multi stream "
                                  f"from it must use the same convention, not normals={config.normals!r}")
             model = MultiStream.from_single_stream(single, **config.task_attention)
+        if config.gradient_checkpointing:  # the trainable UNet (the multi stream's main one)
+            model.unet.enable_gradient_checkpointing()
         self.model = model
         self.sources = {}
         for task in config.tasks:
@@ -235,7 +280,7 @@ class Trainer:
                                          config.batch_per_device, self.accumulation, config.probabilities,
                                          config.seed, self.accelerator.num_processes, self.accelerator.process_index)
         params = model.trainable_parameters()
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
+        self.optimizer = make_optimizer(params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config.warmup, config.decay_steps, config.decay_to))
         self.ddp_model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
@@ -348,6 +393,22 @@ class Trainer:
         source = self.sources[(mb.task, mb.dataset)]
         return mb, _collate([source[(i, mb.epoch)] for i in mb.indices], mb.task)
 
+    def _batches(self, stop: int):
+        """The micro-batches up to step ``stop``, in the sampler's order: read here (``num_workers=0``) or
+        prefetched by worker processes from a copy of the sampler; either way ``self.sampler`` advances
+        only as a micro-batch is consumed, so a checkpoint holds the state after what was trained on."""
+        cfg = self.config
+        if not cfg.num_workers:
+            while True:
+                yield self.next_batch()
+        loader = micro_batch_loader(self.sampler, self.sources, _collate, cfg.num_workers, cfg.prefetch_factor,
+                                    limit=stop * self.accumulation, pin_memory=torch.cuda.is_available())
+        for mb, batch in loader:
+            expected = self.sampler.next()
+            if mb != expected:
+                raise RuntimeError(f"the data loader gave {mb}, the sampler expected {expected}")
+            yield mb, batch
+
     def loss(self, batch: dict, task: str, dataset: str | None = None) -> torch.Tensor:
         frozen = self.model.frozen
         device = self.accelerator.device
@@ -408,47 +469,59 @@ class Trainer:
         bar = tqdm(total=stop, initial=self.step, desc=f"train {cfg.kind}", unit="step",
                    disable=not (self.progress and self.accelerator.is_main_process))
         rows, losses = [], []
-        while self.step < stop:
-            start = time.perf_counter()
-            data_s = 0.0
-            self.optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(self.accumulation):
-                t0 = time.perf_counter()
-                mb, batch = self.next_batch()
-                data_s += time.perf_counter() - t0
-                sync = micro == self.accumulation - 1
-                context = self.accelerator.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
-                with context:
-                    loss = self.loss(batch, mb.task, mb.dataset)
-                    if not torch.isfinite(loss):
-                        last = self._checkpoint_dir()
-                        raise FloatingPointError(
-                            f"non-finite loss {loss.item()} at step {self.step}, task {mb.task!r}, dataset "
-                            f"{mb.dataset!r}; stopped; the last good checkpoint is {last or 'none (none written yet)'}")
-                    self.accelerator.backward(loss / self.accumulation)
-                step_loss += loss.item() / self.accumulation
-            if cfg.grad_clip:
-                self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), cfg.grad_clip)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            losses.append(step_loss)
-            rows.append({"step": self.step - 1, "task": mb.task, "dataset": mb.dataset, "loss": f"{step_loss:.6g}",
-                         "lr": f"{lr:.6g}", "step_s": f"{time.perf_counter() - start:.4f}", "data_s": f"{data_s:.4f}"})
-            bar.update()
-            bar.set_postfix(task=mb.task, loss=f"{step_loss:.4f}")
-            if self.writer is not None:
-                self.writer.add_scalar(f"loss/{mb.task}", step_loss, self.step)
-                self.writer.add_scalar("lr", lr, self.step)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == stop:
-                self._append_log(rows)
-                rows = []
-                self.save_checkpoint()
+        with contextlib.closing(self._batches(stop)) as batches:  # closing it stops any worker processes
+            while self.step < stop:
+                start = time.perf_counter()
+                mb, step_loss, lr, data_s = self._train_step(batches)
+                losses.append(step_loss)
+                self._after_step(rows, bar, mb, step_loss, lr, start, data_s, stop)
         self._append_log(rows)
         bar.close()
         return {"step": self.step, "losses": losses}
+
+    def _train_step(self, batches) -> tuple:
+        """One optimizer step over ``accumulation`` micro-batches of ``batches``; returns the last
+        micro-batch, the step's loss, its learning rate and the seconds spent waiting for data."""
+        data_s, step_loss = 0.0, 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(self.accumulation):
+            t0 = time.perf_counter()
+            mb, batch = next(batches)
+            data_s += time.perf_counter() - t0
+            sync = micro == self.accumulation - 1
+            context = self.accelerator.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
+            with context:
+                loss = self.loss(batch, mb.task, mb.dataset)
+                if not torch.isfinite(loss):
+                    last = self._checkpoint_dir()
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at step {self.step}, task {mb.task!r}, dataset "
+                        f"{mb.dataset!r}; stopped; the last good checkpoint is {last or 'none (none written yet)'}")
+                self.accelerator.backward(loss / self.accumulation)
+            step_loss += loss.item() / self.accumulation
+        if self.config.grad_clip:
+            self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.config.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return mb, step_loss, lr, data_s
+
+    def _after_step(self, rows: list, bar, mb, step_loss: float, lr: float, start: float, data_s: float,
+                    stop: int) -> None:
+        """Log the step (``rows`` are written out at each checkpoint) and checkpoint when it is time."""
+        cfg = self.config
+        rows.append({"step": self.step - 1, "task": mb.task, "dataset": mb.dataset, "loss": f"{step_loss:.6g}",
+                     "lr": f"{lr:.6g}", "step_s": f"{time.perf_counter() - start:.4f}", "data_s": f"{data_s:.4f}"})
+        bar.update()
+        bar.set_postfix(task=mb.task, loss=f"{step_loss:.4f}")
+        if self.writer is not None:
+            self.writer.add_scalar(f"loss/{mb.task}", step_loss, self.step)
+            self.writer.add_scalar("lr", lr, self.step)
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == stop:
+            self._append_log(rows)
+            rows.clear()
+            self.save_checkpoint()
 
     def save_model(self, path=None) -> Path:
         """The trained model in the ``save_pretrained`` layout (default ``<output_dir>/model``)."""

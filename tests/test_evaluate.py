@@ -301,3 +301,101 @@ def test_another_model_of_the_same_name_never_scores_stale_predictions(data, tmp
     stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "fresh/predictions/single_stream/mid_albedo").glob("*.npz"))]
     E.evaluate(second, ["mid_albedo"], tmp_path / "fresh", data, **kw)
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "fresh/predictions/single_stream/mid_albedo").glob("*.npz"))] == stamps
+
+
+# --------------------------------------------------------------------------- device, precision, prefetch
+
+@pytest.fixture(scope="module")
+def intrinsics_model(tiny_base, tmp_path_factory):
+    """A small single-stream checkpoint (albedo and shading: one pipeline call per MID image)."""
+    from stablemtl.model import streams as S
+
+    torch.manual_seed(0)
+    return S.SingleStream.from_base(tiny_base, ["albedo", "shading"]).save_pretrained(
+        tmp_path_factory.mktemp("model") / "single")
+
+
+@pytest.mark.slow
+def test_evaluation_uses_the_gpu_when_there_is_one(data, tmp_path, monkeypatch, intrinsics_model):
+    """A fake GPU: the default device is ``cuda:0``; the pipeline is moved there once (recorded, not
+    moved: this machine has none), and a caller's model is put back where it came from."""
+    from stablemtl import devices
+    from stablemtl.model import streams as S
+    from stablemtl.model.pipeline import StableMTLPipeline
+
+    monkeypatch.setattr(devices, "default_device", lambda: torch.device("cuda:0"))
+    monkeypatch.setattr(devices, "available_devices", lambda: ["cpu", "cuda:0"])
+    moves = []
+    monkeypatch.setattr(StableMTLPipeline, "to", lambda self, *a, **k: moves.append(a) or self)
+    kw = dict(resolution=RES, max_images=1, progress=False)
+    E.evaluate(intrinsics_model, ["mid_albedo", "mid_shading"], tmp_path / "a", data, **kw)
+    assert moves == [(torch.device("cuda:0"),)]
+    moves.clear()
+    model = S.load_model(intrinsics_model)
+    E.evaluate(model, ["mid_albedo"], tmp_path / "b", data, **kw)
+    assert moves == [(torch.device("cuda:0"),), (torch.device("cpu"),)]
+    moves.clear()
+    E.evaluate(model, ["mid_albedo"], tmp_path / "c", data, device="cpu", **kw)
+    assert moves == []  # already there
+    import inspect
+
+    assert {"device", "dtype"} <= set(inspect.signature(E.evaluate_run).parameters)  # passed on to evaluate
+
+
+def test_a_device_that_does_not_exist_is_named(data, tmp_path):
+    for bad in ("cuda:7", "nonsense") + (() if torch.cuda.is_available() else ("cuda",)):
+        with pytest.raises(ValueError, match=f"'{bad}'.*available: cpu"):
+            E.evaluate("trivial", ["mid_albedo"], tmp_path, data, resolution=RES, progress=False, device=bad)
+
+
+@pytest.mark.slow
+def test_prefetching_and_resuming_give_the_same_files(data, tmp_path, monkeypatch, intrinsics_model):
+    import threading
+
+    import numpy as np
+
+    from stablemtl.data.sources import SOURCES
+
+    threads = []
+    get = SOURCES["mid"].__getitem__
+    monkeypatch.setattr(SOURCES["mid"], "__getitem__",
+                        lambda self, i: threads.append(threading.current_thread().name) or get(self, i))
+    benchmarks, kw = ["mid_albedo", "mid_shading"], dict(resolution=RES, progress=False)
+    E.evaluate(intrinsics_model, benchmarks, tmp_path / "plain", data, prefetch=0, **kw)
+    assert threads and not any("prefetch" in t for t in threads)
+    threads.clear()
+    E.evaluate(intrinsics_model, benchmarks, tmp_path / "ahead", data, prefetch=2, **kw)
+    assert all("prefetch" in t for t in threads)  # every image loaded in the background
+    E.evaluate(intrinsics_model, benchmarks, tmp_path / "resumed", data, max_images=2, prefetch=2, **kw)
+    E.evaluate(intrinsics_model, benchmarks, tmp_path / "resumed", data, prefetch=3, **kw)
+    for run in ("ahead", "resumed"):
+        for name in ("metrics.csv", "per_sample.csv"):
+            assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / run / name).read_bytes(), (run, name)
+        for b in benchmarks:
+            files = sorted((tmp_path / "plain/predictions/single_stream" / b).glob("*.npz"))
+            assert len(files) >= 3
+            for file in files:
+                with np.load(file) as x, np.load(tmp_path / run / "predictions/single_stream" / b / file.name) as y:
+                    for key in x.files:
+                        np.testing.assert_array_equal(x[key], y[key], err_msg=f"{run} {b} {file.name} {key}")
+
+
+@pytest.mark.slow
+def test_bfloat16_evaluation_casts_a_copy_and_caches_apart(data, tmp_path, intrinsics_model):
+    import json
+
+    from stablemtl.model import streams as S
+
+    model = S.load_model(intrinsics_model)
+    kw = dict(resolution=RES, max_images=2, progress=False)
+    E.evaluate(model, ["mid_albedo"], tmp_path, data, **kw)
+    full = E.read_metrics(tmp_path)
+    E.evaluate(model, ["mid_albedo"], tmp_path, data, dtype=torch.bfloat16, **kw)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the caller's weights are untouched
+    record = json.loads((tmp_path / "predictions/single_stream/mid_albedo/cache.json").read_text())
+    assert record["weights"] != S.model_fingerprint(model)  # bf16 predictions are cached apart
+    half = E.read_metrics(tmp_path)
+    (a,), (b,) = ([float(r["value"]) for r in rows if r["metric"] == "rmse"] for rows in (full, half))
+    assert b == pytest.approx(a, abs=0.02)
+    with pytest.raises(ValueError, match="float16 is not supported on the CPU"):
+        E.evaluate(model, ["mid_albedo"], tmp_path, data, dtype=torch.float16, device="cpu", **kw)

@@ -66,3 +66,36 @@ def test_bad_configurations_fail_early():
         TaskMixingSampler({("depth", "hypersim"): 4}, tasks=["semantic"])
     with pytest.raises(ValueError, match="fewer than one global batch"):
         TaskMixingSampler({("semantic", "vkitti"): 3}, tasks=["semantic"], batch_size=2, num_replicas=2)
+
+
+class _Source:
+    """A stand-in source: the sample is a pure function of (index, epoch)."""
+
+    def __init__(self, name, n):
+        self.name, self.n = name, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        index, epoch = key
+        return {"key": (self.name, index, epoch)}
+
+
+def test_the_loader_replays_the_sampler_from_its_state_without_advancing_it():
+    from stablemtl.data.mixing import micro_batch_loader
+
+    sampler = TaskMixingSampler(SIZES, batch_size=2, accumulation=3, seed=7)
+    for _ in range(5):
+        sampler.next()
+    reference = TaskMixingSampler(SIZES, batch_size=2, accumulation=3, seed=7)
+    reference.load_state_dict(sampler.state_dict())
+    expected = [reference.next() for _ in range(40)]
+    sources = {key: _Source(f"{key[0]}/{key[1]}", n) for key, n in SIZES.items()}
+    collate = lambda samples, task: [s["key"] for s in samples]  # noqa: E731
+    for workers in (0, 2):
+        state = sampler.state_dict()
+        got = list(micro_batch_loader(sampler, sources, collate, workers, limit=45))
+        assert sampler.state_dict() == state  # the loader reads from a copy
+        assert [mb for mb, _ in got] == expected
+        assert all(keys == [(f"{mb.task}/{mb.dataset}", i, mb.epoch) for i in mb.indices] for mb, keys in got)

@@ -428,3 +428,118 @@ def test_paper_base_directory_comes_from_base_ckpt_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("BASE_CKPT_DIR")
     with pytest.raises(B.BaseModelError, match="BASE_CKPT_DIR is not set"):
         B.paper_base_dir()
+
+
+# --------------------------------------------------------------------------- precision, compile, devices
+
+def _differences(a, b) -> dict:
+    """Per task: max abs difference of the outputs (flows: relative to the reference's max magnitude;
+    semantic: the share of pixels whose class differs)."""
+    out = {}
+    for task in TASK_NAMES:
+        x, y = a.predictions[task], b.predictions[task]
+        if task == "semantic":
+            out[task] = (x != y).float().mean().item()
+        elif task in ("optical_flow", "scene_flow"):
+            out[task] = ((x - y).abs().max() / x.abs().max().clamp_min(1e-6)).item()
+        else:
+            out[task] = (x - y).abs().max().item()
+    return out
+
+
+# measured on the tiny base (seed 0 single stream and the perturbed multi stream, 2 images 32x48, CPU):
+# max abs differences depth 0.0045, shading 0.0046, albedo 0.010, normal 0.047 (unit vectors); flows 0.037
+# relative to the largest flow; semantic 1.4% of pixels of another class. The bounds, with a margin:
+BF16_TOLERANCE = {"depth": 0.08, "normal": 0.08, "albedo": 0.08, "shading": 0.08, "optical_flow": 0.1,
+                  "scene_flow": 0.1, "semantic": 0.05}
+
+
+@pytest.mark.slow
+def test_bfloat16_inference_agrees_with_float32(single, tmp_path):
+    multi = _perturbed_multi(single)
+    images, nxt = _images(7)
+    for model in (single, multi):
+        path = model.save_pretrained(tmp_path / model.kind)
+        reference = StableMTLPipeline.from_pretrained(path)(images, next_images=nxt, return_latents=True)
+        pipe = StableMTLPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
+        seen = set()
+        hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype if torch.is_tensor(o) else o.sample.dtype))
+                 for m in (pipe.unet, pipe.vae.decoder)]
+        half = pipe(images, next_images=nxt, return_latents=True)
+        for h in hooks:
+            h.remove()
+        assert seen == {torch.bfloat16}  # the call runs in bfloat16 ...
+        for task in TASK_NAMES:  # ... and hands out float32
+            assert half.latents[task].dtype == torch.float32
+            assert half.predictions[task].dtype == reference.predictions[task].dtype, task
+        diff = _differences(reference, half)
+        print(model.kind, {k: round(v, 4) for k, v in diff.items()})
+        for task, value in diff.items():
+            assert value <= BF16_TOLERANCE[task], (model.kind, task, value)
+
+
+def test_float16_on_the_cpu_is_refused_clearly(single, tmp_path, monkeypatch):
+    from stablemtl import devices
+
+    path = single.save_pretrained(tmp_path / "single")
+    monkeypatch.setattr(devices, "available_devices", lambda: ["cpu"])
+    with pytest.raises(ValueError, match="float16 is not supported on the CPU.*bfloat16.*float32"):
+        StableMTLPipeline.from_pretrained(path, torch_dtype=torch.float16)
+    pipe = StableMTLPipeline.from_pretrained(path).to(torch.float16)  # cast afterwards: refused at the call
+    with pytest.raises(ValueError, match="float16 is not supported on the CPU"):
+        pipe(_images(0, n=1)[0], tasks=["depth"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["at_compile", "at_first_call"])
+def test_compile_falls_back_once_with_a_message_and_the_same_outputs(single, monkeypatch, capsys, when):
+    images, nxt = _images(8, n=1)
+    expected = _outputs(single, images, nxt)
+
+    def broken(fn=None, *args, **kwargs):
+        if when == "at_compile":
+            raise RuntimeError("no working C++ compiler")
+
+        def first_call(*a, **k):
+            raise RuntimeError("inductor: no working C++ compiler")
+        return first_call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    try:
+        pipe = StableMTLPipeline.from_model(single, compile=True)
+        _assert_same_outputs(expected, pipe(images, next_images=nxt, return_latents=True))
+        _assert_same_outputs(expected, pipe(images, next_images=nxt, return_latents=True))
+    finally:
+        for module in (single.unet, single.frozen.vae.encoder, single.frozen.vae.decoder):
+            module._compiled_call_impl = None
+    printed = capsys.readouterr().out
+    assert printed.count("torch.compile failed") == 1 and "running uncompiled" in printed
+    assert "no working C++ compiler" in printed
+
+
+@pytest.mark.slow
+def test_channels_last_gives_the_same_outputs(single):
+    images, nxt = _images(9, n=1)
+    expected = _outputs(single, images, nxt)
+    import copy
+
+
+    model = copy.deepcopy(single)
+    pipe = StableMTLPipeline.from_model(model, memory_format=torch.channels_last)
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = pipe(images, next_images=nxt, return_latents=True)
+    for task in TASK_NAMES:
+        torch.testing.assert_close(got.predictions[task].float(), expected.predictions[task].float(), atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_devices_are_resolved_and_bad_ones_named(monkeypatch):
+    from stablemtl import devices
+
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(devices, "default_device", lambda: torch.device("cuda:0"))
+    assert devices.resolve_device(None) == torch.device("cuda:0")  # None: the GPU when there is one
+    monkeypatch.setattr(devices, "available_devices", lambda: ["cpu"])
+    for bad in ("cuda", "cuda:7", "nonsense", "mps"):
+        with pytest.raises(ValueError, match=f"{bad}.*available: cpu"):
+            devices.resolve_device(bad)

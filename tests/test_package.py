@@ -56,3 +56,20 @@ def test_ci_runs_the_readme_test_command_verbatim():
     test_command = next(c for c in commands if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command.strip() in [line.strip() for line in ci]
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_tiny_on_the_cpu():
+    """``benchmarks/bench_gpu.py --tiny``: the paper-scale measures on the tiny components, one JSON line."""
+    import json
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny"], check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["device"] == "cpu" and result["tiny"] is True
+    for kind in ("single", "multi"):
+        for tasks in ("1_task", "7_tasks"):
+            for dtype in ("fp32", "bf16"):
+                assert result["infer_ms"][f"{kind}_{tasks}_{dtype}"] > 0
+        assert result["train_step_s"][f"{kind}_fp32"] > 0 and result["train_step_s"][f"{kind}_bf16_autocast"] > 0
+    assert result["eval_s_per_image"] > 0 and result["paper_training_hours"]["fp32"] > 0

@@ -276,3 +276,124 @@ def test_a_checkpoint_of_other_settings_or_weights_is_not_resumed(setup, tmp_pat
     longer.train()
     with pytest.raises(ValueError, match="step 6, past iterations=4"):
         T.Trainer(config(setup, tmp_path / "run"), progress=False)
+
+
+def batches_equal(a, b):
+    (mb_a, x), (mb_b, y) = a, b
+    return (mb_a == mb_b and x.keys() == y.keys() and x["keys"] == y["keys"]
+            and all(torch.equal(x[k], y[k]) for k in x if k != "keys"))
+
+
+@pytest.mark.slow
+def test_worker_processes_read_exactly_the_batches_of_the_training_loop(setup, tmp_path):
+    """A DataLoader with 2 workers yields the micro-batches (task, dataset, indices, epoch) and the
+    collated, augmented tensors of the synchronous path, in order; the trainer's sampler advances
+    only as micro-batches are consumed, not as the workers prefetch them."""
+    from stablemtl.data.mixing import micro_batch_loader
+
+    sync = T.Trainer(config(setup, tmp_path / "sync"), progress=False)  # all 7 tasks, 3 datasets
+    seen, states = [], []
+    for _ in range(36):
+        seen.append(sync.next_batch())
+        states.append(sync.sampler.state_dict())
+    assert len({mb.epoch for mb, _ in seen}) > 1 and len({mb.dataset for mb, _ in seen}) == 3
+    workers = T.Trainer(config(setup, tmp_path / "workers", num_workers=2, iterations=100), progress=False)
+    read = list(micro_batch_loader(workers.sampler, workers.sources, T._collate, 2, limit=36))
+    assert workers.sampler.position == 0 and len(read) == 36
+    assert all(batches_equal(a, b) for a, b in zip(seen, read))
+    workers.sampler.load_state_dict(states[9])  # mid-run, as after a resume
+    batches = workers._batches(stop=30)
+    try:
+        got = [next(batches) for _ in range(3)]
+        assert workers.sampler.state_dict() == states[12]  # consumed, not prefetched
+    finally:
+        batches.close()
+    assert all(batches_equal(a, b) for a, b in zip(seen[10:13], got))
+
+
+@pytest.mark.slow
+def test_a_run_with_workers_killed_mid_run_resumes_bit_for_bit(setup, tmp_path, monkeypatch):
+    """With 2 workers and 2 micro-batches per step: killed at step 3 (checkpoint at step 2, workers
+    ahead of it), resumed, it ends with the weights of an uninterrupted run with workers and of the
+    synchronous run; the checkpoint's sampler state is the one after the trained micro-batches."""
+    import json
+    import multiprocessing
+
+    tasks = ["depth", "semantic", "optical_flow"]  # the 3 datasets
+
+    def cfg(out, **kw):
+        return config(setup, tmp_path / out, effective_batch=4, tasks=tasks, **kw)
+
+    sync = T.train(cfg("sync"), progress=False)
+    straight = T.train(cfg("straight", num_workers=2), progress=False)
+    killed = T.Trainer(cfg("resumed", num_workers=2), progress=False)
+    assert killed.accumulation == 2
+    real_loss = killed.loss
+
+    def dying_loss(batch, task, dataset=None):
+        if killed.step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_loss(batch, task, dataset)
+
+    monkeypatch.setattr(killed, "loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert not multiprocessing.active_children()  # the workers were stopped
+    saved = json.loads((tmp_path / "resumed/checkpoint/latest/sampler.json").read_text())
+    assert saved["position"] == 4  # 2 steps x 2 micro-batches
+    resumed = T.Trainer(cfg("resumed", num_workers=2), progress=False)
+    assert resumed.step == 2
+    resumed.train()
+    a, b, c = state(sync), state(straight), state(resumed)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    assert log(tmp_path / "sync") == log(tmp_path / "straight") == log(tmp_path / "resumed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["single_stream", "multi_stream"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup, tmp_path, kind):
+    """Within 1e-5 (relative to the largest gradient of each tensor); with the task attention's
+    random masking on (the recomputation replays the same RNG draws)."""
+    extra = {}
+    if kind == "multi_stream":
+        single = T.train(config(setup, tmp_path / "init", iterations=1), progress=False)
+        extra = {"kind": kind, "init": str(single.save_model())}
+    results = []
+    for checkpointing in (False, True):
+        trainer = T.Trainer(config(setup, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing,
+                                   **extra), progress=False)
+        assert trainer.model.unet.is_gradient_checkpointing == checkpointing
+        trainer.ddp_model.train()
+        mb, batch = trainer.next_batch()
+        torch.manual_seed(0)  # the same masking draws
+        loss = trainer.loss(batch, mb.task, mb.dataset)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        scale = float(grads_a[name].abs().max()) or 1.0
+        assert torch.allclose(grads_b[name], grads_a[name], rtol=0, atol=1e-5 * scale), name
+
+
+@pytest.mark.slow
+def test_bad_data_and_optimizer_settings_are_named(setup, tmp_path):
+    import importlib.util
+
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0, got -1"):
+        config(setup, tmp_path, num_workers=-1).validate()
+    with pytest.raises(ValueError, match="prefetch_factor must be an integer >= 1, got 0"):
+        config(setup, tmp_path, prefetch_factor=0).validate()
+    with pytest.raises(ValueError, match="optimizer must be one of 'adam', 'adam_fused', 'adam8bit', got 'sgd'"):
+        config(setup, tmp_path, optimizer="sgd").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'adam_fused'.*needs a CUDA device"):
+            config(setup, tmp_path, optimizer="adam_fused").validate()
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ValueError, match="'adam8bit' needs the bitsandbytes package"):
+            config(setup, tmp_path, optimizer="adam8bit").validate()
+    # the optimizer is part of a checkpoint's identity; workers and checkpointing may change on resume
+    assert "optimizer" not in T.RESUMABLE_CHANGES
+    assert {"num_workers", "prefetch_factor", "gradient_checkpointing"} <= set(T.RESUMABLE_CHANGES)

@@ -13,10 +13,16 @@ whole state is a few counters: ``state_dict()`` / ``load_state_dict()`` restore
 it mid-epoch and the continuation is identical. With several processes
 (``num_replicas``), all ranks draw the same task and dataset for a micro-batch
 and take disjoint slices of the same global batch.
+
+``micro_batch_loader`` reads the same sequence with ``DataLoader`` worker processes: its batch
+sampler replays a copy of the sampler from its current state, and the trainer advances its own
+sampler only as it consumes micro-batches, so a checkpoint saves the state after what was trained
+on, never what the workers prefetched.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,3 +134,70 @@ class TaskMixingSampler:
     def __iter__(self):
         while self.num_steps is None or self.position < self.num_steps * self.accumulation:
             yield self.next()
+
+
+# ----------------------------------------------------------------- worker processes
+class MicroBatchDataset:
+    """A map-style dataset over the sources, keyed by ``(MicroBatch, index)``: the sample
+    ``sources[(task, dataset)][(index, epoch)]``, its augmentation a pure function of (seed, epoch, index).
+    Returns ``(micro_batch, sample)`` so that the collate knows the micro-batch it builds."""
+
+    def __init__(self, sources: dict):
+        self.sources = sources
+
+    def __getitem__(self, key):
+        mb, index = key
+        return mb, self.sources[(mb.task, mb.dataset)][(index, mb.epoch)]
+
+
+class MicroBatchSampler:
+    """The batch sampler of a ``DataLoader``: the micro-batches of a *copy* of ``sampler`` from its
+    current state, up to ``limit`` micro-batches in all (its ``position``), each as the keys of
+    ``MicroBatchDataset``. The copy runs ahead of the trainer (workers prefetch); the trainer's own
+    sampler advances only as micro-batches are consumed."""
+
+    def __init__(self, sampler: TaskMixingSampler, limit: int | None = None):
+        self.sampler, self.limit = copy.deepcopy(sampler), limit
+
+    def __iter__(self):
+        s = self.sampler
+        while self.limit is None or s.position < self.limit:
+            mb = s.next()
+            yield [(mb, i) for i in mb.indices]
+
+
+class _CollateMicroBatch:
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        mb = items[0][0]
+        return mb, self.collate([sample for _, sample in items], mb.task)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each worker's RNGs from the loader's seeded generator (the sources draw no global randomness;
+    this only makes any stray draw reproducible)."""
+    import random
+
+    import torch
+
+    seed = torch.utils.data.get_worker_info().seed  # base seed (from the loader's generator) + worker id
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def micro_batch_loader(sampler: TaskMixingSampler, sources: dict, collate, num_workers: int,
+                       prefetch_factor: int = 2, limit: int | None = None, pin_memory: bool = False):
+    """A ``DataLoader`` yielding ``(MicroBatch, collate(samples, task))`` in exactly the order of
+    ``sampler.next()`` from its current state (``sampler`` itself is not advanced), read by
+    ``num_workers`` processes with ``prefetch_factor`` micro-batches each in flight. Worker seeds come
+    from a generator seeded by the sampler's seed and position, never from the global torch RNG."""
+    import torch
+
+    generator = torch.Generator().manual_seed(sampler.seed * 1_000_003 + sampler.position)
+    return torch.utils.data.DataLoader(
+        MicroBatchDataset(sources), batch_sampler=MicroBatchSampler(sampler, limit), num_workers=num_workers,
+        collate_fn=_CollateMicroBatch(collate), pin_memory=pin_memory, worker_init_fn=_seed_worker,
+        generator=generator, prefetch_factor=prefetch_factor if num_workers else None,
+        persistent_workers=False)

@@ -383,6 +383,44 @@ def _write_model_index(out_dir: Path) -> None:
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# the published component configs of stabilityai/stable-diffusion-2 (unet/, vae/, text_encoder/ config.json)
+SD2_CONFIGS = {
+    "unet": dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                 upcast_attention=True),
+    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, latent_channels=4, sample_size=768, scaling_factor=0.18215),
+    "text_encoder": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512),
+}
+
+
+def random_base(configs: dict, seed: int = 0) -> Base:
+    """A base of random weights from component configs (``SD2_CONFIGS``, or a preset's tiny ones via
+    ``tiny_configs``), with the kit's generated tokenizer: for timing and memory, never for results."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text = dict(configs["text_encoder"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id)
+    text["vocab_size"] = max(text["vocab_size"], len(tokenizer))
+    return Base(UNet2DConditionModel(**configs["unet"]), AutoencoderKL(**configs["vae"]).requires_grad_(False),
+                CLIPTextModel(CLIPTextConfig(**text)).eval().requires_grad_(False), tokenizer,
+                DDIMScheduler(prediction_type="sample"))
+
+
+def tiny_configs(cfg: dict) -> dict:
+    """The tiny base's component configs for a preset's ``model.base`` section."""
+    tokenizer = build_tokenizer()
+    return _configs(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
 def make_tiny_base(cfg: dict, seed: int, progress: bool = True) -> tuple[Base, dict]:
     """Create the tiny base in memory (random text encoder and UNet, pretrained VAE) and its report."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

@@ -22,6 +22,13 @@ base directory recorded at save time) load too (``streams.checkpoint_layout``).
 ``pipe.model`` is the ``SingleStream`` / ``MultiStream`` over the pipeline's own
 modules (training and evaluation use it); ``StableMTLPipeline.from_model(model)``
 wraps a model, sharing its modules.
+
+Speed (opt-in; the defaults change nothing): ``torch_dtype=torch.bfloat16`` runs the whole call
+in bfloat16 (latents, prompts, task attention) and still returns float32 predictions;
+float16 is refused on the CPU (``stablemtl.devices.check_dtype``). ``compile=True`` (or
+``pipe.compile()``) compiles the UNet(s) and the VAE encoder and decoder with ``torch.compile``;
+where compilation fails (no working compiler), one message says so and the pipeline runs
+uncompiled. ``memory_format=torch.channels_last`` lays out the convolutional weights for the GPU.
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from stablemtl import options
+from stablemtl import devices, options
 from stablemtl.model.streams import (MODEL_FILE, MultiStream, SingleStream, TaskAttentionSites, checkpoint_layout,
                                      load_kit_checkpoint, make_scheduler, model_record)
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
 KINDS = (SingleStream.kind, MultiStream.kind)
+HALF = (torch.float16, torch.bfloat16)  # computed in, returned as float32
 
 
 @dataclass
@@ -116,6 +124,7 @@ class StableMTLPipeline(DiffusionPipeline):
         self.register_to_config(kind=kind, tasks=list(tasks), normals=normals, query_hidden=query_hidden,
                                 heads=heads, mask_prob=mask_prob)
         self._model = None  # built on first use over these modules (``model``)
+        self._compile_pending = False  # compiled, first call not yet made (``compile``)
 
     # ---------------------------------------------------------------- the model over the components
     def _build_model(self):
@@ -140,8 +149,10 @@ class StableMTLPipeline(DiffusionPipeline):
         return m
 
     @classmethod
-    def from_model(cls, model: SingleStream | MultiStream) -> "StableMTLPipeline":
-        """The pipeline of a ``SingleStream`` / ``MultiStream`` (its modules, shared; ``pipe.model is model``)."""
+    def from_model(cls, model: SingleStream | MultiStream, compile: bool = False,
+                   memory_format=None) -> "StableMTLPipeline":
+        """The pipeline of a ``SingleStream`` / ``MultiStream`` (its modules, shared; ``pipe.model is model``);
+        ``compile`` and ``memory_format``: see ``compile`` and the module's docstring."""
         if not isinstance(model, (SingleStream, MultiStream)):
             raise TypeError(f"expected a SingleStream or MultiStream model, got {type(model).__name__}")
         f = model.frozen
@@ -151,7 +162,40 @@ class StableMTLPipeline(DiffusionPipeline):
                    task_attention=model.task_attention if multi else None, kind=model.kind, tasks=model.tasks,
                    normals=model.normals, **(model.settings if multi else {}))
         pipe._model = model
-        return pipe
+        return pipe._speed_up(compile, memory_format)
+
+    # ---------------------------------------------------------------- speed (opt-in)
+    def _compile_targets(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.aux_unet, self.vae.encoder, self.vae.decoder) if m is not None]
+
+    def compile(self, **kwargs) -> "StableMTLPipeline":
+        """Compile the UNet(s) and the VAE encoder and decoder in place (``torch.compile``'s keywords).
+
+        Compilation happens at the first call; when it fails (no working compiler), one message
+        says so and the pipeline runs uncompiled, with the same outputs."""
+        try:
+            for module in self._compile_targets():
+                module.compile(**kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the compiler: run uncompiled, say so
+            self._uncompile(err)
+            return self
+        self._compile_pending = True
+        return self
+
+    def _uncompile(self, err: BaseException) -> None:
+        for module in self._compile_targets():
+            module._compiled_call_impl = None
+        self._compile_pending = False
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"StableMTLPipeline: torch.compile failed ({type(err).__name__}: {message[:200]}); "
+              "running uncompiled (slower, same outputs)")
+
+    def _speed_up(self, compile: bool = False, memory_format=None) -> "StableMTLPipeline":
+        if memory_format is not None:
+            for module in (self.unet, self.aux_unet, self.vae):
+                if module is not None:
+                    module.to(memory_format=memory_format)
+        return self.compile() if compile else self
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, save_directory, **kwargs) -> Path:
@@ -175,14 +219,20 @@ class StableMTLPipeline(DiffusionPipeline):
         ``base`` (a ``stablemtl.model.base.Base`` or a base directory): the frozen VAE, text
         encoder and tokenizer to use instead of the folder's own; needed for a checkpoint of the
         kit's older layout whose recorded base directory is gone. ``torch_dtype`` (or ``dtype``,
-        diffusers' newer name) casts every component (a given ``base``'s modules too, in place).
+        diffusers' newer name) casts every component (a given ``base``'s modules too, in place);
+        ``torch.bfloat16`` halves memory and time on a GPU, ``torch.float16`` is refused where no GPU
+        can run it. ``compile=True`` and ``memory_format`` (e.g. ``torch.channels_last``): opt-in
+        speed-ups (module docstring). Move the pipeline with ``pipe.to(device)``.
         """
         path = Path(pretrained_model_name_or_path)
+        speed = {k: kwargs.pop(k) for k in ("compile", "memory_format") if k in kwargs}
         local_only = kwargs.setdefault("local_files_only", True)
         torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; give one")
         dtype = dtype if dtype is not None else torch_dtype
+        if dtype == torch.float16 and devices.available_devices() == ["cpu"]:
+            devices.check_dtype(dtype, "cpu")
         if not path.is_dir() and local_only:
             raise FileNotFoundError(f"model folder {path} does not exist")
         if path.is_dir() and checkpoint_layout(path) == "kit":
@@ -201,11 +251,11 @@ class StableMTLPipeline(DiffusionPipeline):
             if dtype is not None:
                 kwargs["dtype"] = dtype
             pipe = super().from_pretrained(str(path) if path.is_dir() else pretrained_model_name_or_path, **kwargs)
-            if base is None:
-                return pipe
+            if base is None:  # diffusers has cast every component
+                return pipe._speed_up(**speed)
         if dtype is not None:
             pipe.to(dtype)
-        return pipe
+        return pipe._speed_up(**speed)
 
     # ---------------------------------------------------------------- prediction
     def _check(self, images, what: str) -> torch.Tensor:
@@ -227,21 +277,8 @@ class StableMTLPipeline(DiffusionPipeline):
         return images.to(self._execution_device, self.vae.dtype)
 
     @torch.no_grad()
-    def __call__(self, images, tasks=None, next_images=None, return_latents: bool = False,
-                 colorize: bool = False) -> StableMTLOutput:
-        """Predictions of ``tasks`` (default: every task of the model) for ``images``; see the class."""
-        model = self.model
-        tasks = list(model.tasks if tasks is None else [tasks] if isinstance(tasks, str) else tasks)
-        for task in tasks:
-            get_task(task)  # unknown task -> a ValueError listing the valid ones
-        images = self._check(images, "images")
-        z_next = None
-        if any(t in FLOW_TASKS for t in tasks):
-            if next_images is None:
-                raise ValueError(f"{', '.join(t for t in tasks if t in FLOW_TASKS)} need the next frame: pass next_images")
-            next_images = self._check(next_images, "next_images")
-            if next_images.shape != images.shape:
-                raise ValueError(f"next_images {tuple(next_images.shape)} must match images {tuple(images.shape)}")
+    def _predict(self, model, images, next_images, tasks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task latents ``[T, B, 4, h, w]`` and their decodings ``[T, B, 3, H, W]``, in the pipeline's dtype."""
         frozen = model.frozen
         was_training = model.training
         model.eval()
@@ -253,6 +290,34 @@ class StableMTLPipeline(DiffusionPipeline):
             decoded = frozen.decode(latents.flatten(0, 1)).view(len(tasks), images.shape[0], 3, *images.shape[-2:])
         finally:
             model.train(was_training)
+        return latents, decoded
+
+    @torch.no_grad()
+    def __call__(self, images, tasks=None, next_images=None, return_latents: bool = False,
+                 colorize: bool = False) -> StableMTLOutput:
+        """Predictions of ``tasks`` (default: every task of the model) for ``images``; see the class."""
+        model = self.model
+        tasks = list(model.tasks if tasks is None else [tasks] if isinstance(tasks, str) else tasks)
+        for task in tasks:
+            get_task(task)  # unknown task -> a ValueError listing the valid ones
+        images = self._check(images, "images")
+        if next_images is None and any(t in FLOW_TASKS for t in tasks):
+            raise ValueError(f"{', '.join(t for t in tasks if t in FLOW_TASKS)} need the next frame: pass next_images")
+        if next_images is not None:  # a multi stream's auxiliary pass reads it for the flow tasks' features too
+            next_images = self._check(next_images, "next_images")
+            if next_images.shape != images.shape:
+                raise ValueError(f"next_images {tuple(next_images.shape)} must match images {tuple(images.shape)}")
+        devices.check_dtype(self.vae.dtype, images.device)
+        try:
+            latents, decoded = self._predict(model, images, next_images, tasks)
+        except Exception as err:  # noqa: BLE001 - only a first compiled call is retried, uncompiled
+            if not self._compile_pending:
+                raise
+            self._uncompile(err)
+            latents, decoded = self._predict(model, images, next_images, tasks)
+        self._compile_pending = False
+        if decoded.dtype in HALF:  # computed in half precision, returned as float32
+            latents, decoded = latents.float(), decoded.float()
         predictions = {task: get_task(task).decode(decoded[i]) for i, task in enumerate(tasks)}
         return StableMTLOutput(
             predictions=predictions,
