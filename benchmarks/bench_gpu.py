@@ -75,9 +75,10 @@ def inference(single, multi, device, size, repeat, compile_too) -> dict:
                 def call(pipe=pipe, tasks=tasks):
                     pipe(images, tasks=tasks, next_images=images)
                 out[f"{name}_{label}_{dname}"] = round(timed(call, device, repeat) * 1000, 1)
-                if compile_too and hasattr(pipe, "compile"):
+                if compile_too:  # compiled in place, then undone: the modules are shared by what follows
                     pipe.compile()
                     out[f"{name}_{label}_{dname}_compiled"] = round(timed(call, device, repeat) * 1000, 1)
+                    pipe.uncompile()
     single.to(device, torch.float32), multi.to(device, torch.float32)
     return out
 

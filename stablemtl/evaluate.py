@@ -27,7 +27,7 @@ ground truth encoded and decoded by the frozen VAE, i.e. the best a latent
 regressor can do).
 
 A model runs on ``device`` (default: the GPU when there is one, ``stablemtl.devices``), moved
-there once, optionally in ``dtype`` (``torch.bfloat16``: about half the time on a GPU; its
+there once, optionally in ``dtype`` (``torch.bfloat16``; its
 predictions are cached apart from float32 ones, as the weights' fingerprint records the dtype);
 ground truth and metrics stay on the CPU. While it predicts one image, a background thread
 loads the next ones (``prefetch``); the files are the same with or without it.

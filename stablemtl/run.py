@@ -121,13 +121,13 @@ def stage_key(study: Study, stage: str, knobs: dict) -> dict:
 
         out.update(base=(preset.get("model") or {}).get("base"), dir=str(study.base_dir), build=BUILD_VERSION)
     elif key in ("03", "04"):
-        from stablemtl.train import TrainConfig, train_config
+        from stablemtl.train import SAME_RESULT, TrainConfig, train_config
 
         names = {f.name for f in fields(TrainConfig)}
         try:
             config = train_config(study, "single_stream" if key == "03" else "multi_stream",
                                   **{k: v for k, v in out["knobs"].items() if k in names})
-            out["config"] = asdict(config)
+            out["config"] = {k: v for k, v in asdict(config).items() if k not in SAME_RESULT}
         except (ValueError, TypeError) as err:  # the notebook reports it, with its cell
             out["config"] = f"invalid: {err}"
     elif key == "05":

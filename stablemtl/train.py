@@ -56,6 +56,9 @@ from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 # gradient checkpointing recomputes the same forward (same RNG draws; equal up to float rounding)
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "output_dir", "tensorboard", "base", "init",
                      "data_root", "num_workers", "prefetch_factor", "gradient_checkpointing")
+# how the data is read and the run is watched: never a bit of the trained model (``stablemtl run`` leaves
+# them out of the training stage's hash, so changing them does not retrain)
+SAME_RESULT = ("num_workers", "prefetch_factor", "tensorboard")
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
 

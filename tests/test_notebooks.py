@@ -131,6 +131,10 @@ def test_the_stage_hash_covers_knobs_preset_sections_and_what_a_stage_reads(smok
     longer = paths.Study(longer, study.run, study.results_dir, study.output_dir, study.data_root, study.base_dir)
     assert stage_hash(longer, "03", knobs) != base["03_train_single_stream"]
     assert stage_hash(longer, "02", knobs) == base["02_build_model"]
+    # how the data is read never changes a trained model: no retraining for more workers
+    workers = dict(study.preset, train=dict(study.preset["train"], num_workers=2))
+    workers = paths.Study(workers, study.run, study.results_dir, study.output_dir, study.data_root, study.base_dir)
+    assert stage_hash(workers, "03", knobs) == base["03_train_single_stream"]
     # evaluating the trivial row alone does not read the trainings
     assert READS["05"] == ("01", "03", "04") and reads("05", {"models": ["trivial"]}) == ("01",)
 

@@ -182,10 +182,15 @@ class StableMTLPipeline(DiffusionPipeline):
         self._compile_pending = True
         return self
 
-    def _uncompile(self, err: BaseException) -> None:
+    def uncompile(self) -> "StableMTLPipeline":
+        """Undo ``compile`` (the modules are shared with ``pipe.model`` and ``from_model``'s model)."""
         for module in self._compile_targets():
             module._compiled_call_impl = None
         self._compile_pending = False
+        return self
+
+    def _uncompile(self, err: BaseException) -> None:
+        self.uncompile()
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"StableMTLPipeline: torch.compile failed ({type(err).__name__}: {message[:200]}); "
               "running uncompiled (slower, same outputs)")
