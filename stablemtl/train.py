@@ -27,6 +27,12 @@ one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
 - ``num_workers`` DataLoader worker processes (pinned memory with CUDA) read and prefetch exactly
   the micro-batches of the synchronous path (0, the default), in order; the sampler advances only as
   micro-batches are consumed, so checkpoints and resumes are the same with and without workers;
+- ``mixed_precision="bf16"``: the trainable weights stay float32 (the optimizer's master copy) and
+  run under autocast, while the modules a training never updates (the VAE, the text encoder, a
+  multi stream's auxiliary UNet) compute with bfloat16 copies (``half_frozen``); the prompts are
+  embedded in float32 first and ``save_model`` writes the float32 originals, so a saved model's
+  frozen parts are the base's, bit for bit. ``"fp16"`` keeps the frozen parts in float32 (the SD
+  VAE overflows in float16);
 - memory: ``gradient_checkpointing`` of the trainable UNet, ``optimizer`` ``"adam_fused"`` (CUDA) or
   ``"adam8bit"`` (bitsandbytes); the optimizer is part of a checkpoint's identity, workers and
   checkpointing may change on resume (``RESUMABLE_CHANGES``).
@@ -35,6 +41,7 @@ one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import os
@@ -189,6 +196,46 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, weight_decay=0.0, **fused)
 
 
+def frozen_modules(model) -> list[tuple]:
+    """``(owner, attribute)`` of the modules a training never updates: the VAE, the text encoder and,
+    in a multi stream, the auxiliary UNet."""
+    owners = [(model.frozen, "vae"), (model.frozen, "text_encoder")]
+    return owners + ([(model, "aux_unet")] if hasattr(model, "aux_unet") else [])
+
+
+def half_frozen(model, dtype: torch.dtype = torch.bfloat16) -> list[tuple]:
+    """Replace the frozen modules of ``model`` by copies in ``dtype`` (half the memory, the fast
+    kernels) after embedding its task prompts in float32; returns ``(owner, attribute, original)``
+    for each, the float32 modules ``restore_frozen`` puts back."""
+    for task in model.tasks:
+        model.frozen.prompt(task)  # cached: the text encoder is not called again
+    originals = []
+    for owner, name in frozen_modules(model):
+        module = getattr(owner, name)
+        originals.append((owner, name, module))
+        # nn.Module.to: diffusers' own .to(dtype) warns about float32-kept modules even when it has none
+        setattr(owner, name, torch.nn.Module.to(copy.deepcopy(module), dtype))
+    return originals
+
+
+@contextlib.contextmanager
+def restore_frozen(originals: list[tuple]):
+    """Within the block, the float32 originals of ``half_frozen`` are in place (to save the model)."""
+    halves = [(owner, name, getattr(owner, name)) for owner, name, _ in originals]
+    for owner, name, module in originals:
+        setattr(owner, name, module)
+    try:
+        yield
+    finally:
+        for owner, name, module in halves:
+            setattr(owner, name, module)
+
+
+def encode_frozen(frozen, images: torch.Tensor) -> torch.Tensor:
+    """Latents of ``images`` in [-1, 1] by the frozen VAE in its own dtype, returned as float32."""
+    return frozen.encode(images.to(frozen.vae.dtype)).float()
+
+
 def lr_factor(step: int, warmup: int, decay_steps: int, decay_to: float) -> float:
     """The release's schedule at optimizer step ``step`` (from 0): linear warm-up ``step / warmup``
     (0 at step 0, 1 at ``warmup``), then exponential decay reaching ``decay_to`` at ``decay_steps``."""
@@ -231,6 +278,17 @@ def pixel_loss(decoded: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return (decoded - target).abs()[mask].mean() if mask.any() else decoded.sum() * 0
 
 
+def _allow_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses an Accelerator of another mixed precision
+    (a notebook that trains in fp32, then in bf16); in a single process nothing else shares that
+    state, so it is cleared for the new precision. A launched (multi-process) run has one config."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+
+
 def _collate(samples: list[dict], task: str) -> dict:
     keys = ["rgb", f"{task}_target", f"{task}_valid"] + (["rgb_next"] if task in FLOW_TASKS else [])
     batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
@@ -250,6 +308,8 @@ class Trainer:
         from stablemtl.model.base import load_base
         from stablemtl.model.streams import MultiStream, SingleStream, load_model
 
+        if accelerator is None:
+            _allow_precision(config.mixed_precision)
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched without GPUs
             mixed_precision=config.mixed_precision,
@@ -270,6 +330,8 @@ class Trainer:
             model = MultiStream.from_single_stream(single, **config.task_attention)
         if config.gradient_checkpointing:  # the trainable UNet (the multi stream's main one)
             model.unet.enable_gradient_checkpointing()
+        # bf16: the frozen modules compute in bfloat16; their float32 originals stay on the CPU for saving
+        self.full_precision = half_frozen(model) if config.mixed_precision == "bf16" else []
         self.model = model
         self.sources = {}
         for task in config.tasks:
@@ -381,10 +443,10 @@ class Trainer:
         """Frozen-VAE latents, from the in-memory cache when ``keys`` (one per image) are given."""
         frozen = self.model.frozen
         if keys is None:
-            return frozen.encode(images)
+            return encode_frozen(frozen, images)
         missing = [i for i, k in enumerate(keys) if k not in self.latent_cache]
         if missing:
-            fresh = frozen.encode(images[missing])
+            fresh = encode_frozen(frozen, images[missing])
             for i, z in zip(missing, fresh):
                 self.latent_cache[keys[i]] = z.detach().cpu()
         return torch.stack([self.latent_cache[k] for k in keys]).to(images.device)
@@ -421,12 +483,13 @@ class Trainer:
         if cache and source is not None and not source.jitters():
             image_keys = [("rgb", dataset, *k) for k in batch["keys"]]
         z = self._encode_cached(batch["rgb"].to(device) * 2 - 1, image_keys)
-        z_next = frozen.encode(batch["rgb_next"].to(device) * 2 - 1) if task in FLOW_TASKS else None
+        z_next = encode_frozen(frozen, batch["rgb_next"].to(device) * 2 - 1) if task in FLOW_TASKS else None
         target, valid = batch[f"{task}_target"].to(device), batch[f"{task}_valid"].to(device)
         target_keys = [(task, dataset, *k) for k in batch["keys"]] if cache else None
         pred = self.ddp_model(z, z_next, [task])[0]
         if self.config.loss == "pixel":
-            decoded = frozen.vae.decode(pred / frozen.vae.config.scaling_factor).sample
+            vae = frozen.vae
+            decoded = vae.decode((pred / vae.config.scaling_factor).to(vae.dtype)).sample.float()
             return pixel_loss(decoded, target, valid, task)
         z_target = self._encode_cached(target, target_keys)
         return masked_latent_mse(pred, z_target, latent_valid(valid, frozen.vae_factor))
@@ -530,7 +593,8 @@ class Trainer:
         """The trained model in the ``save_pretrained`` layout (default ``<output_dir>/model``)."""
         path = Path(path) if path is not None else self.out / "model"
         if self.accelerator.is_main_process:
-            self.model.save_pretrained(path)
+            with restore_frozen(self.full_precision):  # the float32 frozen parts, never their bf16 copies
+                self.model.save_pretrained(path)
         self.accelerator.wait_for_everyone()
         return path
 

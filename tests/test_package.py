@@ -71,5 +71,6 @@ def test_the_gpu_benchmark_runs_tiny_on_the_cpu():
         for tasks in ("1_task", "7_tasks"):
             for dtype in ("fp32", "bf16"):
                 assert result["infer_ms"][f"{kind}_{tasks}_{dtype}"] > 0
-        assert result["train_step_s"][f"{kind}_fp32"] > 0 and result["train_step_s"][f"{kind}_bf16_autocast"] > 0
+        assert result["train_step_s"][f"{kind}_fp32"] > 0 and result["train_step_s"][f"{kind}_bf16"] > 0
+    assert result["train_step_s"]["single_recipe_24gib"] > 0 and result["recipe_24gib"].startswith("4 x 1, bf16")
     assert result["eval_s_per_image"] > 0 and result["paper_training_hours"]["fp32"] > 0

@@ -397,3 +397,49 @@ def test_bad_data_and_optimizer_settings_are_named(setup, tmp_path):
     # the optimizer is part of a checkpoint's identity; workers and checkpointing may change on resume
     assert "optimizer" not in T.RESUMABLE_CHANGES
     assert {"num_workers", "prefetch_factor", "gradient_checkpointing"} <= set(T.RESUMABLE_CHANGES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["single_stream", "multi_stream"])
+def test_bf16_training_halves_the_frozen_parts_and_saves_them_in_float32(setup, tmp_path, kind):
+    """fp32 then bf16 in one process (accelerate's process-wide state follows the new precision):
+    the trainable weights stay float32 masters, the frozen modules compute in bfloat16 with the
+    float32 prompts, the losses agree with fp32 within 1 %, a bf16 resume is exact, and the saved
+    model's frozen parts are the fp32 run's, bit for bit."""
+    from stablemtl.model.streams import load_model, module_fingerprint
+
+    extra = {}
+    if kind == "multi_stream":
+        single = T.train(config(setup, tmp_path / "init", iterations=1), progress=False)
+        extra = {"kind": kind, "init": str(single.save_model())}
+    fp32 = T.train(config(setup, tmp_path / "fp32", iterations=2, **extra), progress=False)
+    halves = T.Trainer(config(setup, tmp_path / "bf16", iterations=2, mixed_precision="bf16", **extra),
+                       progress=False)
+    assert halves.accelerator.mixed_precision == "bf16"
+    frozen = [getattr(owner, name) for owner, name in T.frozen_modules(halves.model)]
+    assert len(frozen) == (3 if kind == "multi_stream" else 2)
+    assert {p.dtype for m in frozen for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in halves.model.trainable_parameters()} == {torch.float32}
+    assert halves.model.frozen._prompts.keys() == set(halves.model.tasks)
+    for task, prompt in halves.model.frozen._prompts.items():
+        assert prompt.dtype == torch.float32 and torch.equal(prompt, fp32.model.frozen.prompt(task))
+    halves.train(until=1)
+    resumed = T.Trainer(config(setup, tmp_path / "bf16", iterations=2, mixed_precision="bf16", **extra),
+                        progress=False)
+    assert resumed.step == 1
+    resumed.train()
+    straight = T.train(config(setup, tmp_path / "bf16_straight", iterations=2, mixed_precision="bf16", **extra),
+                       progress=False)
+    a, b = state(straight), state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ref, got = log(tmp_path / "fp32"), log(tmp_path / "bf16")
+    assert [r[:3] for r in got] == [r[:3] for r in ref]
+    for (*_, loss_ref), (*_, loss_bf16) in zip(ref, got):
+        assert float(loss_bf16) == pytest.approx(float(loss_ref), rel=1e-2)
+    saved = [load_model(t.save_model(tmp_path / f"model_{i}")) for i, t in enumerate((fp32, resumed))]
+    for model in saved:
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    prints = [{name: module_fingerprint({name: getattr(owner, name)}) for owner, name in T.frozen_modules(m)}
+              for m in saved]
+    assert prints[0] == prints[1]
+    assert {p.dtype for m in frozen for p in m.parameters()} == {torch.bfloat16}  # still computing in bf16
