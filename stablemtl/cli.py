@@ -4,8 +4,11 @@
 (``notebooks/01_prepare_data`` ... ``06_results``) with papermill for a preset
 (``demo`` by default) and prints where the results are and the run's target
 check. ``stablemtl data`` and ``stablemtl base`` run the first two stages'
-work directly, ``stablemtl check`` checks the task encodings and ``stablemtl
-info`` prints the environment.
+work directly; ``stablemtl prepare`` turns a raw dataset download into the
+layout the loaders read, ``stablemtl convert-release`` a released StableMTL
+checkpoint into a pipeline folder, and ``stablemtl predict`` runs a model on
+one's own images; ``stablemtl check`` checks the task encodings and
+``stablemtl info`` prints the environment.
 """
 
 from __future__ import annotations
@@ -153,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", default=None,
                        help="the base model's folder (default: $OUTPUT_DIR/<preset>/base or outputs/<preset>/base)")
         p.set_defaults(func=func)
+    from stablemtl.data.prepare import add_prepare_parser
+    from stablemtl.model.release import add_convert_parser
+    from stablemtl.predict import add_predict_parser
+
+    add_prepare_parser(sub)  # raw downloads -> the layouts the loaders read
+    add_convert_parser(sub)  # released StableMTL checkpoints -> pipeline folders
+    add_predict_parser(sub)  # a model on one's own images
     sub.add_parser("check", help="check the task encodings on synthetic annotations").set_defaults(func=cmd_check)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)

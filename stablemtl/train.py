@@ -366,6 +366,10 @@ class Trainer:
         values = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
         values["base_weights"] = weights_fingerprint(self.config.base)
         values["init_weights"] = weights_fingerprint(self.config.init) if self.config.init else None
+        if self.config.kind == "multi_stream":
+            from stablemtl.model.streams import TASK_ATTENTION_LAYOUT
+
+            values["task_attention_layout"] = TASK_ATTENTION_LAYOUT
         return json.loads(json.dumps(values))
 
     def _trainable_state(self) -> dict:

@@ -265,6 +265,53 @@ def test_checkpoints_of_the_older_layout_still_load(single, base, base_dir, tmp_
     assert torch.equal(_outputs(S.load_model(resaved), images, nxt).latents["depth"], before.latents["depth"])
 
 
+def test_task_attention_of_the_first_layout_loads_unchanged_in_function(single, tmp_path):
+    """The kit's first task attention shared one LayerNorm between a task's keys and values and one
+    query LayerNorm across tasks; its checkpoints (both folder layouts) load into the release's
+    separate norms with the same outputs."""
+    from safetensors.torch import load_file, save_file
+
+    multi = _perturbed_multi(single)
+    g = torch.Generator().manual_seed(3)
+    for module in multi.task_attention.values():  # what the first layout can hold, away from the init
+        shared_q = (torch.randn(module.out.in_features, generator=g), torch.randn(module.out.in_features, generator=g))
+        for t in module.tasks:
+            kv = (torch.randn(module.out.in_features, generator=g), torch.randn(module.out.in_features, generator=g))
+            for norm, (weight, bias) in ((module.norm_k[t], kv), (module.norm_v[t], kv), (module.norm_q[t], shared_q)):
+                norm.weight.data.copy_(weight), norm.bias.data.copy_(bias)
+
+    def first_layout(state: dict) -> dict:
+        out = {}
+        for key, value in state.items():
+            site, part, *rest = key.split(".")
+            if part == "norm_k":
+                out[".".join([site, "kv_norm", *rest])] = value
+            elif part == "norm_q" and rest[0] == multi.tasks[0]:
+                out[".".join([site, "query_norm", *rest[1:]])] = value
+            elif part not in ("norm_v", "norm_q"):
+                out[key] = value
+        return out
+
+    images, nxt = _images(6)
+    before = _outputs(multi, images, nxt)
+    folder = multi.save_pretrained(tmp_path / "pipeline")
+    weights = next((folder / "task_attention").glob("*.safetensors"))
+    old = first_layout(load_file(str(weights)))
+    assert any(".kv_norm." in k for k in old) and not any(".norm_v." in k for k in old)
+    save_file(old, str(weights))
+    _assert_same_outputs(before, _outputs(S.load_model(folder), images, nxt))
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if ".query_norm." not in k}, str(weights))
+    with pytest.raises(ValueError, match=r"does not fit the task attention.*missing key\(s\) \['[a-z_0-9]+\.norm_q\."):
+        S.load_model(folder)  # never filled at random
+    module = next(iter(multi.task_attention.values()))
+    fresh = S.TaskAttention(module.out.in_features, multi.tasks, query_hidden=32)
+    fresh.load_state_dict({k[2:]: v for k, v in first_layout({f"s.{k}": v for k, v in module.state_dict().items()}).items()})
+    for t in multi.tasks:
+        assert torch.equal(fresh.norm_v[t].weight, module.norm_v[t].weight)
+        assert torch.equal(fresh.norm_q[t].bias, module.norm_q[t].bias)
+
+
 def test_from_pretrained_casts_every_component_to_torch_dtype(single, tmp_path):
     import warnings
 
@@ -380,7 +427,7 @@ SD2_UNET_PARAMETERS = 865_910_724
 
 def _task_attention_parameters(c: int, n_tasks: int = 7, q: int = 640) -> int:
     mlp = lambda *w: sum(a * b + b for a, b in zip(w[:-1], w[1:]))  # noqa: E731
-    return n_tasks * (2 * c + 2 * mlp(c, c // 2, c) + mlp(c, q, q, q, c)) + 2 * c + c * c + c
+    return n_tasks * (6 * c + 2 * mlp(c, c // 2, c) + mlp(c, q, q, q, c)) + c * c + c  # 3 LayerNorms per task
 
 
 @pytest.mark.slow
@@ -398,6 +445,9 @@ def test_sd2_architecture_from_its_config():
     assert sorted(sites.values()) == sorted([320] * 5 + [640] * 5 + [1280] * 6)
     modules = S.TaskAttentionSites(sites, TASK_NAMES)
     assert sum(p.numel() for p in modules.parameters()) == sum(_task_attention_parameters(c) for c in sites.values())
+    # the release's task-attention extras per block at widths 320, 640, 1280, and in all
+    assert [_task_attention_parameters(c) for c in (320, 640, 1280)] == [10_173_760, 17_671_680, 41_883_520]
+    assert sum(p.numel() for p in modules.parameters()) == 390_528_320
     # one forward on a small latent: an auxiliary pass captures 7 tasks' features, then the main
     # pass with task attention (zero-initialised: equal to the plain UNet; perturbed: different)
     x, prompts, t = torch.randn(1, 12, 16, 16), torch.randn(1, 4, 1024), torch.tensor([999])

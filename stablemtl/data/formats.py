@@ -581,20 +581,28 @@ def read_cityscapes_labels(path) -> np.ndarray:
 _EXR_ORDER = ("R", "G", "B", "A")
 
 
-def read_exr(path) -> np.ndarray:
-    """An OpenEXR image as float32 ``[H, W, C]``: channels R, G, B(, A) in that order, else by name."""
+def read_exr(path, channels: tuple[str, ...] | None = None) -> np.ndarray:
+    """An OpenEXR image as float32 ``[H, W, C]``: channels R, G, B(, A) in that order, else by name;
+    ``channels=("R", "G", "B")`` returns exactly those, in that order (a missing one is a ``FormatError``
+    naming the file and the channels it has)."""
     import OpenEXR
 
     path = _exists(path)
     try:
         with OpenEXR.File(str(path), separate_channels=True) as f:
-            channels = {name: ch.pixels for name, ch in f.channels().items()}
+            stored = {name: ch.pixels for name, ch in f.channels().items()}
     except (RuntimeError, ValueError, OSError) as err:
         raise FormatError(f"{path}: cannot read as OpenEXR (corrupt or truncated?): {err}") from None
-    if not channels:
+    if not stored:
         raise FormatError(f"{path}: the OpenEXR file holds no channel")
-    names = [c for c in _EXR_ORDER if c in channels] + sorted(set(channels) - set(_EXR_ORDER))
-    return np.stack([np.asarray(channels[n], dtype=np.float32) for n in names], axis=-1)
+    if channels is not None:
+        missing = [c for c in channels if c not in stored]
+        if missing:
+            raise FormatError(f"{path}: expected the channels {list(channels)}, missing {missing} "
+                              f"(the file has {sorted(stored)})")
+        return np.stack([np.asarray(stored[n], dtype=np.float32) for n in channels], axis=-1)
+    names = [c for c in _EXR_ORDER if c in stored] + sorted(set(stored) - set(_EXR_ORDER))
+    return np.stack([np.asarray(stored[n], dtype=np.float32) for n in names], axis=-1)
 
 
 def write_exr(path, image, channels: tuple[str, ...] | None = None, half: bool = False) -> Path:

@@ -14,9 +14,9 @@ initialised from the single-stream UNet. In the auxiliary stream an attention
 processor on every ``attn1`` captures the self-attention branch output (after
 the output projection, before the residual add); in the main stream the
 processor adds task attention to that branch: per pixel, the main task's query
-attends to the other tasks' features (keys/values through per-task LayerNorm +
-MLP C -> C/2 -> C; query through LayerNorm + per-main-task MLP C -> 640 -> 640
--> 640 -> C; 4 heads; zero-initialised output projection, so the untrained
+attends to the other tasks' features (keys and values each through a per-task
+LayerNorm + MLP C -> C/2 -> C; the query through the main task's LayerNorm + MLP
+C -> 640 -> 640 -> 640 -> C; 4 heads; zero-initialised output projection, so the untrained
 multi-stream model equals the single-stream one). During training, with
 probability 0.4 per layer, the attention probabilities (averaged over batch,
 pixels and heads, without gradient) pick one auxiliary task to mask out.
@@ -65,6 +65,10 @@ TIMESTEP = 999
 MODEL_FILE = "stablemtl_model.json"
 PIPELINE_FILE = "model_index.json"
 PIPELINE_CLASS = "StableMTLPipeline"
+# the task attention's parameter layout: 1, the kit's first (one LayerNorm for a task's keys and values,
+# one query LayerNorm for all tasks); 2, the release's (separate per-task norms). Saved models of layout 1
+# load unchanged in function; a training checkpoint records it, since its optimizer state follows it.
+TASK_ATTENTION_LAYOUT = 2
 
 
 def _check_tasks(tasks, allowed) -> list[str]:
@@ -223,21 +227,41 @@ class _MLP(nn.Sequential):
 
 
 class TaskAttention(nn.Module):
-    """Per-pixel attention of each main task's query over the other tasks' features, at one site."""
+    """Per-pixel attention of each main task's query over the other tasks' features, at one site.
+
+    Per task ``t``, as in the release (``stablemtl.model.release`` maps its weights onto these):
+    LayerNorms ``norm_k[t]``, ``norm_v[t]``, ``norm_q[t]`` in front of the key and value MLPs
+    ``key[t]``, ``value[t]`` (C -> C/2 -> C) and the query MLP ``query[t]`` (C -> 640 -> 640 -> 640
+    -> C); one output projection ``out`` (zero-initialised). Checkpoints of the kit's first layout
+    (one LayerNorm shared by a task's keys and values, one query LayerNorm for all tasks) load
+    into it unchanged in function: the shared norm is copied into each place it served.
+    """
 
     def __init__(self, dim: int, tasks, query_hidden: int = 640, heads: int = 4):
         super().__init__()
         if dim % heads:
             raise ValueError(f"feature width {dim} is not divisible by {heads} heads")
         self.tasks, self.heads = list(tasks), heads
-        self.kv_norm = nn.ModuleDict({t: nn.LayerNorm(dim) for t in tasks})
+        self.norm_k, self.norm_v, self.norm_q = (nn.ModuleDict({t: nn.LayerNorm(dim) for t in tasks})
+                                                 for _ in range(3))
         self.key = nn.ModuleDict({t: _MLP(dim, dim // 2, dim) for t in tasks})
         self.value = nn.ModuleDict({t: _MLP(dim, dim // 2, dim) for t in tasks})
-        self.query_norm = nn.LayerNorm(dim)
         self.query = nn.ModuleDict({t: _MLP(dim, query_hidden, query_hidden, query_hidden, dim) for t in tasks})
         self.out = nn.Linear(dim, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.register_load_state_dict_pre_hook(self._upgrade_first_layout)
+
+    def _upgrade_first_layout(self, module, state, prefix, *args) -> None:
+        """``kv_norm.<t>.*`` -> ``norm_k.<t>.*`` and ``norm_v.<t>.*``; ``query_norm.*`` -> ``norm_q.<t>.*``."""
+        for key in [k for k in state if k.startswith(prefix + "kv_norm.")]:
+            rest = key[len(prefix + "kv_norm."):]
+            value = state.pop(key)
+            state[f"{prefix}norm_k.{rest}"], state[f"{prefix}norm_v.{rest}"] = value, value.clone()
+        for key in [k for k in state if k.startswith(prefix + "query_norm.")]:
+            value = state.pop(key)
+            for t in self.tasks:
+                state[f"{prefix}norm_q.{t}.{key[len(prefix + 'query_norm.'):]}"] = value.clone()
 
     def forward(self, h, main_tasks, features, aux_tasks, mask_prob: float = 0.0, weights: list | None = None):
         """``h`` ``[Tm, B, N, C]``, ``features`` ``[Ta, B, N, C]`` -> the addition to ``h``; ``weights``
@@ -245,9 +269,9 @@ class TaskAttention(nn.Module):
         tm, b, n, c = h.shape
         d = c // self.heads
         split = lambda x: x.reshape(*x.shape[:-1], self.heads, d)  # noqa: E731
-        q = torch.stack([split(self.query[t](self.query_norm(h[i]))) for i, t in enumerate(main_tasks)])
-        k = torch.stack([split(self.key[t](self.kv_norm[t](features[j]))) for j, t in enumerate(aux_tasks)])
-        v = torch.stack([split(self.value[t](self.kv_norm[t](features[j]))) for j, t in enumerate(aux_tasks)])
+        q = torch.stack([split(self.query[t](self.norm_q[t](h[i]))) for i, t in enumerate(main_tasks)])
+        k = torch.stack([split(self.key[t](self.norm_k[t](features[j]))) for j, t in enumerate(aux_tasks)])
+        v = torch.stack([split(self.value[t](self.norm_v[t](features[j]))) for j, t in enumerate(aux_tasks)])
         scores = torch.einsum("mbnhd,abnhd->mbnha", q, k) / math.sqrt(d)
         bias = torch.zeros(tm, len(aux_tasks), device=h.device, dtype=h.dtype)
         for i, t in enumerate(main_tasks):  # 1 query vs the N-1 other tasks
@@ -291,6 +315,27 @@ class TaskAttentionSites(ModelMixin, ConfigMixin):
         super().__init__()
         for site, width in (sites.items() if isinstance(sites, dict) else sites):
             self.add_module(_site_key(site), TaskAttention(width, list(tasks), query_hidden, heads))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, torch_dtype=None,
+                        **_loading) -> "TaskAttentionSites":
+        """Load a saved folder strictly: every saved tensor is used and every parameter filled, or the
+        error names the keys (diffusers' own loader would fill missing weights at random and only
+        warn). The kit's first layout is upgraded on the way (``TaskAttention``)."""
+        from safetensors.torch import load_file
+
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        files = sorted(folder.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{folder}: expected one .safetensors file of task-attention weights, found "
+                                    f"{len(files)}")
+        model = cls.from_config(cls.load_config(folder))
+        missing, unexpected = model.load_state_dict(load_file(str(files[0])), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{files[0]} does not fit the task attention of {folder / cls.config_name}: "
+                             f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) "
+                             f"{unexpected[:3]}")
+        return (model.to(torch_dtype) if torch_dtype is not None else model).eval()
 
     def __getitem__(self, key: str) -> TaskAttention:
         return self._modules[key]
