@@ -120,7 +120,6 @@ def train_step(model, device, size, batch, micro, precision: str, repeat: int, c
         seconds = timed(step, device, repeat)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     finally:
-        del opt
         for owner, name, module in originals:  # the float32 originals back, for good
             setattr(owner, name, module)
         model.unet.disable_gradient_checkpointing()

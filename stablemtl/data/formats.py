@@ -469,6 +469,19 @@ def write_npy(path, array) -> Path:
     return _atomic_write(path, write)
 
 
+def read_json_if_present(path) -> dict:
+    """A JSON file's object, ``{}`` when the file is absent; a ``FormatError`` naming it when it is not JSON."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{path}: not valid JSON ({err})") from None
+
+
 def read_npz(path, key: str) -> np.ndarray:
     """Array ``key`` of a ``.npz`` archive (FlyingThings3D ``pc/*.npz`` hold ``pc1``); never unpickles."""
     path = _exists(path)

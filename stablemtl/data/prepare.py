@@ -547,13 +547,7 @@ def _run_frames(dataset: str, jobs: list[tuple[str, dict]], work: Callable[[dict
 # --------------------------------------------------------------------------- datasets
 
 def _raw_meta(raw: Path) -> dict:
-    path = raw / RAW_META
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise formats.FormatError(f"{path}: not valid JSON ({err})") from None
+    return formats.read_json_if_present(raw / RAW_META)
 
 
 def _find_split_csv(raw: Path, split_csv) -> Path:

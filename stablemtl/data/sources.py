@@ -45,7 +45,6 @@ overrides them: the procedural miniatures do, as they are rendered smaller.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -128,13 +127,7 @@ class Source(Dataset):
 
     # ----------------------------------------------------------------- split and layout
     def _read_meta(self) -> dict:
-        path = self.root / META_FILE
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise formats.FormatError(f"{path}: not valid JSON ({err})") from None
+        return formats.read_json_if_present(self.root / META_FILE)
 
     def split_paths(self, split: str, file: str | None = None) -> list[Path]:
         """Where a split list is looked for, in order: a path given as ``split``, the dataset's
