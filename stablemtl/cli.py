@@ -75,10 +75,17 @@ def _study(args):
 
     from stablemtl.paths import context
 
-    for variable, folder in (("DATA_DIR", args.root), ("BASE_DIR", args.out)):
-        if folder:
-            os.environ[variable] = str(Path(folder).resolve())
-    return context(args.preset)
+    overrides = {v: str(Path(f).resolve()) for v, f in (("DATA_DIR", args.root), ("BASE_DIR", args.out)) if f}
+    saved = {v: os.environ.get(v) for v in overrides}
+    os.environ.update(overrides)
+    try:  # the folders are resolved into the Study now; the process's environment is left as it was
+        return context(args.preset)  # the preset checked field by field (stablemtl.schema)
+    finally:
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
 
 
 def cmd_data(args) -> int:
@@ -166,15 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="check the task encodings on synthetic annotations").set_defaults(func=cmd_check)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
+    from stablemtl.guard import InputError
     from stablemtl.paths import StageError
 
     try:
         return args.func(args)
-    except (ValueError, StageError) as err:
-        if isinstance(err, ValueError) and "preset" not in str(err):
+    except (InputError, StageError, ValueError) as err:  # a bad input: named, no traceback, status 2
+        if not isinstance(err, (InputError, StageError)) and "preset" not in str(err):
             raise
         print(f"stablemtl {args.command}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stablemtl {args.command}: interrupted; what was written stays (a training keeps its last "
+              f"checkpoint); run the command again to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

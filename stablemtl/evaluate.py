@@ -11,12 +11,17 @@ it with the release's protocol, and writes into ``out_dir``:
 - ``predictions/<model>/<benchmark>/<NNNNN>.npz``: compressed prediction,
   ground truth, mask and input of every image, for the browser and for resuming.
 
+Next to the CSVs, ``results.sha256.json`` records their sha256 as written, so that
+``stablemtl.report`` can tell a table made from a hand-edited CSV (``results_hashes``).
+
 A half-done evaluation resumes: images whose predictions are cached are read
 back instead of predicted again, so the files equal those of an uninterrupted
 run. The cache of a benchmark records what its predictions came from (a
 fingerprint of the model's weights, the data, the resolution and the protocol,
 in ``cache.json``); when any of it differs, the cached predictions are deleted
-and predicted anew, so a model never scores another model's predictions.
+and predicted anew, so a model never scores another model's predictions. A cache file that
+cannot be read (a truncated ``.npz``, a corrupt ``cache.json``) is set aside as
+``<name>.corrupt`` with a message and recomputed, so one bad file never fails every rerun.
 The protocol is the release's (``stablemtl.options``): KITTI flow and scene
 flow are scored at the evaluation resolution against ground truth sampled
 nearest-exact, flow values in full-resolution pixels (``flow_scoring="native"``
@@ -36,7 +41,10 @@ loads the next ones (``prefetch``); the files are the same with or without it.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +58,9 @@ from stablemtl.tasks import FLOW_TASKS, get_task, to_grey
 # bump when a change of the kit changes what a cached prediction holds (decoding, resizing, ground truth)
 PROTOCOL_VERSION = 2
 CACHE_FILE = "cache.json"
+HASH_FILE = "results.sha256.json"  # {csv name: sha256 of the file as evaluate wrote it}
+# what reading a truncated or corrupt .npz raises (zip, pickle-free numpy header, missing array)
+_NPZ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError)
 
 METRIC_FIELDS = ("run", "model", "benchmark", "dataset", "task", "metric", "value", "higher_is_better", "n_images")
 SAMPLE_FIELDS = ("run", "model", "benchmark", "index", "id", "metric", "value")
@@ -151,23 +162,78 @@ def vae_ceiling_prediction(sample: dict, task: str, frozen) -> torch.Tensor:
     return t.decode(vae_roundtrip(frozen.vae, target))
 
 
+class ResultsFileError(ValueError):
+    """A results CSV exists but cannot be read as one (wrong header, a value that is not a number)."""
+
+
 class _CsvRows:
     def __init__(self, path: Path, fields):
         self.path, self.fields = path, fields
 
     def read(self) -> list[dict]:
+        """The rows; a ``ResultsFileError`` naming the file, the line and the value when it is not one
+        of the kit's CSVs (other header) or a ``value`` is not a number."""
         if not self.path.is_file():
             return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+        try:
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or list(reader.fieldnames) != list(self.fields):
+                    raise ResultsFileError(f"{self.path}: expected the header {','.join(self.fields)}, "
+                                           f"got {','.join(reader.fieldnames or ['(empty file)'])}")
+                rows = list(reader)
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise ResultsFileError(f"{self.path}: not a readable CSV ({err})") from None
+        for line, row in enumerate(rows, 2):
+            if None in row or any(v is None for v in row.values()):
+                raise ResultsFileError(f"{self.path}: line {line} has {len(row) - (None in row)} field(s) and "
+                                       f"{len(row.get(None) or [])} extra; expected {len(self.fields)}")
+            try:
+                float(row["value"])
+            except ValueError:
+                raise ResultsFileError(f"{self.path}: line {line}: value {row['value']!r} is not a number "
+                                       f"(write nan for a missing one)") from None
+        return rows
 
-    def write(self, rows: list[dict]) -> None:
+    def write(self, rows: list[dict]) -> str:
+        """Write the rows atomically; returns the file's sha256."""
         tmp = self.path.with_suffix(".csv.partial")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(self.path)
+        return file_sha256(self.path)
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def results_hashes(results_dir) -> dict[str, str]:
+    """``{csv name: sha256}`` as evaluate recorded them in ``results.sha256.json`` (``{}`` when absent,
+    e.g. results written before the kit recorded hashes; a corrupt record is named)."""
+    from stablemtl.data.formats import read_json_if_present
+
+    return read_json_if_present(Path(results_dir) / HASH_FILE)
+
+
+def edited_results(results_dir, names=("metrics.csv", "per_sample.csv")) -> list[str]:
+    """One message per results CSV of ``results_dir`` whose sha256 differs from the one evaluate
+    recorded: edited by hand (or by another tool) since it was written. Files without a record pass."""
+    from stablemtl.data.formats import FormatError
+
+    results_dir = Path(results_dir)
+    try:
+        recorded, found = results_hashes(results_dir), []
+    except FormatError as err:
+        return [f"{err}: the results cannot be checked against the hashes evaluate recorded"]
+    for name in names:
+        path = results_dir / name
+        if name in recorded and path.is_file() and file_sha256(path) != recorded[name]:
+            found.append(f"{path} was changed after evaluate wrote it (its sha256 differs from the one recorded "
+                         f"in {results_dir / HASH_FILE}): the numbers below come from the edited file")
+    return found
 
 
 def _value(v) -> str:
@@ -182,15 +248,17 @@ def _cache_key(b: Benchmark, weights: str | None, source, size, normals: str, fl
 
 
 def _open_cache(cache: Path, key: dict) -> None:
-    """Keep the cached predictions of ``cache`` only when they were made under ``key``."""
-    import json
+    """Keep the cached predictions of ``cache`` only when they were made under ``key``; a record that is
+    not JSON is set aside (its predictions cannot be trusted, so they are predicted anew)."""
+    from stablemtl.data.formats import set_aside_corrupt
 
     record = cache / CACHE_FILE
     stored = None
     if record.is_file():
         try:
             stored = json.loads(record.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            set_aside_corrupt(record, f"not valid JSON: {err}")
             stored = None
     if stored != key or key["weights"] is None:
         for file in cache.glob("[0-9]" * 5 + ".npz"):  # the kit's own files only
@@ -275,21 +343,33 @@ class _Predictor:
         return out
 
 
-def _cached(file: Path, expected_id: str) -> dict | None:
-    """A cached prediction (``pred``, ``gt``, ``valid``, ``id``) of the image ``expected_id``, if any."""
+def _read_cached(file: Path, keys: tuple[str, ...]) -> dict | None:
+    """Arrays ``keys`` of the cache entry ``file``; ``None`` when there is none, or when it cannot be read
+    (truncated, corrupt, an array missing or non-finite where the kit never writes NaN: the id), in which
+    case it is set aside as ``<name>.corrupt`` with a message and the image is predicted anew."""
+    from stablemtl.data.formats import set_aside_corrupt
+
     if not file.is_file():
         return None
-    with np.load(file, allow_pickle=False) as npz:
-        stored = {k: npz[k] for k in ("pred", "gt", "valid", "id")}
-    return stored if str(stored["id"]) == expected_id else None  # else the split changed under the cache
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            return {k: npz[k] for k in keys}
+    except _NPZ_ERRORS as err:
+        set_aside_corrupt(file, f"not a complete prediction cache entry: {type(err).__name__}: {err}")
+        return None
+
+
+def _cached(file: Path, expected_id: str) -> dict | None:
+    """A cached prediction (``pred``, ``gt``, ``valid``, ``id``) of the image ``expected_id``, if any."""
+    stored = _read_cached(file, ("pred", "gt", "valid", "id", "rgb"))
+    return stored if stored is not None and str(stored["id"]) == expected_id else None  # else the split changed
 
 
 def _is_cached(file: Path, expected_id: str) -> bool:
-    """Whether ``_cached`` will find the image ``expected_id`` in ``file`` (reads its id only)."""
-    if not file.is_file():
-        return False
-    with np.load(file, allow_pickle=False) as npz:
-        return str(npz["id"]) == expected_id
+    """Whether ``file`` holds the image ``expected_id`` (reads its id only; an entry found corrupt later,
+    by ``_cached``, is set aside then and its image loaded and predicted in place)."""
+    stored = _read_cached(file, ("id",))
+    return stored is not None and str(stored["id"]) == expected_id
 
 
 class _Prefetch:
@@ -360,6 +440,18 @@ def _score_one(b: Benchmark, predictor: _Predictor, source, samples, cache: Path
             for metric, value in (result or {}).items() if not isinstance(value, (list, tuple, dict, np.ndarray))]
 
 
+def _read_or_set_aside(table: _CsvRows) -> list[dict]:
+    """The rows of a results CSV evaluate merges into; one that cannot be read is set aside with a message
+    (its rows are recomputed when their models are evaluated again) instead of failing every rerun."""
+    from stablemtl.data.formats import set_aside_corrupt
+
+    try:
+        return table.read()
+    except ResultsFileError as err:
+        set_aside_corrupt(table.path, str(err).removeprefix(f"{table.path}: "))
+        return []
+
+
 def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name: str | None = None,
              resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
              expect_kind: str | None = None, normals: str | None = None, silog: str = "x100",
@@ -404,8 +496,10 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
     mine = lambda r: r["run"] == run and r["model"] == name and r["benchmark"] in {b.name for b in benchmarks}  # noqa: E731
     metrics_csv = _CsvRows(out_dir / "metrics.csv", METRIC_FIELDS)
     samples_csv = _CsvRows(out_dir / "per_sample.csv", SAMPLE_FIELDS)
-    metric_rows = [r for r in metrics_csv.read() if not mine(r)]
-    sample_rows = [r for r in samples_csv.read() if not mine(r)]
+    for message in edited_results(out_dir):  # the rows of other models are kept as they are now
+        print(f"note: {message}; its other rows are kept and the new hash records them", flush=True)
+    metric_rows = [r for r in _read_or_set_aside(metrics_csv) if not mine(r)]
+    sample_rows = [r for r in _read_or_set_aside(samples_csv) if not mine(r)]
     size_of = lambda b: tuple((resolution or {}).get(b.name, b.resolution))  # noqa: E731
     for b in benchmarks:
         if not predictor.predicts(b.task):
@@ -430,8 +524,10 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
                                     "task": b.task, "metric": metric, "value": _value(value),
                                     "higher_is_better": metrics.HIGHER_IS_BETTER.get(metric, metric.startswith("iou_")),
                                     "n_images": n_images})
-    metrics_csv.write(metric_rows)
-    samples_csv.write(sample_rows)
+    hashes = {"metrics.csv": metrics_csv.write(metric_rows), "per_sample.csv": samples_csv.write(sample_rows)}
+    from stablemtl.data.formats import _write_bytes
+
+    _write_bytes(out_dir / HASH_FILE, (json.dumps(hashes, indent=1, sort_keys=True) + "\n").encode())
 
 
 def benchmarks_of(task: str) -> list[str]:
@@ -460,8 +556,6 @@ def evaluate_run(study, models=MODELS, benchmarks=None, max_images=None, progres
     they come from the same weights, data and protocol (``evaluate``). ``device`` (None: the GPU when
     there is one) and ``dtype`` (e.g. ``torch.bfloat16``; None: float32) as in ``evaluate``.
     """
-    import json
-
     from stablemtl.model.streams import MODEL_FILE
     from stablemtl.paths import require
 
@@ -489,7 +583,8 @@ def evaluate_run(study, models=MODELS, benchmarks=None, max_images=None, progres
 
 
 def read_metrics(results_dir) -> list[dict]:
-    """The rows of ``<results_dir>/metrics.csv``; a clear error when there is none."""
+    """The rows of ``<results_dir>/metrics.csv``; a clear error when there is none or it cannot be read
+    (``ResultsFileError`` naming the file, the line and the value)."""
     path = Path(results_dir) / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics in this results folder (run stablemtl.evaluate.evaluate first)")

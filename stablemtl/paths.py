@@ -13,6 +13,9 @@ A run is a preset plus a run name (``context``). Directories (docs/method.md, "T
 - results: ``$RESULTS_DIR/<run>`` or ``<project>/results/<run>`` (metrics,
   tables, figures, the executed notebooks and ``manifest.json``).
 
+Run and preset names are safe folder names (``stablemtl.guard.check_name``) and the preset is
+checked field by field (``stablemtl.schema.check_preset``), so nothing is written outside these roots.
+
 Each stage writes a ``done.json`` into its folder (``stage_dir``) when it
 finishes; ``stablemtl.run`` compares it with the stage's current parameters.
 """
@@ -23,6 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from stablemtl.guard import check_name
 from stablemtl.presets import load_preset
 
 STAGES = ("01_prepare_data", "02_build_model", "03_train_single_stream", "04_train_multi_stream",
@@ -113,11 +117,12 @@ def context(preset="demo", run_name=None) -> Study:
     ``DATA_DIR`` and ``BASE_DIR`` override the data and base folders of any preset; ``OUTPUT_DIR`` and
     ``RESULTS_DIR`` move the checkpoints and the results.
     """
-    config = load_preset(preset)
-    name = str(config.get("name", Path(str(preset)).stem))
-    run = run_name or name
-    if not all(c.isalnum() or c in "-_." for c in run) or run.startswith("."):
-        raise ValueError(f"run name {run!r}: use letters, digits, '-', '_' and '.' (it names a folder)")
+    from stablemtl.schema import check_preset
+
+    config = check_preset(load_preset(preset), preset)  # every field typed; the preset name is a safe name
+    name = check_name(config.get("name", Path(str(preset)).stem), "preset name",
+                      "the preset's 'name', or its file name")
+    run = check_name(run_name, "run name", "--run-name / run_name") if run_name else name
     root = project_root()
     outputs = Path(os.environ.get("OUTPUT_DIR") or root / "outputs")
     results = Path(os.environ.get("RESULTS_DIR") or root / "results")

@@ -113,7 +113,9 @@ def list_images(images) -> list[Path]:
 def load_image(path) -> tuple[np.ndarray, list[str]]:
     """An image file as float32 RGB ``[H, W, 3]`` in [0, 1] and the notes on its conversion
     (module docstring); an ``ImageError`` naming the file when it cannot be used."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    from stablemtl.data.formats import incomplete
 
     path = Path(path)
     if not path.is_file():
@@ -121,6 +123,10 @@ def load_image(path) -> tuple[np.ndarray, list[str]]:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ImageError(f"{path}: not an image file (suffix {path.suffix or 'none'!r}); "
                          f"expected one of {', '.join(IMAGE_SUFFIXES)}")
+    # Pillow refuses truncated files by itself unless LOAD_TRUNCATED_IMAGES was switched on (by another library)
+    reason = incomplete(path) if ImageFile.LOAD_TRUNCATED_IMAGES else None
+    if reason is not None:
+        raise ImageError(f"{path}: cannot decode the image (corrupt or truncated?): {reason}")
     try:
         with Image.open(path) as img:
             img.load()
@@ -131,6 +137,12 @@ def load_image(path) -> tuple[np.ndarray, list[str]]:
         raise ImageError(f"{path}: cannot decode the image (corrupt or truncated?): {err}") from None
     notes = []
     mode = img.mode
+    if mode == "F":  # 32-bit float grey (TIFF): NaN or inf would make every output NaN
+        values = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(values).all():
+            y, x = np.argwhere(~np.isfinite(values))[0]
+            raise ImageError(f"{path}: {int((~np.isfinite(values)).sum())} non-finite pixel(s) (NaN or inf), the "
+                             f"first {values[y, x]} at row {y}, column {x}; fix or fill them before predicting")
     if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG)
         grey = np.asarray(img, dtype=np.float32) / 65535.0
         notes.append(f"16-bit grey image ({mode}): scaled to [0, 1] and repeated to RGB")
@@ -152,7 +164,10 @@ def load_image(path) -> tuple[np.ndarray, list[str]]:
         arr = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
     else:
         arr = np.asarray(img.convert("RGB"))
-    return np.ascontiguousarray(arr, dtype=np.float32) / 255.0, notes
+    rgb = np.ascontiguousarray(arr, dtype=np.float32) / 255.0
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise ImageError(f"{path}: decoded to shape {rgb.shape}, expected [H, W, 3] with H, W > 0")
+    return rgb, notes
 
 
 # --------------------------------------------------------------------------- sizes

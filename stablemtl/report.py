@@ -9,6 +9,11 @@
 - figures: training curves from ``train_log.csv`` files, Delta_m terms per
   metric, and a qualitative grid (input, ground truth, models) per benchmark.
 
+A ``metrics.csv`` whose sha256 differs from the one ``evaluate`` recorded (``results.sha256.json``)
+was edited after it was written: the tables are made all the same (an edit may be deliberate), but
+each table file and ``summary.md`` then end with a warning line and the warning is printed. Tables
+from unedited results are byte-identical to those of a kit that recorded no hash.
+
 Delta_m (docs/method.md, "Evaluation") uses ``DELTA_M_METRICS`` (one headline metric per
 benchmark, all eight) against the ``single_task`` rows; the per-metric terms are
 kept (``delta_m_terms``).
@@ -20,7 +25,7 @@ import math
 from pathlib import Path
 
 from stablemtl import metrics
-from stablemtl.evaluate import BENCHMARKS, read_metrics
+from stablemtl.evaluate import BENCHMARKS, edited_results, read_metrics
 
 MODEL_ORDER = ("trivial", "single_task", "single_stream", "multi_stream", "vae_ceiling")
 # (benchmark, column title, display factor) of the published columns: docs/method.md, "Published numbers"
@@ -128,9 +133,28 @@ def to_latex(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(results_dir, run: str | None = None) -> dict[str, Path]:
-    """Write ``tables/main.{md,tex}`` and ``tables/<benchmark>.{md,tex}`` from ``metrics.csv``."""
+def edit_warnings(results_dir, log=print) -> list[str]:
+    """``WARNING: ...`` lines for the results CSVs edited since evaluate wrote them (``evaluate.edited_results``),
+    each also passed to ``log`` (printed); ``[]`` when every recorded hash matches."""
+    lines = [f"WARNING: {message}" for message in edited_results(results_dir, names=("metrics.csv",))]
+    for line in lines:
+        log(line)
+    return lines
+
+
+def _with_warnings(text: str, warnings: list[str], ext: str) -> str:
+    """A rendered table (``md`` or ``tex``) followed by the warning lines (none: unchanged)."""
+    if not warnings:
+        return text
+    mark = "%" if ext == "tex" else ">"
+    return text + "\n" + "".join(f"{mark} {w}\n" for w in warnings)
+
+
+def write_tables(results_dir, run: str | None = None, warnings: list[str] | None = None) -> dict[str, Path]:
+    """Write ``tables/main.{md,tex}`` and ``tables/<benchmark>.{md,tex}`` from ``metrics.csv``; an edited
+    ``metrics.csv`` is named in a warning line under every table (``warnings``: already computed ones)."""
     results_dir = Path(results_dir)
+    warnings = edit_warnings(results_dir) if warnings is None else warnings
     rows = read_metrics(results_dir)
     runs = sorted({r["run"] for r in rows})
     if run is None:
@@ -148,7 +172,7 @@ def write_tables(results_dir, run: str | None = None) -> dict[str, Path]:
     for name, (header, body) in tables.items():
         for ext, render in (("md", to_markdown), ("tex", to_latex)):
             path = out / f"{name}.{ext}"
-            path.write_text(render(header, body))
+            path.write_text(_with_warnings(render(header, body), warnings, ext))
             written[f"{name}.{ext}"] = path
     return written
 
@@ -316,13 +340,15 @@ def write_report(results_dir, training_logs: dict | None = None, run: str | None
     """Tables, every figure the inputs allow (``<results_dir>/tables``, ``figures``) and ``summary.md``
     (the target check of ``run``'s rows, under the heading ``title``)."""
     results_dir = Path(results_dir)
-    written = write_tables(results_dir, run)
+    warnings = edit_warnings(results_dir)
+    written = write_tables(results_dir, run, warnings)
     figures = results_dir / "figures"
     figures.mkdir(exist_ok=True)
     rows = [r for r in read_metrics(results_dir) if run is None or r["run"] == run]
     table, passed = target_check(rows)
     summary = results_dir / "summary.md"
-    summary.write_text(f"# {title or 'Run ' + str(run)}\n\n```\n{format_target_check(table, passed)}\n```\n")
+    summary.write_text(_with_warnings(f"# {title or 'Run ' + str(run)}\n\n```\n{format_target_check(table, passed)}"
+                                      f"\n```\n", warnings, "md"))
     written["summary.md"] = summary
     if training_logs:
         written["training_curves.png"] = plot_training_curves(training_logs, figures / "training_curves.png")

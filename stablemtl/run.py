@@ -13,7 +13,11 @@ A killed stage leaves no new ``done.json`` and runs again on the next call; a tr
 resumes from its checkpoint there (``stablemtl.train.train_stage``). The runner also
 
 - checks every ``-p key=value`` against the parameters the selected notebooks declare in their
-  ``parameters`` cell (papermill itself only warns) and the inputs of the first selected stage;
+  ``parameters`` cell (papermill itself only warns) and their types, ranges and allowed values
+  (``stablemtl.schema``), the preset's fields, and the inputs of the first selected stage; a bad input
+  exits with status 2 before any stage starts;
+- claims ``results/<run>`` (``stablemtl.guard``: a foreign non-empty folder is refused) and locks it
+  while the run uses it (a second run on it stops, naming the first one's pid);
 - writes the executed notebooks to ``results/<run>/notebooks/`` and ``results/<run>/manifest.json``
   (preset, parameters, seed, git commit, package versions, data split hashes, wall time per stage);
 - stops at the first failing cell and reports the notebook, the cell and the error; the executed
@@ -35,7 +39,9 @@ from pathlib import Path
 
 import stablemtl
 from stablemtl import options
-from stablemtl.paths import DONE_FILE, README_PAPER, STAGES, StageError, Study, context, project_root, require, stage_name
+from stablemtl.guard import InputError, RunLock, claim
+from stablemtl.paths import (DONE_FILE, KINDS, README_PAPER, STAGES, StageError, Study, context, project_root, require,
+                             stage_name)
 from stablemtl.presets import yaml_numbers
 
 MANIFEST = "manifest.json"
@@ -45,7 +51,16 @@ READS = {"01": (), "02": (), "03": ("01", "02"), "04": ("01", "02", "03"), "05":
 
 
 class RunError(RuntimeError):
-    """A run cannot start or a stage failed; the message names what and where."""
+    """A run cannot start or a stage failed; the message names what and where. ``code``: the exit status
+    of ``stablemtl run`` (1: a stage failed, 2: a bad input, 130: interrupted)."""
+
+    code = 1
+
+
+class BadInput(RunError):
+    """A bad input found before any stage starts: a parameter, preset field, name, foreign folder or busy run."""
+
+    code = 2
 
 
 def notebook_dir() -> Path:
@@ -80,8 +95,12 @@ def parse_parameters(pairs) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise RunError(f"parameter {pair!r}: expected key=value (for example -p iterations=200)")
-        out[key.strip()] = yaml_numbers(yaml.safe_load(value)) if value.strip() else None
+            raise BadInput(f"parameter {pair!r}: expected key=value (for example -p iterations=200)")
+        try:
+            out[key.strip()] = yaml_numbers(yaml.safe_load(value)) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise BadInput(f"parameter {pair!r} (from -p): its value is not valid YAML ({getattr(err, 'problem', err)}); "
+                           f"quote strings, write lists as [a, b]") from None
     return out
 
 
@@ -93,7 +112,7 @@ def select_stages(only) -> list[str]:
     try:
         return sorted({stage_name(key) for key in keys})
     except ValueError as err:
-        raise RunError(f"{err} (in --only)") from None
+        raise BadInput(f"{err} (in --only)") from None
 
 
 # --------------------------------------------------------------------------- the stage hash
@@ -167,34 +186,75 @@ def write_done(study: Study, stage: str, digest: str, knobs: dict) -> Path:
 
 # --------------------------------------------------------------------------- before and around the stages
 
-def _check_parameters(stages: list[str], parameters: dict) -> dict:
-    """Each ``-p`` key must be a knob of a selected notebook, an option value a valid one; returns the
-    notebooks' declared knobs and defaults per stage."""
+def _check_parameters(stages: list[str], parameters: dict) -> tuple[dict, dict]:
+    """Each ``-p`` key must be a knob of a selected notebook (``declared_parameters``) and its value one
+    that ``stablemtl.schema.SPECS`` allows; returns the notebooks' declared knobs and defaults per stage
+    and the parameters, normalised (``tasks=depth`` -> ``["depth"]``)."""
+    from stablemtl.schema import check_parameters
+
     nb_dir = notebook_dir()
     declared = {s: declared_parameters(nb_dir / f"{s}.ipynb") for s in stages}
     for key, value in parameters.items():
-        if key in RUNNER_PARAMETERS:
-            raise RunError(f"set {key!r} with --{key.replace('_', '-')}, not -p")
-        if not any(key in d for d in declared.values()):
-            valid = sorted({k for d in declared.values() for k in d} - set(RUNNER_PARAMETERS))
-            raise RunError(f"unknown parameter {key!r} for stage(s) {', '.join(stages)}; "
-                           f"the notebooks declare: {', '.join(valid)}")
-        if key in options.OPTIONS and value is not None:  # a release-parity option: check it now
+        if key in options.OPTIONS and value is not None and key not in RUNNER_PARAMETERS and \
+                any(key in d for d in declared.values()):  # a release-parity option: its own message
             try:
                 options.check(key, value)
             except ValueError as err:
-                raise RunError(str(err)) from None
-    return declared
+                raise BadInput(f"parameter {err} (from -p)") from None
+    try:
+        return declared, check_parameters(parameters, declared, RUNNER_PARAMETERS)
+    except InputError as err:
+        raise BadInput(str(err)) from None
+
+
+def is_results_folder(folder: Path) -> bool:
+    """An earlier run folder without a ``.stablemtl`` marker (the committed ``results/demo``): a manifest."""
+    return (folder / MANIFEST).is_file()
+
+
+def _check_folders(study: Study, stages: list[str]) -> None:
+    """The folders the selected stages write must be new, empty or the kit's (``guard.claim``), checked
+    before any stage starts; ``--force`` does not change this."""
+    from stablemtl.data.mini import is_mini_root
+    from stablemtl.model.base import is_built_base
+    from stablemtl.train import is_training_folder
+
+    folders = [(study.results_dir, "results", is_results_folder)]
+    keys = {s[:2] for s in stages}
+    if study.procedural and "01" in keys:
+        folders.append((study.data_root, "data", is_mini_root))
+    if study.procedural and "02" in keys:
+        folders.append((study.base_dir, "base", is_built_base))
+    for key, kind in (("03", KINDS[0]), ("04", KINDS[1])):
+        if key in keys:
+            out = study.output_dir / kind
+            folders += [(out, "training", is_training_folder),
+                        (out.with_name(f"{kind}.previous"), "training", is_training_folder)]
+    try:
+        for folder, kind, recognise in folders:
+            claim(folder, kind, recognise, create=False)
+    except InputError as err:
+        raise BadInput(str(err)) from None
 
 
 def _check_inputs(study: Study, stages: list[str], knobs: dict) -> None:
     """Inputs made by stages outside the selection must exist now, not after an hour of work."""
+    from stablemtl.train import TrainConfig, train_config
+
+    names = {f.name for f in fields(TrainConfig)}
+    for stage in stages:
+        if stage[:2] in ("03", "04"):  # the batch split: a bad one fails now, not in the notebook
+            given = {k: v for k, v in knobs[stage].items() if k in names and k not in RUNNER_PARAMETERS}
+            try:
+                train_config(study, KINDS[int(stage[:2]) - 3], **given).accumulation()
+            except (ValueError, TypeError) as err:
+                raise BadInput(f"stage {stage}: {err} (the preset's train section and -p)") from None
     selected = {s[:2] for s in stages}
     needed = sorted({r for s in stages for r in reads(s, knobs[s])} - selected)
     try:
         require(study, *needed)
     except StageError as err:
-        raise RunError(str(err)) from err
+        raise BadInput(str(err)) from err
     if not study.procedural:
         _check_paper_inputs(study, stages)
 
@@ -304,16 +364,31 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
               force: bool = False, progress: bool = True, log=print) -> Study:
     """Execute the selected stages' notebooks; returns the run's ``Study``. Raises ``RunError`` with the
     failing notebook and cell."""
-    parameters = dict(parameters or {})
     stages = select_stages(only)
-    declared = _check_parameters(stages, parameters)
+    declared, parameters = _check_parameters(stages, dict(parameters or {}))
     try:
         study = context(preset, run_name)
     except (ValueError, StageError) as err:
-        raise RunError(str(err)) from err
+        raise BadInput(str(err)) from err
     given = {**parameters, "preset": preset if isinstance(preset, str) else study.name, "run_name": study.run}
     knobs = {s: {**declared[s], **{k: v for k, v in given.items() if k in declared[s]}} for s in stages}
+    _check_folders(study, stages)
     _check_inputs(study, stages, knobs)
+    try:
+        claim(study.results_dir, "results", is_results_folder, log=log)
+        lock = RunLock(study.results_dir, log=log).acquire()
+    except InputError as err:
+        raise BadInput(str(err)) from None
+    try:
+        _run_stages(study, stages, knobs, parameters, force, progress, log)
+    finally:
+        lock.release()
+    return study
+
+
+def _run_stages(study: Study, stages: list[str], knobs: dict, parameters: dict, force: bool, progress: bool,
+                log) -> None:
+    """The stage loop of ``run_study``, inside the run folder's lock."""
     manifest = Manifest(study, parameters)
     total = time.perf_counter()
     for i, stage in enumerate(stages, 1):
@@ -325,12 +400,19 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
             continue
         log(f"[{i}/{len(stages)}] {stage}")
         (study.stage_dir(stage) / DONE_FILE).unlink(missing_ok=True)  # until it finishes again
-        wall = _execute(study, stage, knobs[stage], manifest, progress)
+        try:
+            wall = _execute(study, stage, knobs[stage], manifest, progress)
+        except KeyboardInterrupt:
+            manifest.record(stage, status="interrupted")
+            error = RunError(f"interrupted during stage {stage}; what it wrote stays (a training keeps its last "
+                             f"checkpoint, an evaluation its prediction cache): run the same command again to "
+                             f"continue")
+            error.code = 130
+            raise error from None
         write_done(study, stage, digest, knobs[stage])
         manifest.record(stage, status="done", wall_s=wall, hash=digest)
         log(f"      done in {wall:.0f} s")
     manifest.finish(round(time.perf_counter() - total, 1))
-    return study
 
 
 def _check_paper_inputs(study: Study, stages: list[str]) -> None:
@@ -341,7 +423,7 @@ def _check_paper_inputs(study: Study, stages: list[str]) -> None:
     if not (study.base_dir / "model_index.json").is_file():
         missing.append(f"Stable Diffusion 2 weights: {study.base_dir}/model_index.json is missing (BASE_CKPT_DIR)")
     if missing:
-        raise RunError("the paper preset needs real data and weights:\n  " + "\n  ".join(missing)
+        raise BadInput("the paper preset needs real data and weights:\n  " + "\n  ".join(missing)
                        + f"\nsee {README_PAPER}")
 
 
@@ -369,7 +451,7 @@ def main(args) -> int:
                           force=args.force, progress=not args.quiet)
     except RunError as err:
         print(f"stablemtl run: {err}", file=sys.stderr)
-        return 1
+        return err.code
     print(f"\nfinished in {time.perf_counter() - start:.0f} s\n")
     print(summary(study))
     return 0

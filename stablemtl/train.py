@@ -74,6 +74,13 @@ class CheckpointMismatch(ValueError):
     """The checkpoint in a training folder was written by other settings; it is never continued."""
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a training folder can be read (each named with why); never silently restarted."""
+
+
+CHECKPOINT_FILES = ("state.json", "weights.safetensors", "optimizer.pt", "states.pt", "sampler.json")
+
+
 @dataclass
 class TrainConfig:
     """Every number of a training run; defaults are the release's (the ``paper`` preset)."""
@@ -408,39 +415,104 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return latest
 
-    def _checkpoint_dir(self) -> Path | None:
+    def _checkpoint_dirs(self) -> list[Path]:
+        """The checkpoints to resume from, best first: ``latest``, ``.latest.previous`` (a kill between the
+        two renames of a save leaves the last good one there), then the ``iter_*`` backups, newest first.
+        Only folders holding ``state.json`` (written last) count; ``*.corrupt`` ones are set aside."""
         root = self.out / "checkpoint"
-        for candidate in (root / "latest", root / ".latest.previous"):  # the latter: killed between renames
-            if (candidate / "state.json").is_file():
-                return candidate
-        return None
+        backups = sorted((p for p in root.glob("iter_*") if p.name[len("iter_"):].isdigit()),
+                         key=lambda p: int(p.name[len("iter_"):]), reverse=True)
+        return [p for p in (root / "latest", root / ".latest.previous", *backups) if (p / "state.json").is_file()]
 
-    def load_checkpoint(self) -> Path | None:
-        """Resume from ``checkpoint/latest`` when there is one; returns its path."""
+    def _checkpoint_dir(self) -> Path | None:
+        """The first checkpoint folder to try (``_checkpoint_dirs``), ``None`` when there is none."""
+        found = self._checkpoint_dirs()
+        return found[0] if found else None
+
+    @staticmethod
+    def _read_checkpoint(path: Path) -> dict:
+        """Every file of the checkpoint ``path``, read into memory before any is applied (so that a
+        corrupt file leaves the model as it was); a ``CheckpointError`` naming the file that fails."""
         from safetensors.torch import load_file
 
-        path = self._checkpoint_dir()
-        if path is None:
-            return None
-        saved = json.loads((path / "state.json").read_text()).get("identity")
+        readers = {"state.json": lambda f: json.loads(f.read_text()),
+                   "weights.safetensors": lambda f: load_file(str(f)),
+                   "optimizer.pt": lambda f: torch.load(f, weights_only=True),
+                   "states.pt": lambda f: torch.load(f, weights_only=True),
+                   "sampler.json": lambda f: json.loads(f.read_text())}
+        read = {}
+        for name in CHECKPOINT_FILES:
+            file = path / name
+            try:
+                read[name] = readers[name](file)
+            except Exception as err:  # noqa: BLE001 - json, safetensors, torch and zip each raise their own
+                raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+        for name, keys in (("state.json", ("step",)), ("states.pt", ("scheduler", "rng"))):
+            missing = [k for k in keys if not isinstance(read[name], dict) or k not in read[name]]
+            if missing:
+                raise CheckpointError(f"{path / name}: cannot be read (no {', '.join(missing)})")
+        return read
+
+    def load_checkpoint(self) -> Path | None:
+        """Resume from ``checkpoint/latest`` when there is one; returns its path.
+
+        A checkpoint with a file that cannot be read (truncated, corrupt) is set aside as
+        ``<name>.corrupt`` with a message naming the file, and the next one is used (``.latest.previous``,
+        then the newest ``iter_*`` backup). When checkpoints exist but none can be read, a
+        ``CheckpointError`` names each file and says how to train anew: a training never restarts
+        from scratch on its own while it has checkpoints."""
+        from stablemtl.data.formats import set_aside_corrupt
+
+        failures: list[tuple[Path, str]] = []
+        for path in self._checkpoint_dirs():
+            try:
+                self._apply_checkpoint(path, self._read_checkpoint(path))
+            except CheckpointError as err:
+                failures.append((path, str(err)))
+                continue
+            for bad, why in failures:  # set aside only once a good one is found: never a silent restart
+                if self.accelerator.is_main_process:
+                    set_aside_corrupt(bad, why.removeprefix(f"{bad}/"), then=f"resuming from {path} instead",
+                                      log=lambda m: print(m, flush=True))
+            return path
+        if failures:
+            raise CheckpointError(
+                f"{self.out}: no checkpoint can be read: " + "; ".join(why for _, why in failures) + ". To train "
+                f"from scratch, move or delete {self.out / 'checkpoint'} (or give another output_dir) and run again")
+        return None
+
+    def _apply_checkpoint(self, path: Path, read: dict) -> None:
+        """Load a checkpoint's files (``_read_checkpoint``) into the model, optimizer, schedule and sampler;
+        a file whose content does not fit (a ``CheckpointError`` naming it) may leave some of them loaded:
+        the next checkpoint tried loads every one of them again."""
+        saved = read["state.json"].get("identity")
         if saved is not None and saved != self.identity:
             changed = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
             raise CheckpointMismatch(f"{path} was written by a different training ({', '.join(changed)} changed) and "
                                      f"is not resumed; move or delete {self.out} to train anew, or give another "
                                      f"output_dir")
-        state = load_file(str(path / "weights.safetensors"))
-        unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        self.model.unet.load_state_dict(unet, strict=True)
-        if hasattr(self.model, "task_attention"):
-            ta = {k[len("task_attention."):]: v for k, v in state.items() if k.startswith("task_attention.")}
-            self.model.task_attention.load_state_dict(ta, strict=True)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        states = torch.load(path / "states.pt", weights_only=True)
-        self.scheduler.load_state_dict(states["scheduler"])
-        torch.set_rng_state(states["rng"])
-        self.sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
-        self.step = json.loads((path / "state.json").read_text())["step"]
-        return path
+        state = read["weights.safetensors"]
+
+        def weights():
+            unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+            self.model.unet.load_state_dict(unet, strict=True)
+            if hasattr(self.model, "task_attention"):
+                ta = {k[len("task_attention."):]: v for k, v in state.items() if k.startswith("task_attention.")}
+                self.model.task_attention.load_state_dict(ta, strict=True)
+
+        def states():
+            self.scheduler.load_state_dict(read["states.pt"]["scheduler"])
+            torch.set_rng_state(read["states.pt"]["rng"])
+
+        for name, apply in (("weights.safetensors", weights), ("optimizer.pt", lambda: self.optimizer.load_state_dict(
+                read["optimizer.pt"])), ("states.pt", states), ("sampler.json", lambda: self.sampler.load_state_dict(
+                read["sampler.json"]))):
+            try:
+                apply()
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+                raise CheckpointError(f"{path / name}: does not fit this training ({type(err).__name__}: "
+                                      f"{str(err)[:200]})") from None
+        self.step = int(read["state.json"]["step"])
 
     # ----------------------------------------------------------------- training
     def _encode_cached(self, images: torch.Tensor, keys: list | None) -> torch.Tensor:
@@ -644,14 +716,50 @@ def train_config(study: Study, kind: str, **overrides) -> TrainConfig:
     return preset_config(study.preset, kind, **values)
 
 
+def is_training_folder(folder: Path) -> bool:
+    """An earlier kit training folder without a ``.stablemtl`` marker: a checkpoint and a log, or a model."""
+    return ((folder / "checkpoint").is_dir() and (folder / "train_log.csv").is_file()) or \
+        (folder / "model" / "stablemtl_model.json").is_file()
+
+
+def _older(folder: Path) -> list[Path]:
+    """The generations set aside before ``<folder>.previous`` and kept until a new first checkpoint."""
+    return sorted(folder.parent.glob(f"{folder.name}.previous.older*"))
+
+
+def drop_older_when_checkpointed(folder) -> list[Path]:
+    """Delete the older generations (``<folder>.previous.older*``, the kit's only) once ``folder`` holds a
+    checkpoint of its own; returns what was deleted."""
+    from stablemtl.guard import is_own
+
+    folder = Path(folder)
+    if not (folder / "checkpoint" / "latest" / "state.json").is_file():
+        return []
+    gone = [p for p in _older(folder) if is_own(p) or is_training_folder(p)]
+    for path in gone:
+        shutil.rmtree(path)
+    return gone
+
+
 def set_aside(folder) -> Path | None:
-    """Move a training folder to ``<folder>.previous`` (replacing an older one), so that a new training
-    starts from scratch; returns the new place, or ``None`` when there was nothing."""
+    """Move a training folder to ``<folder>.previous`` so that a new training starts from scratch; returns
+    the new place, or ``None`` when there was nothing. Nothing is deleted here: an earlier ``.previous``
+    becomes ``.previous.older`` and stays until the new training has written its first checkpoint
+    (``drop_older_when_checkpointed``). Folders the kit did not write are refused (``InputError``)."""
+    from stablemtl.guard import claim
+
     folder = Path(folder)
     if not folder.exists():
         return None
+    claim(folder, "training", is_training_folder)
+    drop_older_when_checkpointed(folder)  # a training killed after its first checkpoint
     previous = folder.with_name(folder.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
+    if previous.exists():
+        claim(previous, "training", is_training_folder)
+        older, n = folder.with_name(folder.name + ".previous.older"), 1
+        while older.exists():
+            older, n = folder.with_name(f"{folder.name}.previous.older-{n}"), n + 1
+        previous.rename(older)
     folder.rename(previous)
     return previous
 
@@ -661,35 +769,53 @@ def train_stage(study: Study, kind: str, progress: bool = True, **overrides) -> 
 
     A training folder is continued only when it holds an unfinished training of the same settings
     (it resumes from its last checkpoint); one that finished (it has ``model/``) or whose checkpoint
-    has other settings is moved to ``<kind>.previous`` (one generation is kept) and training starts
-    from scratch. With several GPUs the run goes through ``accelerate launch``.
+    has other settings is moved to ``<kind>.previous`` and training starts from scratch; the generation
+    before it is deleted only once the new training has written its first checkpoint. The folder
+    carries the kit's marker; a foreign non-empty one is refused. Ctrl-C stops with the last checkpoint
+    kept (rerun to resume). With several GPUs the run goes through ``accelerate launch``.
     """
     import subprocess
     import sys
 
+    from stablemtl.guard import claim
+
     require(study, "01", "02", *(["03"] if kind == "multi_stream" else []))
     config = train_config(study, kind, **overrides)
-    out = Path(config.output_dir)
+    out = claim(config.output_dir, "training", is_training_folder)
+    drop_older_when_checkpointed(out)
     if (out / "model").exists():
         print(f"{out} holds a finished training; moved to {set_aside(out)}", flush=True)
+        claim(out, "training")
     gpus = torch.cuda.device_count()
     if gpus > 1:
         config.validate(gpus)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
                "-m", "stablemtl.train", "--config", str(out / "config.json")]
         print("launching:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+        drop_older_when_checkpointed(out)
         return out / "model"
     try:
         trainer = Trainer(config, progress=progress)
     except CheckpointMismatch as err:
         print(f"{err.args[0].split(' and ')[0]}; moved to {set_aside(out)}", flush=True)
+        claim(out, "training")
         trainer = Trainer(config, progress=progress)
     if trainer.resumed_from:
         print(f"resuming from {trainer.resumed_from} at step {trainer.step}", flush=True)
-    trainer.train()
+    try:
+        if _older(out) and trainer.resumed_from is None:  # to the first checkpoint, then drop the older ones
+            every = config.checkpoint_every
+            trainer.train(until=min(config.iterations, (trainer.step // every + 1) * every if every else
+                                    config.iterations))
+            drop_older_when_checkpointed(out)
+        trainer.train()
+    except KeyboardInterrupt:
+        last = trainer._checkpoint_dir()
+        print(f"interrupted at step {trainer.step}; the last checkpoint is kept ({last or 'none written yet'}); "
+              f"run the stage again to resume from it", flush=True)
+        raise
     return trainer.save_model()
 
 

@@ -14,6 +14,13 @@ interrupted run never leaves a half-written file under the final name.
 
 A missing file raises ``FileNotFoundError``; a corrupt, truncated or
 mis-typed file raises ``FormatError`` naming the file and what was expected.
+Decoders that would return partial data without a word are checked first:
+a JPEG must end with its EOI marker and a PNG with its IEND chunk (OpenCV
+fills a truncated image with grey and says nothing), and a fixed-size binary
+file (``.flo``, PFM) must hold exactly the bytes its header announces (a
+``.flo`` written with a float64 body is twice as long and would decode as noise).
+``set_aside_corrupt`` renames a kit-written file that cannot be read (a cache
+entry, a state file) so that the next run recomputes it instead of failing again.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ class FormatError(ValueError):
 
 # --------------------------------------------------------------------------- plumbing
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's file-creation mask
+
+
 def _atomic_write(path, write) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file to ``path``."""
     path = Path(path)
@@ -42,6 +53,7 @@ def _atomic_write(path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600, else: a file as open() would create it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,6 +76,51 @@ def _exists(path) -> Path:
     return path
 
 
+def set_aside_corrupt(path, reason: str, then: str = "recomputing it", log=print) -> Path:
+    """Rename the unreadable kit-written file or folder ``path`` to ``<name>.corrupt`` (``.corrupt.2``, ...
+    when taken), say so (and ``then``, what happens instead) through ``log``; returns the new place."""
+    path = Path(path)
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt.{n}")
+    os.replace(path, target)
+    log(f"{path}: cannot be read ({reason}); set aside as {target.name}, {then}")
+    return target
+
+
+# the last bytes of a complete file: JPEG's EOI marker, PNG's IEND chunk (its CRC is fixed)
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def incomplete(path) -> str | None:
+    """Why the JPEG or PNG ``path`` is truncated (its decoders would return partial data), ``None`` when
+    it is complete or of another type: a JPEG must have its EOI marker after its last start of scan
+    (data appended after the image, as phones' motion photos do, is allowed), a PNG must hold its
+    IEND chunk."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, size - 4096))
+        tail = f.read()
+    if head.startswith(_JPEG_START) and not tail.rstrip(b"\x00 \t\r\n").endswith(_JPEG_END):
+        data = path.read_bytes()  # not at the very end: is the EOI after the last scan (a trailer follows)?
+        if data.find(_JPEG_END, max(0, data.rfind(b"\xff\xda"))) < 0:
+            return f"truncated JPEG: {size} bytes without the end-of-image marker FF D9 after its last scan"
+    if head.startswith(_PNG_START) and _PNG_END not in tail:
+        return f"truncated PNG: {size} bytes without the IEND chunk at the end"
+    return None
+
+
+def check_complete(path) -> None:
+    """Raise ``FormatError`` naming ``path`` when it is a truncated JPEG or PNG (``incomplete``)."""
+    reason = incomplete(path)
+    if reason is not None:
+        raise FormatError(f"{path}: {reason}; the file is incomplete: copy or download it again")
+
+
 def _depth_name(dtype) -> str:
     return {np.dtype(np.uint8): "8-bit", np.dtype(np.uint16): "16-bit"}.get(np.dtype(dtype), str(dtype))
 
@@ -73,6 +130,10 @@ def _read_png(path, dtype, channels: int, what: str) -> np.ndarray:
     import cv2
 
     path = _exists(path)
+    reason = incomplete(path)
+    if reason is not None:
+        raise FormatError(f"{path}: cannot decode the image ({reason}); expected {what}: copy or download "
+                          f"the file again")
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise FormatError(f"{path}: cannot decode the image (corrupt or truncated?); expected {what}")
@@ -173,8 +234,10 @@ def read_pfm(path) -> np.ndarray:
     width, height, scale = int(width), int(height), float(scale)
     count = width * height * channels
     body = data[header.end():]
-    if len(body) < 4 * count:
-        raise FormatError(f"{path}: truncated PFM: {width}x{height}x{channels} floats need {4 * count} bytes, found {len(body)}")
+    if len(body) != 4 * count:
+        what = "truncated PFM" if len(body) < 4 * count else "PFM longer than its header says"
+        raise FormatError(f"{path}: {what}: {width}x{height}x{channels} floats need {4 * count} bytes after "
+                          f"the header (4 per float32), found {len(body)}")
     dtype = "<f4" if scale < 0 else ">f4"
     img = np.frombuffer(body, dtype=dtype, count=count).reshape(height, width, channels)
     img = np.flipud(img).astype(np.float32)
@@ -204,9 +267,12 @@ def read_flo(path) -> np.ndarray:
         raise FormatError(f"{path}: not a .flo file (expected the magic bytes 'PIEH')")
     width, height = (int(v) for v in np.frombuffer(data[4:12], "<i4"))
     need = 12 + 8 * width * height
-    if width <= 0 or height <= 0 or len(data) < need:
-        raise FormatError(f"{path}: truncated .flo: a {width}x{height} flow needs {need} bytes, found {len(data)}")
-    return np.frombuffer(data[12:need], "<f4").reshape(height, width, 2).copy()
+    if width <= 0 or height <= 0 or len(data) != need:
+        what = "truncated .flo" if len(data) < need else ".flo longer than its header says"
+        hint = " (a float64 body? .flo holds float32)" if len(data) == 12 + 16 * width * height else ""
+        raise FormatError(f"{path}: {what}: a {width}x{height} flow needs {need} bytes, found {len(data)} "
+                          f"(12 + 4*2*{width}*{height} expected){hint}")
+    return np.frombuffer(data[12:], "<f4").reshape(height, width, 2).copy()
 
 
 def write_flo(path, flow) -> Path:

@@ -28,6 +28,7 @@ import numpy as np
 from stablemtl.data import formats, synthetic
 from stablemtl.data.sources import HYPERSIM_LISTS, META_FILE, SOURCES
 from stablemtl.data.splits import VKITTI_SCENES, VKITTI_VARIATIONS
+from stablemtl.guard import claim, die_with_parent
 from stablemtl.metrics import IGNORE_INDEX
 
 WORLD_VERSION = 4  # bump when the renderer or a writer changes what is written
@@ -250,6 +251,17 @@ def _params(dataset: str, spec: dict, seed: int) -> dict:
     return {"dataset": dataset, "spec": spec, "seed": seed, "world_version": WORLD_VERSION}
 
 
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """The render processes; each dies with this process (``guard.die_with_parent``): a SIGKILLed run
+    leaves no orphans."""
+    return ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def is_mini_root(root: Path) -> bool:
+    """An earlier kit data root without a ``.stablemtl`` marker: it holds the kit's mini-dataset meta files."""
+    return any((Path(root) / cls.root_hint / META_FILE).is_file() for cls in SOURCES.values())
+
+
 def write_mini_dataset(root, dataset: str, spec: dict, seed: int = 2024, workers: int | None = None,
                        progress: bool = True) -> Path:
     """Write one mini dataset under ``root``, replacing an earlier miniature there; returns its directory.
@@ -273,7 +285,7 @@ def write_mini_dataset(root, dataset: str, spec: dict, seed: int = 2024, workers
     samples = {}
     try:
         if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            with worker_pool(workers) as pool:
                 results = []
                 for result in pool.map(_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))):
                     results.append(result)
@@ -303,7 +315,8 @@ def write_mini_dataset(root, dataset: str, spec: dict, seed: int = 2024, workers
 
 def write_mini_datasets(root, preset="demo", datasets=None, workers: int | None = None,
                         progress: bool = True) -> dict[str, Path]:
-    """Write every mini dataset of ``preset`` under ``root``; returns name -> directory."""
+    """Write every mini dataset of ``preset`` under ``root``; returns name -> directory. ``root`` carries
+    the kit's marker; a non-empty folder of other files is refused (``stablemtl.guard.InputError``)."""
     from stablemtl.presets import load_preset
 
     config = load_preset(preset)
@@ -313,6 +326,7 @@ def write_mini_datasets(root, preset="demo", datasets=None, workers: int | None 
     unknown = set(datasets or []) - set(specs)
     if unknown:
         raise ValueError(f"datasets {sorted(unknown)} are not in preset {config.get('name', preset)!r}; it has {list(specs)}")
+    claim(root, "data", is_mini_root)  # a folder of other files is refused before anything is written
     out = {}
     start = time.perf_counter()
     for dataset, spec in specs.items():

@@ -23,6 +23,8 @@ on, never what the workers prefetched.
 from __future__ import annotations
 
 import copy
+import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,12 +177,17 @@ class _CollateMicroBatch:
         return mb, self.collate([sample for _, sample in items], mb.task)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _seed_worker(worker_id: int, parent: int | None = None) -> None:
     """Each worker's RNGs from the loader's seeded generator (the sources draw no global randomness;
-    this only makes any stray draw reproducible)."""
+    this only makes any stray draw reproducible); the worker dies with ``parent`` (the trainer's process),
+    so a SIGKILLed training leaves no orphans."""
     import random
 
     import torch
+
+    from stablemtl.guard import die_with_parent
+
+    die_with_parent(parent)
 
     seed = torch.utils.data.get_worker_info().seed  # base seed (from the loader's generator) + worker id
     random.seed(seed)
@@ -198,6 +205,7 @@ def micro_batch_loader(sampler: TaskMixingSampler, sources: dict, collate, num_w
     generator = torch.Generator().manual_seed(sampler.seed * 1_000_003 + sampler.position)
     return torch.utils.data.DataLoader(
         MicroBatchDataset(sources), batch_sampler=MicroBatchSampler(sampler, limit), num_workers=num_workers,
-        collate_fn=_CollateMicroBatch(collate), pin_memory=pin_memory, worker_init_fn=_seed_worker,
+        collate_fn=_CollateMicroBatch(collate), pin_memory=pin_memory,
+        worker_init_fn=functools.partial(_seed_worker, parent=os.getpid()),
         generator=generator, prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=False)

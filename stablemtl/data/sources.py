@@ -138,12 +138,34 @@ class Source(Dataset):
         return [self.root / "data_split" / name, REPO_SPLITS / self.name / name]
 
     def _split_lines(self, split: str, file: str | None = None) -> list[list[str]]:
+        """The entries (columns) of a split list, blank and ``#`` lines left out. A file listed twice
+        (the same first column on two lines) is a ``FormatError`` naming the list and both line
+        numbers: it would weight that image several times. Records each entry's line number."""
         candidates = self.split_paths(split, file)
         for path in candidates:
             if path.is_file():
                 self.split_file = path
-                lines = [line.split() for line in path.read_text().splitlines()]
-                return [line for line in lines if line and not line[0].startswith("#")]
+                try:
+                    text = path.read_text()
+                except UnicodeDecodeError as err:
+                    raise formats.FormatError(f"{path}: not a text split list ({err})") from None
+                entries, seen = [], {}
+                for number, raw in enumerate(text.splitlines(), 1):
+                    line = raw.split()
+                    if not line or line[0].startswith("#"):
+                        continue
+                    if line[0] in seen:
+                        raise formats.FormatError(
+                            f"{path}: lines {seen[line[0]]} and {number} both list {line[0]!r}; a split list "
+                            f"names each file once (remove line {number}, or rebuild the list with "
+                            f"stablemtl.data.splits.build_split('{self.name}', root))")
+                    seen[line[0]] = number
+                    entries.append(line)
+                if not hasattr(self, "line_of"):
+                    self.line_of = {}
+                for line in entries:  # the first list an entry came from names it in messages
+                    self.line_of.setdefault(line[0], (path, seen[line[0]]))
+                return entries
         raise DatasetLayoutError(
             f"{type(self).__name__}: no split list {split!r}; looked for "
             + ", ".join(str(p) for p in candidates)
@@ -186,9 +208,9 @@ class Source(Dataset):
         entry = self.entries[index]
         try:
             raw = self._load(entry)
+            self._check_sizes(raw)
         except (FileNotFoundError, formats.FormatError) as err:
-            raise type(err)(f"{type(self).__name__} sample {index} (split line {' '.join(entry)!r} "
-                            f"in {getattr(self, 'split_file', '?')}): {err}") from None
+            raise type(err)(f"{type(self).__name__} sample {index} ({self._where(entry)}): {err}") from None
         sample = self._to_tensors(raw)
         sample["flip"] = (False, False)  # (horizontal, vertical), set by the augmentation
         sample["crop"] = None  # (top, left) of a training crop, set by the augmentation
@@ -203,6 +225,34 @@ class Source(Dataset):
         sample.update(dataset=self.name, id=entry[0], index=index,
                       depth_range=tuple(float(v) for v in self.depth_range))
         return sample
+
+    def _where(self, entry: tuple[str, ...]) -> str:
+        """``line N of <list>: '<line>'`` for an entry (the split line it came from), for messages."""
+        path, number = getattr(self, "line_of", {}).get(entry[0], (getattr(self, "split_file", "?"), "?"))
+        return f"line {number} of {path}: {' '.join(entry)!r}"
+
+    def _check_sizes(self, raw: dict) -> None:
+        """Every raster of a loaded sample must have the image's size: a label of another size would be
+        resized without a word. ``raw["files"]`` (``{key: relative path}``) names the files; a source
+        whose annotations are stored at another scale declares it in ``geometry["annotation_scale"]``
+        (``{task: factor}``, annotation size = image size x factor), and that relation is then required."""
+        files = raw.pop("files", {})
+        h, w = np.shape(raw["rgb"])[:2]
+        scales = self.geometry.get("annotation_scale", {})
+        for key in ("rgb_next", *self.tasks, *(f"{t}_valid" for t in self.tasks)):
+            if key not in raw:
+                continue
+            factor = scales.get(key.removesuffix("_valid"), 1) if key != "rgb_next" else 1
+            want = (round(h * factor), round(w * factor))
+            have = tuple(np.shape(raw[key])[:2])
+            if have != want:
+                label = self.path(files[key]) if key in files else f"the {key} annotation"
+                relation = f" (declared scale {factor})" if factor != 1 else ""
+                raise formats.FormatError(
+                    f"{label} is {have[0]}x{have[1]} but its image {self.path(files.get('rgb', '?'))} is "
+                    f"{h}x{w}{relation}; the {self.name} layout has them the same size. A stale or "
+                    f"resized copy? If the dataset stores its annotations at another scale, declare it in "
+                    f"{self.root / META_FILE} as geometry.annotation_scale")
 
     def _encode_targets(self, sample: dict) -> None:
         """Replace each task's annotation by its target ``<task>_target`` (and the target's mask)."""
@@ -266,6 +316,14 @@ class Source(Dataset):
         return self.augment and self.jitter is not None and any(t in self.jitter_tasks for t in self.tasks)
 
     # helpers for subclasses
+    def _same_size(self, file_a: str, a: np.ndarray, file_b: str, b: np.ndarray) -> None:
+        """Two rasters combined pixel by pixel (a map and its mask) must have one size; else a
+        ``FormatError`` naming both files and sizes (numpy would broadcast or fail without names)."""
+        if np.shape(a)[:2] != np.shape(b)[:2]:
+            (ha, wa), (hb, wb) = np.shape(a)[:2], np.shape(b)[:2]
+            raise formats.FormatError(f"{self.path(file_a)} is {ha}x{wa} but {self.path(file_b)} is {hb}x{wb}; "
+                                      f"the {self.name} layout has them the same size (a stale or resized copy?)")
+
     def _rgb(self, relative: str) -> np.ndarray:
         return formats.read_rgb(self.path(relative)).astype(np.float32) / 255.0
 
@@ -335,18 +393,25 @@ class Hypersim(Source):
         h, w = out["rgb"].shape[:2]
         folder, file = rgb_path.rsplit("/", 1) if "/" in rgb_path else ("", rgb_path)
         sibling = lambda prefix: f"{folder}/{file.replace('rgb_', prefix + '_', 1)}".lstrip("/")  # noqa: E731
+        files = out["files"] = {"rgb": rgb_path}
         if "depth" in self.tasks:
             d = formats.read_hypersim_depth(self.path(entry[1]))
             out["depth"], out["depth_valid"] = d, self._depth_valid(d)
+            files["depth"] = files["depth_valid"] = entry[1]
         if "normal" in self.tasks:
             n = formats.read_normal_npy(self.path(entry[2]))
-            out["normal"], out["normal_valid"] = self._oriented(n, formats.read_mask_npy(self.path(entry[4])))
+            mask = formats.read_mask_npy(self.path(entry[4]))
+            self._same_size(entry[2], n, entry[4], mask)
+            out["normal"], out["normal_valid"] = self._oriented(n, mask)
+            files["normal"], files["normal_valid"] = entry[2], entry[4]
         if "albedo" in self.tasks or "shading" in self.tasks:
             albedo = formats.read_rgb(self.path(sibling("albedo"))).astype(np.float32) / 255.0
             out["albedo"], out["albedo_valid"] = albedo, _albedo_valid(albedo)
+            files["albedo"] = files["albedo_valid"] = files["shading_valid"] = sibling("albedo")
             if "shading" in self.tasks:
                 out["shading"] = formats.read_rgb(self.path(sibling("shading"))).astype(np.float32) / 255.0
                 out["shading_valid"] = out["albedo_valid"]
+                files["shading"] = sibling("shading")
         f = self.geometry["focal"] * w / self.geometry["size"][1]
         out["K"] = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]])
         return out
@@ -421,16 +486,24 @@ class VirtualKITTI2(Source):
     def _load(self, entry):
         rgb_path = entry[0]
         out = {"rgb": self._rgb(rgb_path)}
+        files = out["files"] = {"rgb": rgb_path}
+        for task in self.tasks:
+            files[task] = files[f"{task}_valid"] = self.annotation_path(rgb_path, task)
         if self.needs_next_frame():
-            out["rgb_next"] = self._rgb(self.annotation_path(rgb_path, "rgb", 1))
+            files["rgb_next"] = self.annotation_path(rgb_path, "rgb", 1)
+            out["rgb_next"] = self._rgb(files["rgb_next"])
+            files["scene_flow_valid"] = self.annotation_path(rgb_path, "optical_flow")
         if "depth" in self.tasks or "normal" in self.tasks:
-            depth = formats.read_vkitti_depth(self.path(self.annotation_path(rgb_path, "depth")))
+            depth_file = self.annotation_path(rgb_path, "depth")
+            depth = formats.read_vkitti_depth(self.path(depth_file))
             depth_valid = self._depth_valid(depth)
             if "depth" in self.tasks:  # raw: the sky keeps 655.35 m (its target is +1, as the release's)
                 out["depth"], out["depth_valid"] = depth, depth_valid
             if "normal" in self.tasks:
-                n = formats.read_normal_npy(self.path(self.annotation_path(rgb_path, "normal")))
+                n = formats.read_normal_npy(self.path(files["normal"]))
+                self._same_size(files["normal"], n, depth_file, depth)
                 out["normal"], out["normal_valid"] = self._oriented(n, depth_valid)
+                files["normal_valid"] = depth_file
         if "semantic" in self.tasks:
             labels = formats.read_vkitti_semantic(self.path(self.annotation_path(rgb_path, "semantic")))
             out["semantic"], out["semantic_valid"] = labels, labels != IGNORE_INDEX
@@ -475,14 +548,19 @@ class FlyingThings3D(Source):
         number = int(Path(file).stem)
         image = lambda n: f"{folder}/image_clean/{n:07d}.png"  # noqa: E731
         rgb, rgb_next = self._rgb(image(number)), self._rgb(image(number + 1))
+        self._same_size(image(number + 1), rgb_next, image(number), rgb)
         h, w = rgb.shape[:2]
         top, left = transforms.center_crop(h, w, self.geometry["crop"])
         ch, cw = self.geometry["crop"]
         crop = lambda a: a[top:top + ch, left:left + cw]  # noqa: E731
         out = {"rgb": crop(rgb), "rgb_next": crop(rgb_next)}
+        out["files"] = {"rgb": image(number), "rgb_next": image(number + 1), "optical_flow": flow_path,
+                        "optical_flow_valid": flow_path, "scene_flow": f"{folder}/flow_3d/{number:07d}.npy",
+                        "scene_flow_valid": f"{folder}/pc/{number:07d}.npz"}
         g = self.geometry
         if "optical_flow" in self.tasks:
             flow, valid = formats.read_kitti_flow(self.path(flow_path))
+            self._same_size(flow_path, flow, image(number), rgb)
             out["optical_flow"], out["optical_flow_valid"] = crop(flow), crop(valid)
         if "scene_flow" in self.tasks:
             pc1 = formats.read_npz(self.path(f"{folder}/pc/{number:07d}.npz"), "pc1").reshape(-1, 3)
@@ -526,8 +604,10 @@ class Cityscapes(Source):
         return rgb_path.replace("leftImg8bit/", "gtFine/", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png")
 
     def _load(self, entry):
-        labels = formats.read_cityscapes_labels(self.path(self.label_path(entry[0])))
-        return {"rgb": self._rgb(entry[0]), "semantic": labels, "semantic_valid": labels != IGNORE_INDEX}
+        label = self.label_path(entry[0])
+        labels = formats.read_cityscapes_labels(self.path(label))
+        return {"rgb": self._rgb(entry[0]), "semantic": labels, "semantic_valid": labels != IGNORE_INDEX,
+                "files": {"rgb": entry[0], "semantic": label, "semantic_valid": label}}
 
     def _resize(self, sample: dict, size: tuple[int, int]) -> dict:
         h, w = sample["rgb"].shape[-2:]
@@ -564,8 +644,7 @@ class KittiDepth(Source):
     def _load(self, entry):
         rgb = self._rgb(entry[0])
         depth = formats.read_kitti_depth(self.path(entry[1]))
-        if depth.shape != rgb.shape[:2]:
-            raise formats.FormatError(f"depth {depth.shape} and image {rgb.shape[:2]} sizes differ")
+        self._same_size(entry[1], depth, entry[0], rgb)
         crop_size = tuple(self.geometry["kb_crop"])
         top, left = transforms.kb_crop(*depth.shape, crop_size)
         ch, cw = crop_size
@@ -573,7 +652,8 @@ class KittiDepth(Source):
         if self.eigen_crop:
             valid &= eigen_crop_mask(*depth.shape, crop_size)
         rgb, depth = rgb[top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
-        out = {"rgb": rgb, "depth": depth, "depth_valid": valid}
+        out = {"rgb": rgb, "depth": depth, "depth_valid": valid,
+               "files": {"rgb": entry[0], "depth": entry[1], "depth_valid": entry[1]}}
         if len(entry) >= 3:
             f = float(entry[2])
             out["K"] = np.array([[f, 0, np.nan], [0, f, np.nan], [0, 0, 1]])
@@ -604,6 +684,8 @@ class KittiFlow(Source):
         rgb_path = flow_path.replace("flow_occ/", "image_2/", 1)
         rgb, rgb_next = self._rgb(rgb_path), self._rgb(rgb_path.replace("_10.", "_11."))
         flow, flow_valid = formats.read_kitti_flow(self.path(flow_path))
+        self._same_size(flow_path, flow, rgb_path, rgb)
+        self._same_size(rgb_path.replace("_10.", "_11."), rgb_next, rgb_path, rgb)
         h, w = flow.shape[:2]
         top, left = transforms.kb_crop(h, w, self.geometry["kb_crop"])
         ch, cw = self.geometry["kb_crop"]
@@ -614,12 +696,17 @@ class KittiFlow(Source):
             raise formats.FormatError(f"{self.path(calib_path)}: no P_rect_02 line")
         P = np.asarray(calib["P_rect_02"], dtype=np.float32).reshape(3, 4)
         f, cx, cy = P[0, 0], P[0, 2], P[1, 2]
-        out = {"rgb": crop(rgb), "rgb_next": crop(rgb_next)}
+        out = {"rgb": crop(rgb), "rgb_next": crop(rgb_next),
+               "files": {"rgb": rgb_path, "rgb_next": rgb_path.replace("_10.", "_11."), "optical_flow": flow_path,
+                         "optical_flow_valid": flow_path, "scene_flow": flow_path, "scene_flow_valid": flow_path}}
         if "optical_flow" in self.tasks:
             out["optical_flow"], out["optical_flow_valid"] = crop(flow), crop(flow_valid)
         if "scene_flow" in self.tasks:
-            d0, v0 = formats.read_kitti_disparity(self.path(flow_path.replace("flow_occ/", "disp_occ_0/", 1)))
-            d1, v1 = formats.read_kitti_disparity(self.path(flow_path.replace("flow_occ/", "disp_occ_1/", 1)))
+            disp0, disp1 = (flow_path.replace("flow_occ/", f"disp_occ_{k}/", 1) for k in (0, 1))
+            d0, v0 = formats.read_kitti_disparity(self.path(disp0))
+            d1, v1 = formats.read_kitti_disparity(self.path(disp1))
+            self._same_size(disp0, d0, flow_path, flow)
+            self._same_size(disp1, d1, flow_path, flow)
             valid = v0 & v1 & flow_valid
             fb = np.float32(self.geometry["baseline"]) * f
             vv, uu = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -651,11 +738,16 @@ class DIODE(Source):
         if len(entry) != 3:
             raise formats.FormatError(f"expected 3 columns (rgb depth.npy depth_mask.npy), got {len(entry)}")
         out = {"rgb": self._rgb(entry[0])}
+        normal_file = entry[1].replace("_depth.npy", "_normal.npy")
+        out["files"] = {"rgb": entry[0], "depth": entry[1], "depth_valid": entry[2], "normal": normal_file,
+                        "normal_valid": normal_file}
         if "depth" in self.tasks:
             out["depth"] = formats.read_diode_depth(self.path(entry[1]))
-            out["depth_valid"] = formats.read_diode_mask(self.path(entry[2])) & np.isfinite(out["depth"])
+            mask = formats.read_diode_mask(self.path(entry[2]))
+            self._same_size(entry[2], mask, entry[1], out["depth"])
+            out["depth_valid"] = mask & np.isfinite(out["depth"])
         if "normal" in self.tasks:
-            n, valid = formats.read_diode_normal(self.path(entry[1].replace("_depth.npy", "_normal.npy")))
+            n, valid = formats.read_diode_normal(self.path(normal_file))
             out["normal"], out["normal_valid"] = self._oriented(n, valid)
         return out
 
@@ -675,6 +767,8 @@ class MIDIntrinsics(Source):
         albedo = self._rgb(f"{stem}_albedo.jpg")
         valid = _albedo_valid(albedo)
         out = {"rgb": self._rgb(entry[0])}
+        out["files"] = {"rgb": entry[0], "albedo": f"{stem}_albedo.jpg", "albedo_valid": f"{stem}_albedo.jpg",
+                        "shading": f"{stem}_shading.jpg", "shading_valid": f"{stem}_albedo.jpg"}
         if "albedo" in self.tasks:
             out["albedo"], out["albedo_valid"] = albedo, valid
         if "shading" in self.tasks:

@@ -450,14 +450,31 @@ def make_tiny_base(cfg: dict, seed: int, progress: bool = True) -> tuple[Base, d
     return base, info
 
 
+def is_built_base(folder: Path) -> bool:
+    """An earlier kit base folder without a ``.stablemtl`` marker: the kit's ``model_index.json`` and
+    build report, or only the SD2-layout components (a partial build)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file() and (folder / BUILD_FILE).is_file():
+        return True
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return bool(names) and names <= set(COMPONENTS) | {"model_index.json", BUILD_FILE, "done.json"}
+
+
 def save_base(base: Base, out_dir, info: dict | None = None) -> Path:
-    """Write ``base`` in the Stable-Diffusion-2 layout, atomically (a partial folder renamed into place)."""
+    """Write ``base`` in the Stable-Diffusion-2 layout, atomically (a partial folder renamed into place).
+    ``out_dir`` is replaced only when it is the kit's (marked, or an earlier build: ``is_built_base``);
+    a non-empty folder of other files is refused (``stablemtl.guard.InputError``)."""
     import shutil
 
+    from stablemtl.guard import claim, is_own
+
     out_dir = Path(out_dir)
+    if out_dir.exists():
+        claim(out_dir, "base", is_built_base)  # refuses a foreign folder before any work is lost
     tmp = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if tmp.exists() and (is_own(tmp) or is_built_base(tmp)):  # left by a killed build
+        shutil.rmtree(tmp)
+    claim(tmp, "base")  # the marker goes in first: the built folder is the kit's
     base.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     base.vae.save_pretrained(tmp / "vae", safe_serialization=True)
     base.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -484,6 +501,10 @@ def build_tiny_base(out_dir, preset="demo", progress: bool = True) -> Path:
         raise ValueError(f"preset {config.get('name', preset)!r} has no model.base section")
     seed = int(config.get("seed", 2024))
     out_dir = Path(out_dir)
+    if out_dir.exists():  # a folder of other files: refused now, not after the build
+        from stablemtl.guard import claim
+
+        claim(out_dir, "base", is_built_base)
     params = {"base": cfg, "seed": seed, "version": BUILD_VERSION}
     base, info = make_tiny_base(cfg, seed, progress)
     save_base(base, out_dir, {"params": params, **info})

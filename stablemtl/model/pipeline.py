@@ -264,6 +264,10 @@ class StableMTLPipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------- prediction
     def _check(self, images, what: str) -> torch.Tensor:
+        """``images`` as ``[B, 3, H, W]`` on the pipeline's device and dtype, or an error naming the
+        argument and the bad shape or value: a NaN or inf pixel would make every prediction NaN, an
+        empty or channels-last tensor would fail deep inside the VAE, values outside [0, 1] would be
+        predicted from a wrongly scaled image."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"{what}: expected a torch tensor [B, 3, H, W] in [0, 1], got {type(images).__name__}")
         if not images.is_floating_point():
@@ -271,7 +275,18 @@ class StableMTLPipeline(DiffusionPipeline):
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{what}: expected [B, 3, H, W] RGB (3 channels), got shape {tuple(images.shape)}")
+            hint = (" (channels last? use images.permute(0, 3, 1, 2))"
+                    if images.ndim == 4 and images.shape[-1] == 3 else "")
+            raise ValueError(f"{what}: expected [B, 3, H, W] RGB (3 channels), got shape {tuple(images.shape)}{hint}")
+        if images.numel() == 0:
+            raise ValueError(f"{what}: empty tensor of shape {tuple(images.shape)}; expected at least one "
+                             f"image of at least one pixel")
+        finite = torch.isfinite(images)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"{what}: {int((~finite).sum())} non-finite value(s) (NaN or inf), the first "
+                             f"{float(images[tuple(bad)])} at [batch {bad[0]}, channel {bad[1]}, y {bad[2]}, "
+                             f"x {bad[3]}]; every prediction would be NaN: fix or mask the input image")
         factor = self.model.frozen.vae_factor
         h, w = images.shape[-2:]
         if h % factor or w % factor:

@@ -322,15 +322,13 @@ class TaskAttentionSites(ModelMixin, ConfigMixin):
         """Load a saved folder strictly: every saved tensor is used and every parameter filled, or the
         error names the keys (diffusers' own loader would fill missing weights at random and only
         warn). The kit's first layout is upgraded on the way (``TaskAttention``)."""
-        from safetensors.torch import load_file
-
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         files = sorted(folder.glob("*.safetensors"))
         if len(files) != 1:
             raise FileNotFoundError(f"{folder}: expected one .safetensors file of task-attention weights, found "
                                     f"{len(files)}")
         model = cls.from_config(cls.load_config(folder))
-        missing, unexpected = model.load_state_dict(load_file(str(files[0])), strict=False)
+        missing, unexpected = model.load_state_dict(_load_safetensors(files[0]), strict=False)
         if missing or unexpected:
             raise ValueError(f"{files[0]} does not fit the task attention of {folder / cls.config_name}: "
                              f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) "
@@ -613,6 +611,35 @@ def model_record(kind: str, tasks, normals: str, settings: dict | None = None) -
     return {"kind": kind, "tasks": list(tasks), **(settings or {}), "normals": normals}
 
 
+class ModelFileError(ValueError):
+    """A file of a saved model exists but cannot be read (truncated or corrupt JSON or weights)."""
+
+
+def _read_json(file: Path) -> dict:
+    """A model folder's JSON record; a ``ModelFileError`` naming the file when it is not a JSON object."""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{file}: not valid JSON ({err}); the model folder is damaged: copy it again, "
+                             f"or save the model anew (save_pretrained)") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _load_safetensors(file: Path) -> dict:
+    """A safetensors file's tensors; a ``ModelFileError`` naming it when it is truncated or corrupt."""
+    from safetensors.torch import load_file
+
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{file}: no such file; the model folder is incomplete")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise ModelFileError(f"{file}: cannot be read as safetensors ({type(err).__name__}: {err}); "
+                             f"truncated or corrupt: copy the model folder again") from None
+
+
 def checkpoint_layout(path) -> str:
     """``"pipeline"``: a ``StableMTLPipeline`` folder (``model_index.json`` naming the class),
     self-contained; ``"kit"``: the older layout (``stablemtl_model.json``, ``unet/`` [+ ``aux_unet/``,
@@ -620,7 +647,7 @@ def checkpoint_layout(path) -> str:
     path = Path(path)
     index = path / PIPELINE_FILE
     if index.is_file():
-        name = json.loads(index.read_text()).get("_class_name")
+        name = _read_json(index).get("_class_name")
         if name == PIPELINE_CLASS:
             return "pipeline"
         if not (path / MODEL_FILE).is_file():
@@ -657,11 +684,10 @@ def load_kit_checkpoint(path, base=None):
     """A ``SingleStream`` / ``MultiStream`` from the kit's older layout; the frozen parts from ``base``
     (a ``Base`` or a base directory), by default the base directory recorded at save time."""
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
     path = Path(path)
     config_file = path / MODEL_FILE
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     kind = config.get("kind")
     if kind not in (SingleStream.kind, MultiStream.kind):
         raise ValueError(f"{config_file}: unknown model kind {kind!r}; expected single_stream or multi_stream")
@@ -674,7 +700,7 @@ def load_kit_checkpoint(path, base=None):
     aux = UNet2DConditionModel.from_pretrained(path / "aux_unet", **kw)
     model = MultiStream(unet, aux, base.vae, base.text_encoder, base.tokenizer, config["tasks"],
                         config["query_hidden"], config["heads"], config["mask_prob"], base.path, normals)
-    state = load_file(str(path / "task_attention.safetensors"))
+    state = _load_safetensors(path / "task_attention.safetensors")
     missing, unexpected = model.task_attention.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}/task_attention.safetensors does not fit the model: missing {missing[:3]}, "
@@ -693,7 +719,7 @@ def load_model(path, base=None, expect: str | None = None):
     """
     path = Path(path)
     layout = checkpoint_layout(path)
-    config = json.loads((path / (PIPELINE_FILE if layout == "pipeline" else MODEL_FILE)).read_text())
+    config = _read_json(path / (PIPELINE_FILE if layout == "pipeline" else MODEL_FILE))
     kind = config.get("kind")
     if expect is not None and kind != expect:
         raise ValueError(f"{path} holds a {kind!r} model, not a {expect!r} one")

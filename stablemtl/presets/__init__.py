@@ -1,13 +1,17 @@
 """Presets as data: ``smoke`` (CI), ``demo`` (the default main job), ``paper`` (the reproduction).
 
 A preset is a YAML file next to this module; ``load_preset`` returns it as a
-plain dict, or reads any YAML path a user gives.
+plain dict, or reads any YAML path a user gives. A YAML syntax error is an
+``InputError`` naming the file and line (no traceback); ``preset_lines`` maps
+each key path to its line, so ``stablemtl.schema`` names the line of a bad field.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from stablemtl.guard import InputError
 
 PRESET_DIR = Path(__file__).resolve().parent
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -28,20 +32,54 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(preset) -> dict:
-    """A preset by name (``smoke``, ``demo``, ``paper``), by YAML path, or a dict passed through."""
-    import yaml
-
-    if isinstance(preset, dict):
-        return preset
-    path = Path(preset)
+def preset_path(preset) -> Path:
+    """The YAML file of a preset name or path; an ``InputError`` listing the presets when there is none."""
+    path = Path(str(preset))
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{preset}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} "
+        raise InputError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} "
                          f"(or the path of a YAML file)")
-    with open(path) as f:
-        data = yaml_numbers(yaml.safe_load(f))
+    return path
+
+
+def _read_yaml(path: Path, compose: bool = False):
+    import yaml
+
+    try:
+        text = path.read_text()
+        return yaml.compose(text) if compose else yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+        raise InputError(f"{path}{at}: YAML syntax error: {what or err}; fix the file (YAML: 'key: value', "
+                         f"two-space indentation, lists as [a, b])") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the preset ({err})") from None
+
+
+def load_preset(preset) -> dict:
+    """A preset by name (``smoke``, ``demo``, ``paper``), by YAML path, or a dict passed through."""
+    if isinstance(preset, dict):
+        return preset
+    path = preset_path(preset)
+    data = yaml_numbers(_read_yaml(path))
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a preset must be a YAML mapping, got {type(data).__name__}")
+        raise InputError(f"{path}: a preset must be a YAML mapping (key: value lines), got {type(data).__name__}")
     return data
+
+
+def preset_lines(preset) -> dict[tuple, int]:
+    """Key path (``("train", "lr")``) -> its 1-based line in the preset's YAML file (``{}`` for a dict)."""
+    if isinstance(preset, dict):
+        return {}
+    out: dict[tuple, int] = {}
+
+    def walk(node, prefix: tuple) -> None:
+        for key, value in getattr(node, "value", []) if node is not None and node.id == "mapping" else []:
+            out[prefix + (key.value,)] = key.start_mark.line + 1
+            walk(value, prefix + (key.value,))
+
+    walk(_read_yaml(preset_path(preset), compose=True), ())
+    return out
