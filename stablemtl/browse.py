@@ -5,7 +5,8 @@
 
 Dropdowns choose the model and the benchmark (which fixes the task), a slider
 the sample; four PNG images show the input, the ground truth, the prediction
-and an error map, with the sample's metrics from ``per_sample.csv`` below.
+and an error map, with the sample's metrics from ``per_sample.csv`` below. A model evaluated with
+several seeds is shown with its first seed's predictions (``evaluate.prediction_folder``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stablemtl.evaluate import BENCHMARKS
+from stablemtl.evaluate import BENCHMARKS, prediction_folder
 from stablemtl.report import colorize_cached
 
 
@@ -51,7 +52,7 @@ def error_map(task: str, pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) ->
 
 
 class Browser:
-    """Widgets over ``<results_dir>/predictions/<model>/<benchmark>/NNNNN.npz``."""
+    """Widgets over ``<results_dir>/predictions/<model>[/seed<first seed>]/<benchmark>/NNNNN.npz``."""
 
     def __init__(self, results_dir):
         import ipywidgets as w
@@ -83,11 +84,12 @@ class Browser:
         if path.is_file():
             with open(path, newline="") as f:
                 for r in csv.DictReader(f):
-                    table.setdefault((r["model"], r["benchmark"], int(r["index"])), {})[r["metric"]] = float(r["value"])
+                    key = (r["model"], r.get("seed", ""), r["benchmark"], int(r["index"]))  # no seed: an older file
+                    table.setdefault(key, {})[r["metric"]] = float(r["value"])
         return table
 
     def _benchmarks(self) -> None:
-        folder = self.root / "predictions" / self.model.value
+        folder, _ = prediction_folder(self.root, self.model.value)
         options = [b for b in BENCHMARKS if (folder / b).is_dir() and any((folder / b).iterdir())]
         self.benchmark.options = options
         if options and self.benchmark.value not in options:
@@ -97,7 +99,8 @@ class Browser:
     def _files(self) -> list[Path]:
         if not self.benchmark.value:
             return []
-        return sorted((self.root / "predictions" / self.model.value / self.benchmark.value).glob("*.npz"))
+        folder, _ = prediction_folder(self.root, self.model.value)
+        return sorted((folder / self.benchmark.value).glob("*.npz"))
 
     def _samples(self) -> None:
         n = len(self._files())
@@ -119,7 +122,8 @@ class Browser:
         self.images["ground truth"].value = _png(colorize_cached(task, gt, valid))
         self.images["prediction"].value = _png(colorize_cached(task, pred))
         self.images["error"].value = _png(error_map(task, pred, gt, valid))
-        index = int(file.stem)
-        scores = self.metrics.get((self.model.value, self.benchmark.value, index), {})
+        index, seed = int(file.stem), prediction_folder(self.root, self.model.value)[1]
+        scores = self.metrics.get((self.model.value, seed, self.benchmark.value, index), {})
         text = ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) or "no per-sample metrics"
-        self.caption.value = f"<code>{sample_id}</code> ({task}, sample {index}): {text}"
+        where = f", seed {seed}" if seed else ""
+        self.caption.value = f"<code>{sample_id}</code> ({task}, sample {index}{where}): {text}"

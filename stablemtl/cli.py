@@ -101,9 +101,11 @@ def cmd_base(args) -> int:
     """Stage 02's work alone: build the tiny base model (or check SD2) and print its build report."""
     from stablemtl.model.base import describe, prepare_base
 
-    out = prepare_base(_study(args), progress=False)
+    study = _study(args)
+    out = prepare_base(study, progress=study.procedural, rebuild=getattr(args, "rebuild", False))  # bars, report
     print(f"base model ready in {out}")
-    print(describe(out))
+    if not study.procedural:
+        print(describe(out))
     return 0
 
 
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
                    help="a notebook parameter, e.g. -p iterations=200 -p tasks=[depth,normal] (repeatable)")
     p.add_argument("--run-name", default=None, help="results/<run-name> (default: the preset's name)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train and evaluate N seeds (the preset's seed and the next ones); tables show mean "
+                        "and std over them (default: the preset's study.seeds, 1 for demo)")
     p.add_argument("--force", action="store_true", help="rerun the selected stages even when complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
@@ -162,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="the datasets' folder (default: data/<preset>; paper: $PREPROCESSED_DIR)")
         p.add_argument("--out", default=None,
                        help="the base model's folder (default: $OUTPUT_DIR/<preset>/base or outputs/<preset>/base)")
+        if name == "base":
+            p.add_argument("--rebuild", action="store_true",
+                           help="build the tiny base from scratch (VAE, then the generative prior: about 12 min "
+                                "for demo on 2 cores) instead of copying the one committed in bases/<preset>")
         p.set_defaults(func=func)
     from stablemtl.data.prepare import add_prepare_parser
     from stablemtl.model.release import add_convert_parser

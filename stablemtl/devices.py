@@ -56,3 +56,25 @@ def check_dtype(dtype, device) -> None:
         raise ValueError("torch_dtype=torch.float16 is not supported on the CPU (no fp16 kernels); "
                          "use torch.bfloat16 (half the memory, supported on CPU) or torch.float32, "
                          "or run on a GPU")
+
+
+# The procedural presets' results are bit-identical only for the same number of CPU threads: a
+# thread count changes how sums are split, so the float32 results differ in the last bits from the
+# first training step on and training amplifies that (README, "Reproducibility"). They run with this
+# many threads on every machine (the reference machine's 2 cores) unless STABLEMTL_THREADS says otherwise.
+REFERENCE_THREADS = 2
+
+
+def pin_cpu_threads(procedural: bool) -> int:
+    """Set torch's CPU thread count: ``$STABLEMTL_THREADS`` (a number, or ``auto`` for torch's default),
+    else ``REFERENCE_THREADS`` for a procedural preset on a machine without a GPU; returns the count."""
+    import os
+
+    value = os.environ.get("STABLEMTL_THREADS", "").strip()
+    if value and value != "auto":
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"STABLEMTL_THREADS={value!r}: expected a number of threads >= 1, or 'auto'")
+        torch.set_num_threads(int(value))
+    elif not value and procedural and not torch.cuda.is_available():
+        torch.set_num_threads(REFERENCE_THREADS)
+    return torch.get_num_threads()

@@ -5,11 +5,16 @@ benchmark (batch 1, one step, at the benchmark's evaluation resolution; benchmar
 same images, such as DIODE depth and normals, share one pipeline call per image), scores
 it with the release's protocol, and writes into ``out_dir``:
 
-- ``metrics.csv``: tidy, one row per (model, benchmark, metric): run, model,
+- ``metrics.csv``: tidy, one row per (model, seed, benchmark, metric): run, model, seed,
   benchmark, dataset, task, metric, value, higher_is_better, n_images;
-- ``per_sample.csv``: one row per (model, benchmark, image, metric);
-- ``predictions/<model>/<benchmark>/<NNNNN>.npz``: compressed prediction,
-  ground truth, mask and input of every image, for the browser and for resuming.
+- ``per_sample.csv``: one row per (model, seed, benchmark, image, metric);
+- ``predictions/<model>/seed<seed>/<benchmark>/<NNNNN>.npz`` (``predictions/<model>/<benchmark>/``
+  without a seed): compressed prediction, ground truth, mask and input of every image, for the
+  browser and for resuming.
+
+``seed`` is the training seed of the model evaluated (``evaluate(..., seed=1)``), empty for the
+seed-independent rows (``trivial``, ``vae_ceiling``); the rows of one seed never replace another's.
+CSVs written before the kit had the column (header without ``seed``) are read with an empty seed.
 
 Next to the CSVs, ``results.sha256.json`` records their sha256 as written, so that
 ``stablemtl.report`` can tell a table made from a hand-edited CSV (``results_hashes``).
@@ -44,6 +49,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,8 +68,9 @@ HASH_FILE = "results.sha256.json"  # {csv name: sha256 of the file as evaluate w
 # what reading a truncated or corrupt .npz raises (zip, pickle-free numpy header, missing array)
 _NPZ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError)
 
-METRIC_FIELDS = ("run", "model", "benchmark", "dataset", "task", "metric", "value", "higher_is_better", "n_images")
-SAMPLE_FIELDS = ("run", "model", "benchmark", "index", "id", "metric", "value")
+METRIC_FIELDS = ("run", "model", "seed", "benchmark", "dataset", "task", "metric", "value", "higher_is_better",
+                 "n_images")
+SAMPLE_FIELDS = ("run", "model", "seed", "benchmark", "index", "id", "metric", "value")
 
 
 @dataclass(frozen=True)
@@ -171,29 +178,31 @@ class _CsvRows:
         self.path, self.fields = path, fields
 
     def read(self) -> list[dict]:
-        """The rows; a ``ResultsFileError`` naming the file, the line and the value when it is not one
-        of the kit's CSVs (other header) or a ``value`` is not a number."""
+        """The rows (keys in the order of ``fields``); a ``ResultsFileError`` naming the file, the line and
+        the value when it is not one of the kit's CSVs (other header) or a ``value`` is not a number. A file
+        of the header before the ``seed`` column is read with an empty seed: its rows stay valid."""
         if not self.path.is_file():
             return []
+        before_seed = [f for f in self.fields if f != "seed"]
         try:
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
-                if reader.fieldnames is None or list(reader.fieldnames) != list(self.fields):
-                    raise ResultsFileError(f"{self.path}: expected the header {','.join(self.fields)}, "
-                                           f"got {','.join(reader.fieldnames or ['(empty file)'])}")
-                rows = list(reader)
+                if reader.fieldnames is None or list(reader.fieldnames) not in (list(self.fields), before_seed):
+                    raise ResultsFileError(f"{self.path}: expected the header {','.join(self.fields)} (or the same "
+                                           f"without seed), got {','.join(reader.fieldnames or ['(empty file)'])}")
+                rows, header = list(reader), reader.fieldnames
         except (csv.Error, UnicodeDecodeError) as err:
             raise ResultsFileError(f"{self.path}: not a readable CSV ({err})") from None
         for line, row in enumerate(rows, 2):
             if None in row or any(v is None for v in row.values()):
                 raise ResultsFileError(f"{self.path}: line {line} has {len(row) - (None in row)} field(s) and "
-                                       f"{len(row.get(None) or [])} extra; expected {len(self.fields)}")
+                                       f"{len(row.get(None) or [])} extra; expected {len(header)}")
             try:
                 float(row["value"])
             except ValueError:
                 raise ResultsFileError(f"{self.path}: line {line}: value {row['value']!r} is not a number "
                                        f"(write nan for a missing one)") from None
-        return rows
+        return [{f: row.get(f, "") for f in self.fields} for row in rows]
 
     def write(self, rows: list[dict]) -> str:
         """Write the rows atomically; returns the file's sha256."""
@@ -456,7 +465,7 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
              resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
              expect_kind: str | None = None, normals: str | None = None, silog: str = "x100",
              flow_scoring: str = "eval_resolution", fingerprint: str | None = None, device=None, dtype=None,
-             prefetch: int = 2) -> Path:
+             prefetch: int = 2, seed: int | None = None) -> Path:
     """Evaluate ``model`` (a SingleStream/MultiStream, a checkpoint directory (``expect_kind`` checks
     its kind), a reference row ``"trivial"`` / ``("vae_ceiling", frozen)``, or a function
     ``(sample, task) -> prediction`` named by ``model_name``) on ``benchmarks``; returns ``out_dir``.
@@ -471,29 +480,34 @@ def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name
     CPU; a device that does not exist is named) and ``dtype`` (None: the model's own; e.g.
     ``torch.bfloat16``) place a model (a caller's model is put back on its device afterwards, and
     cast on a copy); ``prefetch`` images are loaded ahead in a background thread (0: none).
+    ``seed`` (the model's training seed; None for the seed-independent rows) goes into the ``seed``
+    column and the cache folder ``predictions/<model>/seed<seed>/``: each seed's rows are kept apart.
     """
 
     options.check("silog", silog)
     options.check("flow_scoring", flow_scoring)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    seed = seed_text(seed)
     predictor = _Predictor(model, model_name, expect_kind, fingerprint, normals, device, dtype)
     try:
         _evaluate(predictor, benchmarks, out_dir, data_root, run, resolution, max_images, progress, silog,
-                  flow_scoring, prefetch)
+                  flow_scoring, prefetch, seed)
     finally:
         predictor.close()
     return out_dir
 
 
 def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: str, resolution, max_images,
-              progress: bool, silog: str, flow_scoring: str, prefetch: int) -> None:
-    """``evaluate`` with its predictor made: every benchmark predicted, scored and written."""
+              progress: bool, silog: str, flow_scoring: str, prefetch: int, seed: str) -> None:
+    """``evaluate`` with its predictor made: every benchmark predicted, scored and written (the rows of
+    this run, model and seed on these benchmarks replace their earlier ones; every other row is kept)."""
     from stablemtl.data.sources import SOURCES
 
     name = predictor.name
     benchmarks = [get_benchmark(b) if isinstance(b, str) else b for b in benchmarks]
-    mine = lambda r: r["run"] == run and r["model"] == name and r["benchmark"] in {b.name for b in benchmarks}  # noqa: E731
+    names = {b.name for b in benchmarks}
+    mine = lambda r: (r["run"], r["model"], r["seed"]) == (run, name, seed) and r["benchmark"] in names  # noqa: E731
     metrics_csv = _CsvRows(out_dir / "metrics.csv", METRIC_FIELDS)
     samples_csv = _CsvRows(out_dir / "per_sample.csv", SAMPLE_FIELDS)
     for message in edited_results(out_dir):  # the rows of other models are kept as they are now
@@ -512,16 +526,16 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
         source = cls(Path(data_root) / cls.root_hint, tasks=[b.task], resolution=size,
                      resize_targets=not (b.native_units and flow_scoring == "native"),
                      rescale_flow=not b.native_units, normals=predictor.normals)
-        cache = out_dir / "predictions" / name / b.name
+        cache = out_dir / "predictions" / name / (f"seed{seed}" if seed else "") / b.name
         cache.mkdir(parents=True, exist_ok=True)
         _open_cache(cache, _cache_key(b, predictor.weights, source, size, predictor.normals, flow_scoring))
         n = len(source) if max_images is None else min(len(source), max_images)
         summary, n_images, rows = _score(b, predictor, source, cache, n, shared, size, silog, progress, prefetch)
-        sample_rows += [{"run": run, "model": name, **r} for r in rows]
+        sample_rows += [{"run": run, "model": name, "seed": seed, **r} for r in rows]
         for metric, value in summary.items():
             if not isinstance(value, (list, tuple, dict, np.ndarray)):
-                metric_rows.append({"run": run, "model": name, "benchmark": b.name, "dataset": b.dataset,
-                                    "task": b.task, "metric": metric, "value": _value(value),
+                metric_rows.append({"run": run, "model": name, "seed": seed, "benchmark": b.name,
+                                    "dataset": b.dataset, "task": b.task, "metric": metric, "value": _value(value),
                                     "higher_is_better": metrics.HIGHER_IS_BETTER.get(metric, metric.startswith("iou_")),
                                     "n_images": n_images})
     hashes = {"metrics.csv": metrics_csv.write(metric_rows), "per_sample.csv": samples_csv.write(sample_rows)}
@@ -534,51 +548,111 @@ def benchmarks_of(task: str) -> list[str]:
     return [name for name, b in BENCHMARKS.items() if b.task == task]
 
 
-def evaluate_single_task(models: dict, out_dir, data_root, run: str = "run", **kwargs) -> Path:
+def evaluate_single_task(models: dict, out_dir, data_root, run: str = "run", seed: int | None = None,
+                         **kwargs) -> Path:
     """The Delta_m reference: each single-task model (``{task: model or checkpoint}``) evaluated on
-    its task's benchmarks, all stored as model ``single_task``."""
+    its task's benchmarks, all stored as model ``single_task`` (of training seed ``seed``)."""
     for task, model in models.items():
         evaluate(model, benchmarks_of(task), out_dir, data_root, run=run, model_name="single_task",
-                 expect_kind=None if not isinstance(model, (str, Path)) else "single_stream", **kwargs)
+                 expect_kind=None if not isinstance(model, (str, Path)) else "single_stream", seed=seed, **kwargs)
     return Path(out_dir)
 
 
-MODELS = ("trivial", "single_stream", "multi_stream")  # the rows of a run's evaluation (stage 05)
+def seed_text(seed) -> str:
+    """The ``seed`` column's text of a training seed: ``""`` for None (a seed-independent row)."""
+    if seed is None or seed == "":
+        return ""
+    if not isinstance(seed, bool) and isinstance(seed, (int, np.integer, str)) and re.fullmatch(r"-?\d+", str(seed)):
+        return str(int(seed))
+    raise ValueError(f"seed {seed!r} is not an integer (or None for a seed-independent row)")
 
 
-def evaluate_run(study, models=MODELS, benchmarks=None, max_images=None, progress: bool = True,
-                 silog: str | None = None, flow_scoring: str | None = None, device=None, dtype=None) -> Path:
-    """Stage 05: evaluate ``models`` (names of ``MODELS``) of a run on its benchmarks into ``results/<run>``.
+def prediction_folder(results_dir, model: str) -> tuple[Path, str]:
+    """The folder of ``model``'s cached predictions that readers show, holding ``<benchmark>/NNNNN.npz``,
+    and its seed: the first (lowest) seed's ``predictions/<model>/seed<seed>`` when the model was
+    evaluated with seeds, else ``predictions/<model>`` and ``""``."""
+    folder = Path(results_dir) / "predictions" / model
+    seeds = sorted(int(p.name[4:]) for p in folder.glob("seed*") if p.is_dir() and re.fullmatch(r"seed-?\d+", p.name))
+    return (folder / f"seed{seeds[0]}", str(seeds[0])) if seeds else (folder, "")
 
-    A model trained on fewer tasks (a single-task baseline) meets only their benchmarks;
-    ``max_images`` limits each benchmark; ``silog`` and ``flow_scoring`` (None: the release's)
-    choose the protocol options of ``stablemtl.options``. Cached predictions are reused only when
-    they come from the same weights, data and protocol (``evaluate``). ``device`` (None: the GPU when
-    there is one) and ``dtype`` (e.g. ``torch.bfloat16``; None: float32) as in ``evaluate``.
-    """
+
+# the rows of a run's evaluation (stage 05): the references, then the trained models of stage 03 and 04
+MODELS = ("trivial", "vae_ceiling", "single_task", "single_stream_random", "single_stream", "multi_stream")
+
+
+def trained_models(study, seeds: list[int]) -> dict[tuple[str, int], Path]:
+    """(model row, seed) -> model folder, for every model of ``MODELS`` the run has trained for ``seeds``
+    (a single-task baseline ``single_task_<task>`` is a ``single_task`` row)."""
     from stablemtl.model.streams import MODEL_FILE
-    from stablemtl.paths import require
+    from stablemtl.tasks import TASK_NAMES
 
-    unknown = set(models) - set(MODELS)
+    found = {}
+    for seed in seeds:
+        for name in MODELS[3:]:
+            if (study.model_dir(name, seed) / MODEL_FILE).is_file():
+                found[(name, seed)] = study.model_dir(name, seed)
+        for task in TASK_NAMES:
+            folder = study.model_dir(f"single_task_{task}", seed)
+            if (folder / MODEL_FILE).is_file():
+                found[(f"single_task_{task}", seed)] = folder
+    return found
+
+
+def evaluate_run(study, models=None, benchmarks=None, max_images=None, progress: bool = True,
+                 silog: str | None = None, flow_scoring: str | None = None, device=None, dtype=None,
+                 seeds: int | None = None, seed: int | None = None) -> Path:
+    """Stage 05: evaluate ``models`` (names of ``MODELS``; None: the reference rows and every model the
+    run trained) for every seed of ``study.seeds(seeds, seed)`` on its benchmarks into ``results/<run>``.
+
+    ``trivial`` and ``vae_ceiling`` (the ground truth through the frozen VAE: the best a latent
+    prediction can be) do not depend on a seed; ``single_task`` gathers the single-task baselines.
+    A model trained on fewer tasks meets only their benchmarks; ``max_images`` limits each benchmark;
+    ``silog`` and ``flow_scoring`` (None: the release's) choose the protocol options of
+    ``stablemtl.options``. Cached predictions are reused only when they come from the same weights,
+    data and protocol (``evaluate``). ``device`` (None: the GPU when there is one) and ``dtype`` (e.g.
+    ``torch.bfloat16``; None: float32) as in ``evaluate``.
+    """
+    from stablemtl.model.base import load_base
+    from stablemtl.model.streams import MODEL_FILE
+    from stablemtl.paths import StageError, require
+
+    unknown = set(models or ()) - set(MODELS)
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
-    require(study, "01", *(["03"] if "single_stream" in models else []), *(["04"] if "multi_stream" in models else []))
+    require(study, "01")
+    seed_list = study.seeds(seeds, seed)
+    trained = trained_models(study, seed_list)
+    row = lambda folder: "single_task" if folder.startswith("single_task_") else folder  # noqa: E731
+    if models is None:
+        models = [m for m in MODELS[:2] if study.procedural or m == "trivial"]
+        models += [m for m in MODELS[2:] if any(row(name) == m for name, _ in trained)]
+    for name in models:
+        missing = [s for s in seed_list if name in MODELS[3:] and (name, s) not in trained]
+        if missing:
+            raise StageError(f"{study.model_dir(name, missing[0])} is not a trained model: run notebooks 03 and 04 "
+                             f"(or `stablemtl run --only 03,04`) with the same preset, run name and seeds first")
     benchmarks = [get_benchmark(b).name for b in (benchmarks or BENCHMARKS)]
     resolution = (study.preset.get("evaluate") or {}).get("resolution")
-    protocol = {k: v for k, v in (("silog", silog), ("flow_scoring", flow_scoring)) if v is not None}
+    common = dict(resolution=resolution, max_images=max_images, progress=progress, device=device, dtype=dtype,
+                  **{k: v for k, v in (("silog", silog), ("flow_scoring", flow_scoring)) if v is not None})
     study.results_dir.mkdir(parents=True, exist_ok=True)
     for name in models:
-        source, chosen = "trivial", benchmarks
-        if name != "trivial":
-            source = study.model_dir(name)
-            trained = json.loads((source / MODEL_FILE).read_text()).get("tasks") or []
-            chosen = [b for b in benchmarks if BENCHMARKS[b].task in trained]
-            if not chosen:
-                print(f"{name}: trained on {trained}, none of the benchmarks {benchmarks}; skipped")
+        if name in MODELS[:2]:
+            source = "trivial" if name == "trivial" else ("vae_ceiling", load_base(study.base_dir))
+            evaluate(source, benchmarks, study.results_dir, study.data_root, run=study.run, model_name=name,
+                     **common)
+            continue
+        for (folder_name, seed_value), folder in trained.items():
+            if row(folder_name) != name:
                 continue
-        evaluate(source, chosen, study.results_dir, study.data_root, run=study.run, model_name=name,
-                 resolution=resolution, max_images=max_images, progress=progress,
-                 expect_kind=None if name == "trivial" else name, device=device, dtype=dtype, **protocol)
+            tasks = json.loads((folder / MODEL_FILE).read_text()).get("tasks") or []
+            chosen = [b for b in benchmarks if BENCHMARKS[b].task in tasks]
+            if not chosen:
+                print(f"{folder_name}: trained on {tasks}, none of the benchmarks {benchmarks}; skipped")
+                continue
+            evaluate(folder, chosen, study.results_dir, study.data_root, run=study.run, model_name=name,
+                     seed=seed_value, expect_kind="multi_stream" if name == "multi_stream" else "single_stream",
+                     **common)
     return study.results_dir
 
 

@@ -32,6 +32,10 @@ from stablemtl.presets import load_preset
 STAGES = ("01_prepare_data", "02_build_model", "03_train_single_stream", "04_train_multi_stream",
           "05_evaluate", "06_results")
 KINDS = ("single_stream", "multi_stream")  # the trained model kinds, made by stages 03 and 04
+RANDOM_INIT = "single_stream_random"  # the ablation: the single stream fine-tuned from a random UNet (stage 03)
+SINGLE_TASK = "single_task"  # the Delta_m reference rows; their models train in single_task_<task> (stage 03)
+# a preset's ``study`` section: how many seeds, and whether stage 03 also trains the ablation and the baselines
+STUDY_DEFAULTS = {"seeds": 1, "random_init": False, "single_task": False}
 DONE_FILE = "done.json"
 README_PAPER = "README.md, section 'The paper preset'"
 
@@ -76,15 +80,36 @@ class Study:
         """The kit's miniatures and tiny base (smoke, demo) rather than real data and SD2 (paper)."""
         return isinstance(self.preset.get("data"), dict)
 
-    def model_dir(self, kind: str) -> Path:
-        return self.output_dir / kind / "model"
+    @property
+    def options(self) -> dict:
+        """The preset's ``study`` section over ``STUDY_DEFAULTS``."""
+        return {**STUDY_DEFAULTS, **(self.preset.get("study") or {})}
 
-    def train_log(self, kind: str) -> Path:
-        return self.output_dir / kind / "train_log.csv"
+    def seeds(self, count: int | None = None, first: int | None = None) -> list[int]:
+        """The training seeds of a run of ``count`` seeds (None: the preset's ``study.seeds``): ``first``
+        (None: the preset's seed) and the ones after it."""
+        count = int(self.options["seeds"] if count is None else count)
+        if count < 1:
+            raise ValueError(f"seeds={count}: expected at least 1")
+        first = int(self.preset.get("seed", 2024) if first is None else first)
+        return list(range(first, first + count))
+
+    def train_dir(self, name: str, seed: int | None = None) -> Path:
+        """A training folder: ``<outputs>/<run>/<name>`` for the preset's seed (or None),
+        ``<outputs>/<run>/seed<seed>/<name>`` for the others."""
+        if seed is None or seed == int(self.preset.get("seed", 2024)):
+            return self.output_dir / name
+        return self.output_dir / f"seed{seed}" / name
+
+    def model_dir(self, kind: str, seed: int | None = None) -> Path:
+        return self.train_dir(kind, seed) / "model"
+
+    def train_log(self, kind: str, seed: int | None = None) -> Path:
+        return self.train_dir(kind, seed) / "train_log.csv"
 
     def training_logs(self) -> dict[str, Path]:
-        """Model kind -> ``train_log.csv`` of the kinds this run has trained (or begun to)."""
-        return {k: self.train_log(k) for k in KINDS if self.train_log(k).is_file()}
+        """Model kind -> ``train_log.csv`` of the kinds this run has trained (or begun to), first seed."""
+        return {k: self.train_log(k) for k in (KINDS[0], RANDOM_INIT, KINDS[1]) if self.train_log(k).is_file()}
 
     def dataset_roots(self) -> dict[str, Path]:
         """Dataset name -> its folder: the preset's miniatures, or every dataset of the paper."""
@@ -147,6 +172,9 @@ def context(preset="demo", run_name=None) -> Study:
                 base_dir = paper_base_dir()
             except Exception as err:  # noqa: BLE001 - re-raised with the way out
                 raise StageError(f"{err}; see {README_PAPER}") from err
+    from stablemtl.devices import pin_cpu_threads
+
+    pin_cpu_threads(procedural)  # the same thread count on every machine: README, "Reproducibility"
     return Study(config, run, results / run, outputs / run, Path(data_root), Path(base_dir))
 
 

@@ -121,8 +121,12 @@ def reads(stage: str, knobs: dict) -> tuple[str, ...]:
     """The stages whose ``done.json`` enter ``stage``'s hash."""
     key = stage[:2]
     if key == "05":
-        models = knobs.get("models") or ()
-        return ("01",) + tuple(k for k, kind in (("03", "single_stream"), ("04", "multi_stream")) if kind in models)
+        models = knobs.get("models")
+        if models is None:  # every model the run trained, and the VAE ceiling of its base
+            return ("01", "02", "03", "04")
+        needs = {"02": ("vae_ceiling",), "03": ("single_stream", "single_stream_random", "single_task"),
+                 "04": ("multi_stream",)}
+        return ("01",) + tuple(k for k, names in needs.items() if set(names) & set(models))
     return READS[key]
 
 
@@ -131,6 +135,8 @@ def stage_key(study: Study, stage: str, knobs: dict) -> dict:
     preset sections, folders and format versions it uses."""
     preset, key = study.preset, stage[:2]
     out = {"knobs": {k: v for k, v in knobs.items() if k not in RUNNER_PARAMETERS}, "seed": preset.get("seed")}
+    if key in ("03", "04", "05"):  # which seeds, ablation and baselines the stages train and evaluate
+        out["study"] = preset.get("study")
     if key == "01":
         from stablemtl.data.mini import WORLD_VERSION
 
@@ -446,6 +452,10 @@ def main(args) -> int:
     """The ``stablemtl run`` command (see ``stablemtl.cli``)."""
     try:
         parameters = parse_parameters(args.parameter)
+        if getattr(args, "seeds", None) is not None:
+            if "seeds" in parameters and parameters["seeds"] != args.seeds:
+                raise BadInput(f"--seeds {args.seeds} and -p seeds={parameters['seeds']} disagree; give one")
+            parameters["seeds"] = args.seeds
         start = time.perf_counter()
         study = run_study(args.preset, only=args.only, parameters=parameters, run_name=args.run_name,
                           force=args.force, progress=not args.quiet)

@@ -122,6 +122,8 @@ SPECS: dict[str, Spec] = {
     "lr": Spec("float", above=0),
     "tasks": Spec("names", choices=_tasks),
     "seed": Spec("int", low=0),
+    "seeds": Spec("int", low=1),
+    "unet_init": Spec("str", choices=("base", "random")),
     "normals": Spec("str", choices=_option("normals")),
     "invalid_targets": Spec("str", choices=_option("invalid_targets")),
     "target_order": Spec("str", choices=_option("target_order")),
@@ -187,7 +189,9 @@ _DATA_FIELDS = {"count": Spec("int", low=1, nullable=False), "scenes": Spec("int
                 "crop": Spec("size"), "kb_crop": Spec("size"), "none_lines": Spec("int", low=0)}
 _TASK_ATTENTION = {"query_hidden": Spec("int", low=1, nullable=False), "heads": Spec("int", low=1, nullable=False),
                    "mask_prob": Spec("float", low=0, high=1, nullable=False)}
-_TOP = ("name", "seed", "data", "model", "train", "evaluate")
+_STUDY = {"seeds": Spec("int", low=1, nullable=False), "random_init": Spec("bool", nullable=False),
+          "single_task": Spec("bool", nullable=False)}
+_TOP = ("name", "seed", "study", "data", "model", "train", "evaluate")
 
 
 def check_preset(config: dict, preset=None) -> dict:
@@ -221,6 +225,10 @@ def check_preset(config: dict, preset=None) -> dict:
         check_name(config["name"], "preset name", where("name"))
     if "seed" in config:
         config["seed"] = Spec("int", low=0, nullable=False).check("preset field seed", config["seed"], where("seed"))
+    for field, value in mapping(config.get("study", {}), "study").items():
+        if field not in _STUDY:
+            raise unknown(("study",), field, _STUDY)
+        _STUDY[field].check(f"preset field study.{field}", value, where("study", field))
     data = config.get("data")
     if isinstance(data, dict):
         from stablemtl.data.mini import MINI_SCENES

@@ -44,6 +44,7 @@ import contextlib
 import copy
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -54,7 +55,7 @@ import torch
 
 from stablemtl import options
 from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler, micro_batch_loader
-from stablemtl.paths import KINDS, Study, require
+from stablemtl.paths import KINDS, StageError, Study, require
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
 # what may change between a checkpoint and its resumption: the length and bookkeeping of the run,
@@ -89,6 +90,7 @@ class TrainConfig:
     tasks: list = field(default_factory=lambda: list(TASK_NAMES))
     base: str = ""  # base model directory (SD2 layout)
     init: str | None = None  # multi_stream: the trained single-stream checkpoint it starts from
+    unet_init: str = "base"  # single_stream: "base" (the pretrained UNet) or "random" (re-initialised: the ablation)
     data_root: str = ""  # $PREPROCESSED_DIR: the dataset directories below it
     resolution: dict = field(default_factory=lambda: {"hypersim": [288, 384], "vkitti": [187, 621],
                                                       "flying_things_3d": [268, 480]})
@@ -143,6 +145,9 @@ class TrainConfig:
             raise ValueError(f"unknown model kind {self.kind!r}; valid: {', '.join(KINDS)}")
         if not self.tasks:
             raise ValueError("no task to train")
+        if self.unet_init not in ("base", "random") or (self.unet_init == "random" and self.kind != "single_stream"):
+            raise ValueError(f"unet_init={self.unet_init!r}: expected 'base', or 'random' for a single stream "
+                             f"(a multi stream starts from a trained single stream)")
         for task in self.tasks:
             get_task(task)  # an unknown name: a ValueError listing the valid ones
             if task not in self.probabilities:
@@ -285,6 +290,33 @@ def pixel_loss(decoded: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return (decoded - target).abs()[mask].mean() if mask.any() else decoded.sum() * 0
 
 
+def training_identity(config: TrainConfig) -> dict:
+    """What a checkpoint must share with a training to be resumed by it (JSON-normalised)."""
+    from stablemtl.model.base import weights_fingerprint
+
+    values = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    values["base_weights"] = weights_fingerprint(config.base)
+    values["init_weights"] = weights_fingerprint(config.init) if config.init else None
+    if config.kind == "multi_stream":
+        from stablemtl.model.streams import TASK_ATTENTION_LAYOUT
+
+        values["task_attention_layout"] = TASK_ATTENTION_LAYOUT
+    return json.loads(json.dumps(values))
+
+
+def finished_training(folder: Path, config: TrainConfig) -> bool:
+    """``folder`` holds this very training, finished: its model, and a last checkpoint of the same
+    identity at ``config.iterations`` steps."""
+    state = Path(folder) / "checkpoint" / "latest" / "state.json"
+    if not (Path(folder) / "model" / "stablemtl_model.json").is_file() or not state.is_file():
+        return False
+    try:
+        saved = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("step") == config.iterations and saved.get("identity") == training_identity(config)
+
+
 def _allow_precision(mixed_precision: str) -> None:
     """accelerate keeps one process-wide state and refuses an Accelerator of another mixed precision
     (a notebook that trains in fp32, then in bf16); in a single process nothing else shares that
@@ -329,6 +361,8 @@ class Trainer:
         base = load_base(config.base)
         if config.kind == "single_stream":
             model = SingleStream.from_base(base, config.tasks, normals=config.normals)
+            if config.unet_init == "random":  # the same architecture without the generative prior
+                model.unet = type(model.unet).from_config(model.unet.config)
         else:
             single = load_model(config.init, base, expect="single_stream")
             if single.normals != config.normals:
@@ -367,17 +401,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _identity(self) -> dict:
-        """What a checkpoint must share with this run to be resumed by it (JSON-normalised)."""
-        from stablemtl.model.base import weights_fingerprint
-
-        values = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
-        values["base_weights"] = weights_fingerprint(self.config.base)
-        values["init_weights"] = weights_fingerprint(self.config.init) if self.config.init else None
-        if self.config.kind == "multi_stream":
-            from stablemtl.model.streams import TASK_ATTENTION_LAYOUT
-
-            values["task_attention_layout"] = TASK_ATTENTION_LAYOUT
-        return json.loads(json.dumps(values))
+        return training_identity(self.config)
 
     def _trainable_state(self) -> dict:
         state = {f"unet.{k}": v for k, v in self.model.unet.state_dict().items()}
@@ -699,17 +723,19 @@ def train(config: TrainConfig | dict, until: int | None = None, progress: bool =
     return trainer
 
 
-def train_config(study: Study, kind: str, **overrides) -> TrainConfig:
-    """The preset's ``TrainConfig`` for ``kind`` in this run's folders; ``None`` overrides are ignored.
-    A multi stream learns the normals in the convention of the single stream it starts from."""
+def train_config(study: Study, kind: str, name: str | None = None, **overrides) -> TrainConfig:
+    """The preset's ``TrainConfig`` for ``kind`` in this run's folder ``name`` (default: the kind) of its
+    seed (``Study.train_dir``); ``None`` overrides are ignored. A multi stream starts from the single
+    stream of its seed and learns the normals in that model's convention."""
     from stablemtl.model.streams import MODEL_FILE, saved_normals
 
     values = {k: v for k, v in overrides.items() if v is not None}
+    seed = values.get("seed")
     values.setdefault("base", str(study.base_dir))
     values.setdefault("data_root", str(study.data_root))
-    values.setdefault("output_dir", str(study.output_dir / kind))
+    values.setdefault("output_dir", str(study.train_dir(name or kind, seed)))
     if kind == "multi_stream":
-        values.setdefault("init", str(study.model_dir("single_stream")))
+        values.setdefault("init", str(study.model_dir("single_stream", seed)))
         record = Path(values["init"]) / MODEL_FILE
         if "normals" not in values and record.is_file():
             values["normals"] = saved_normals(json.loads(record.read_text()))
@@ -764,7 +790,7 @@ def set_aside(folder) -> Path | None:
     return previous
 
 
-def train_stage(study: Study, kind: str, progress: bool = True, **overrides) -> Path:
+def train_stage(study: Study, kind: str, progress: bool = True, name: str | None = None, **overrides) -> Path:
     """Stages 03 and 04: train ``kind`` and save ``<output>/<kind>/model``; returns that folder.
 
     A training folder is continued only when it holds an unfinished training of the same settings
@@ -779,10 +805,17 @@ def train_stage(study: Study, kind: str, progress: bool = True, **overrides) -> 
 
     from stablemtl.guard import claim
 
-    require(study, "01", "02", *(["03"] if kind == "multi_stream" else []))
-    config = train_config(study, kind, **overrides)
+    require(study, "01", "02")
+    config = train_config(study, kind, name, **overrides)
+    if kind == "multi_stream" and not (Path(config.init) / "stablemtl_model.json").is_file():
+        raise StageError(f"the multi stream starts from {config.init}, which is not a trained single stream; "
+                         f"run notebooks/03_train_single_stream.ipynb (or `stablemtl run --only 03`) with the "
+                         f"same preset, run name and seeds first")
     out = claim(config.output_dir, "training", is_training_folder)
     drop_older_when_checkpointed(out)
+    if finished_training(out, config):
+        print(f"{out} holds this training, finished; kept", flush=True)
+        return out / "model"
     if (out / "model").exists():
         print(f"{out} holds a finished training; moved to {set_aside(out)}", flush=True)
         claim(out, "training")
@@ -817,6 +850,43 @@ def train_stage(study: Study, kind: str, progress: bool = True, **overrides) -> 
               f"run the stage again to resume from it", flush=True)
         raise
     return trainer.save_model()
+
+
+def stage_jobs(study: Study, kind: str, seeds: int | None = None, **knobs) -> list[tuple[str, dict]]:
+    """The trainings of stage 03 (``kind="single_stream"``) or 04 (``"multi_stream"``): (folder name,
+    overrides) for every seed of ``study.seeds(seeds, knobs["seed"])``. Stage 03 also trains, as the preset's ``study``
+    section asks, the ablation ``single_stream_random`` (the same training from a random UNet: the
+    generative prior's effect) per seed, and with the first seed one single-task baseline per task
+    (``single_task_<task>``: the same recipe for the steps the task gets in the joint run, which
+    gives each optimizer step to one task in turn)."""
+    from stablemtl.paths import RANDOM_INIT, SINGLE_TASK
+
+    options, all_seeds = study.options, study.seeds(seeds, knobs.get("seed"))
+    knobs = {k: v for k, v in knobs.items() if v is not None and k != "seed"}
+    jobs = []
+    for seed in all_seeds:
+        jobs.append((kind, {**knobs, "seed": seed}))
+        if kind == "single_stream" and options["random_init"]:
+            jobs.append((RANDOM_INIT, {**knobs, "seed": seed, "unet_init": "random"}))
+    if kind == "single_stream" and options["single_task"]:
+        joint = train_config(study, kind, **knobs)
+        steps = math.ceil(joint.iterations / len(joint.tasks))
+        for task in joint.tasks:
+            jobs.append((f"{SINGLE_TASK}_{task}", {**knobs, "seed": all_seeds[0], "tasks": [task],
+                                                    "iterations": steps}))
+    return jobs
+
+
+def train_stage_all(study: Study, kind: str, seeds: int | None = None, progress: bool = True,
+                    **knobs) -> dict[tuple[str, int], Path]:
+    """Stage 03 or 04: every training of ``stage_jobs``, in order; returns (name, seed) -> model folder.
+    Each one resumes or skips as ``train_stage`` does, so a killed stage goes on where it stopped."""
+    out = {}
+    jobs = stage_jobs(study, kind, seeds, **knobs)
+    for i, (name, overrides) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {name}, seed {overrides['seed']}", flush=True)
+        out[(name, overrides["seed"])] = train_stage(study, kind, progress, name, **overrides)
+    return out
 
 
 def main(argv=None) -> int:

@@ -90,6 +90,38 @@ def plot_dataset_samples(roots: dict, index: int = 0):
     return fig
 
 
+def plot_prior_samples(study: Study, per_prompt: int = 3, steps: int = 30, guidance: float = 3.0, seed: int = 0):
+    """Images the base's generative prior draws for each scene prompt (``stablemtl.model.prior.sample``),
+    beside a render of the world for the same prompt."""
+    import matplotlib.pyplot as plt
+
+    from stablemtl.data import synthetic
+    from stablemtl.model import prior
+    from stablemtl.model.base import build_report, load_base
+    from stablemtl.paths import require
+
+    require(study, "02")
+    base = load_base(study.base_dir)
+    if "prior" not in build_report(study.base_dir):
+        raise ValueError(f"{study.base_dir} has no generative prior (its preset's model.base sets no prior_steps)")
+    h, w = (study.preset["model"]["base"]["vae_size"])
+    kinds = [(k, d) for k in synthetic.KINDS for d in synthetic.DOMAINS]
+    prompts = [prior.scene_prompt(k, d) for k, d in kinds]
+    drawn = prior.sample(base, [p for p in prompts for _ in range(per_prompt)], (h, w), steps, guidance, seed)
+    fig, axes = plt.subplots(len(prompts), per_prompt + 1, figsize=(1.6 * (per_prompt + 1), 1.25 * len(prompts)),
+                             squeeze=False)
+    for r, ((kind, domain), prompt) in enumerate(zip(kinds, prompts)):
+        render = synthetic.render_sample(kind, synthetic.stable_seed("view", r), h, w, domain)["rgb"]
+        panels = [render] + [drawn[r * per_prompt + i].permute(1, 2, 0).numpy() for i in range(per_prompt)]
+        for c, img in enumerate(panels):
+            axes[r][c].imshow(img)
+            axes[r][c].axis("off")
+        axes[r][0].set_title(f"render: {prompt}" if r == 0 else prompt, fontsize=7)
+        axes[r][1].set_title("drawn by the prior" if r == 0 else "", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_vae_roundtrips(study: Study, index: int = 0):
     """Each task's target encoding of one training sample and its reconstruction through the frozen VAE."""
     import matplotlib.pyplot as plt

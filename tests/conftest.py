@@ -51,3 +51,17 @@ def smoke_study(tmp_path_factory):
             mp.delenv(name, raising=False)
         study = run_study("smoke", progress=False, log=lines.append)
     return study, project, lines
+
+
+def pytest_addoption(parser):
+    parser.addoption("--rebuild-base", action="store_true",
+                     help="also run the tests marked rebuild (the demo base built from scratch: about 12 minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--rebuild-base"):
+        return
+    skip = pytest.mark.skip(reason="builds the demo base from scratch (about 12 min); run with --rebuild-base")
+    for item in items:
+        if "rebuild" in item.keywords:
+            item.add_marker(skip)

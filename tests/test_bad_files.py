@@ -280,7 +280,7 @@ def test_a_corrupt_metrics_csv_is_named_by_report_and_set_aside_by_evaluate(data
     out = _evaluate(data, tmp_path / "out")
     metrics = out / "metrics.csv"
     lines = metrics.read_text().splitlines()
-    lines[3] = lines[3].replace(lines[3].split(",")[6], "0.1x")
+    lines[3] = lines[3].replace(lines[3].split(",")[E.METRIC_FIELDS.index("value")], "0.1x")
     metrics.write_text("\n".join(lines) + "\n")
     with pytest.raises(E.ResultsFileError, match=rf"{metrics}: line 4: value '0.1x' is not a number"):
         report.write_tables(out)

@@ -141,7 +141,7 @@ def test_tables_regenerate_byte_identically(results, tmp_path):
     assert first == again and "main.md" in first and "kitti_depth.tex" in first
     main = first["main.md"].decode()
     assert main.splitlines()[0] == ("| model | Cityscapes mIoU | DIODE normal mean | KITTI AbsRel x100 | KITTI flow EPE "
-                                    "| KITTI scene-flow EPE3D | MID albedo RMSE | Delta_m % |")
+                                    "| KITTI scene-flow EPE3D | MID albedo RMSE | Delta_m % | seeds |")
     names = [line.split(" | ")[0][2:] for line in main.splitlines()[2:]]
     assert names[:4] == ["trivial", "single_task", "single_stream", "multi_stream"]
     assert "paper: StableMTL multi-stream" in names

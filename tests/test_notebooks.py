@@ -218,8 +218,13 @@ def test_a_single_task_baseline_runs_through_the_notebooks(in_project):
     executed = in_project / "results" / "depth_only" / "notebooks" / "03_train_single_stream.ipynb"
     assert "resuming from" in executed.read_text() and "moved to" not in executed.read_text()
     assert not trained.with_name("single_stream.previous").exists()
-    # a finished training is never continued: a rerun moves it aside and trains anew
+    # a finished training of the same settings is kept (a forced rerun, or more seeds, does not redo it)
+    weights = (trained / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     run_study("smoke", force=True, **same)
+    assert "finished; kept" in executed.read_text() and "moved to" not in executed.read_text()
+    assert (trained / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    # one of other settings is never continued: it is moved aside and the training starts anew
+    run_study("smoke", force=True, **dict(same, parameters={"tasks": ["depth"], "iterations": 2, "lr": 1e-5}))
     assert "moved to" in executed.read_text()
     assert (trained.with_name("single_stream.previous") / "model" / "stablemtl_model.json").is_file()
     assert (trained / "model" / "stablemtl_model.json").is_file()
@@ -270,3 +275,37 @@ def test_cli_run_rejects_bad_input_with_exit_status(in_project):
 def test_notebooks_live_next_to_the_package():
     assert notebook_dir() == ROOT / "notebooks"
     assert sorted(p.stem for p in notebook_dir().glob("0*.ipynb")) == list(paths.STAGES)
+
+
+@pytest.mark.slow
+def test_seeds_ablation_and_baselines_run_through_the_notebooks(in_project):
+    same = dict(run_name="two_seeds", progress=False, log=lambda *_: None)
+    run_study("smoke", **same)  # one seed (the preset's): single, random-init ablation, baselines, multi
+    outputs = in_project / "outputs" / "two_seeds"
+    first = (outputs / "single_stream" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    run_study("smoke", parameters={"seeds": 2}, **same)  # the first seed's trainings are kept, not redone
+    assert (outputs / "single_stream" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first
+    executed = (in_project / "results" / "two_seeds" / "notebooks" / "03_train_single_stream.ipynb").read_text()
+    assert executed.count("finished; kept") >= 2 + 7  # single, random init and the seven baselines of seed 2024
+    for name in ("single_stream", "single_stream_random", "multi_stream"):
+        assert (outputs / "seed2025" / name / "model" / "stablemtl_model.json").is_file()
+    assert not (outputs / "seed2025" / "single_task_depth").exists()  # baselines: first seed only
+    with open(in_project / "results" / "two_seeds" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    seeds = lambda model: sorted({r["seed"] for r in rows if r["model"] == model})  # noqa: E731
+    for model in ("single_stream", "single_stream_random", "multi_stream"):
+        assert seeds(model) == ["2024", "2025"], model
+    assert seeds("single_task") == ["2024"] and seeds("trivial") == [""] and seeds("vae_ceiling") == [""]
+    assert {r["benchmark"] for r in rows if r["model"] == "single_task"} == set(BENCHMARKS)
+    summary = (in_project / "results" / "two_seeds" / "summary.md").read_text()
+    assert "single (n=2)" in summary and "multi (n=2)" in summary and "prior vs random" in summary
+    assert (in_project / "results" / "two_seeds" / "tables" / "gap_closed.md").is_file()
+
+
+def test_seeds_flag_and_parameter_must_agree(capsys):
+    from argparse import Namespace
+
+    from stablemtl.run import main
+
+    args = Namespace(parameter=["seeds=2"], seeds=3, preset="smoke", only=None, run_name="x", force=False, quiet=True)
+    assert main(args) == 2 and "--seeds 3 and -p seeds=2 disagree" in capsys.readouterr().err

@@ -10,26 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from stablemtl.evaluate import MODELS
-from stablemtl.report import format_target_check, target_check, write_tables
+from stablemtl.evaluate import HASH_FILE, MODELS
+from stablemtl.report import format_target_check, target_check, write_report
 
 DEMO = Path(__file__).resolve().parents[1] / "results" / "demo"
 
 
-@pytest.fixture
-def regenerated(tmp_path):
-    if not (DEMO / "metrics.csv").is_file():
-        pytest.fail(f"{DEMO}/metrics.csv is missing: the demo run's results are committed (stablemtl run)")
-    shutil.copy(DEMO / "metrics.csv", tmp_path / "metrics.csv")
-    return write_tables(tmp_path, run="demo"), tmp_path
+def regenerate(demo: Path, folder: Path) -> dict[str, Path]:
+    """The tables and ``summary.md`` of the results folder ``demo`` made anew in ``folder`` from its
+    ``metrics.csv`` (and the hashes evaluate recorded), under the heading of its ``summary.md``; no figures."""
+    if not (demo / "metrics.csv").is_file():
+        pytest.fail(f"{demo}/metrics.csv is missing: the demo run's results are committed (stablemtl run)")
+    for name in ("metrics.csv", HASH_FILE):
+        if (demo / name).is_file():
+            shutil.copy(demo / name, folder / name)
+    title = (demo / "summary.md").read_text().splitlines()[0].removeprefix("# ")
+    return write_report(folder, run="demo", title=title, figures=False)
 
 
-def test_committed_tables_are_regenerated_exactly_from_the_committed_csv(regenerated):
-    written, _ = regenerated
+def test_committed_demo_tables_regenerate_byte_for_byte(tmp_path):
+    written = regenerate(DEMO, tmp_path)
     committed = sorted(p.name for p in (DEMO / "tables").iterdir())
-    assert committed == sorted(written)
-    for name, path in written.items():
-        assert path.read_text() == (DEMO / "tables" / name).read_text(), name
+    assert committed == sorted(name for name in written if name != "summary.md")
+    for name in committed + ["summary.md"]:
+        expected = DEMO / ("summary.md" if name == "summary.md" else f"tables/{name}")
+        assert written[name].read_bytes() == expected.read_bytes(), f"{expected} differs from the regenerated {name}"
 
 
 def test_committed_summary_follows_from_the_csv_and_the_targets_hold():

@@ -21,6 +21,7 @@ Building is deterministic and cached (``stablemtl_base.json``).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, albedo_valid_mask, get_task,
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILD_FILE = "stablemtl_base.json"
-BUILD_VERSION = 2
+BUILD_VERSION = 3  # 3: the UNet pretrained as a latent diffusion prior; scene words in the tokenizer
 
 
 class BaseModelError(ValueError):
@@ -188,10 +189,19 @@ def _byte_alphabet() -> list[str]:
 
 
 def build_tokenizer(words=None):
-    """A CLIP tokenizer whose vocabulary holds every prompt word as one token (merges built letter by letter)."""
+    """A CLIP tokenizer whose vocabulary holds every prompt word as one token.
+
+    Each word's merges join it from its end (``"t</w>"``, then ``"et</w>"``, ...): every merge's right
+    part ends a word, so no merge can fire inside another word and each word becomes one token
+    whatever the other words are (merges from the start would let one word's first letters split
+    another word)."""
     from transformers import CLIPTokenizer
 
-    words = sorted({w for t in TASK_NAMES for w in get_task(t).prompt.split()} if words is None else set(words))
+    if words is None:  # the task prompts' words and the scene prompts' of the tiny base's prior
+        from stablemtl.model.prior import prompt_words
+
+        words = {w for t in TASK_NAMES for w in get_task(t).prompt.split()} | set(prompt_words())
+    words = sorted(set(words))
     alphabet = _byte_alphabet()
     vocab = {}
     for token in alphabet + [c + "</w>" for c in alphabet]:
@@ -199,10 +209,10 @@ def build_tokenizer(words=None):
     merges = []
     for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merge = (current, piece)
-            current = current + piece
+        current = pieces[-1]
+        for piece in reversed(pieces[:-1]):
+            merge = (piece, current)
+            current = piece + current
             if merge not in merges:
                 merges.append(merge)
             vocab.setdefault(current, len(vocab))
@@ -441,8 +451,17 @@ def make_tiny_base(cfg: dict, seed: int, progress: bool = True) -> tuple[Base, d
                        for it in items])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     report = vae_report(vae, cfg, seed)
-    base = Base(unet, vae.requires_grad_(False), text_encoder.requires_grad_(False), tokenizer,
-                DDIMScheduler(prediction_type="sample"))
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    scheduler = DDIMScheduler(prediction_type="sample")
+    if cfg.get("prior_steps"):  # the generative prior: the UNet trained as a latent diffusion model
+        from stablemtl.model import prior
+
+        untrained = copy.deepcopy(unet)
+        report["prior"] = {"training": prior.pretrain_prior(unet, vae, text_encoder, tokenizer, cfg, seed, progress),
+                           "held_out": prior.prior_report(unet, untrained, vae, text_encoder, tokenizer, cfg, seed)}
+        scheduler = prior.make_scheduler()
+    base = Base(unet, vae, text_encoder, tokenizer, scheduler)
     n_params = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters()),
                 "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
     info = {"seconds": round(time.perf_counter() - start, 1), "parameters": n_params, "vae_training": training,
@@ -490,9 +509,39 @@ def save_base(base: Base, out_dir, info: dict | None = None) -> Path:
     return out_dir
 
 
-def build_tiny_base(out_dir, preset="demo", progress: bool = True) -> Path:
-    """Build the tiny base of ``preset`` in ``out_dir`` (replacing an earlier one); returns ``out_dir``.
-    (``stablemtl run`` skips stage 02 when the base was built with the same parameters.)"""
+def committed_base(name: str) -> Path | None:
+    """The built base committed with the kit for preset ``name`` (``<checkout>/bases/<name>``), or None."""
+    import stablemtl
+
+    folder = Path(stablemtl.__file__).resolve().parents[1] / "bases" / name
+    return folder if (folder / BUILD_FILE).is_file() and (folder / "model_index.json").is_file() else None
+
+
+def _install_committed(committed: Path, out_dir: Path) -> Path:
+    """Copy the committed base into ``out_dir`` (atomically, as ``save_base`` writes)."""
+    import shutil
+
+    from stablemtl.guard import claim, is_own, write_marker
+
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    if tmp.exists() and (is_own(tmp) or is_built_base(tmp)):
+        shutil.rmtree(tmp)
+    claim(tmp, "base")  # refuses a foreign folder there; the copy goes into the kit's marked folder
+    shutil.copytree(committed, tmp, dirs_exist_ok=True)
+    write_marker(tmp, "base")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def build_tiny_base(out_dir, preset="demo", progress: bool = True, rebuild: bool = False) -> Path:
+    """Make the tiny base of ``preset`` in ``out_dir`` (replacing an earlier one); returns ``out_dir``.
+
+    When the kit carries a built base for the preset (``committed_base``) built with the same
+    parameters, it is copied (seconds; every run of every machine starts from the same weights);
+    otherwise, or with ``rebuild``, the base is built from scratch with the same recipe (minutes).
+    (``stablemtl run`` skips stage 02 when the base was made with the same parameters.)"""
     from stablemtl.presets import load_preset
 
     config = load_preset(preset)
@@ -506,6 +555,17 @@ def build_tiny_base(out_dir, preset="demo", progress: bool = True) -> Path:
 
         claim(out_dir, "base", is_built_base)
     params = {"base": cfg, "seed": seed, "version": BUILD_VERSION}
+    committed = None if rebuild else committed_base(str(config.get("name", preset)))
+    if committed is not None:
+        recorded = build_report(committed).get("params")
+        if recorded == json.loads(json.dumps(params)):
+            _install_committed(committed, out_dir)
+            if progress:
+                print(f"the kit's built base {committed} copied to {out_dir} (`stablemtl base --rebuild` builds "
+                      f"it from scratch)\n" + format_build_report(build_report(out_dir)))
+            return out_dir
+        print(f"{committed} was built with other parameters than preset {config.get('name', preset)!r}'s; "
+              f"building the base from scratch", flush=True)
     base, info = make_tiny_base(cfg, seed, progress)
     save_base(base, out_dir, {"params": params, **info})
     if progress:
@@ -513,11 +573,11 @@ def build_tiny_base(out_dir, preset="demo", progress: bool = True) -> Path:
     return out_dir
 
 
-def prepare_base(study, progress: bool = True) -> Path:
-    """Stage 02: build the tiny base of a ``smoke``/``demo`` run, or load and check the SD2 weights of
-    a ``paper`` run; returns the base directory."""
+def prepare_base(study, progress: bool = True, rebuild: bool = False) -> Path:
+    """Stage 02: make the tiny base of a ``smoke``/``demo`` run (the committed one, or built:
+    ``build_tiny_base``), or load and check the SD2 weights of a ``paper`` run; returns the base directory."""
     if study.procedural:
-        return build_tiny_base(study.base_dir, study.preset, progress=progress)
+        return build_tiny_base(study.base_dir, study.preset, progress=progress, rebuild=rebuild)
     load_base(study.base_dir)  # configs checked, weights loaded: fails here rather than in training
     return study.base_dir
 
@@ -544,4 +604,12 @@ def format_build_report(info: dict) -> str:
              "VAE ceiling (encoded-then-decoded ground truth as the prediction):"]
     for task, values in info["vae_ceiling"].items():
         lines.append("  " + task.ljust(13) + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    if "prior" in info:
+        held = info["prior"]["held_out"]
+        lines.append(f"generative prior: {info['prior']['training']['steps']} steps on "
+                     f"{info['prior']['training']['images']} renders; held-out v-prediction loss at t = "
+                     + ", ".join(map(str, held["timesteps"])) + ": " + ", ".join(map(str, held["prior"]))
+                     + " (the same UNet at random initialisation: " + ", ".join(map(str, held["random_init"])) + ")")
+    else:
+        lines.append("no generative prior: the UNet is at random initialisation")
     return "\n".join(lines)
