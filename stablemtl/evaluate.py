@@ -544,6 +544,26 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
     _write_bytes(out_dir / HASH_FILE, (json.dumps(hashes, indent=1, sort_keys=True) + "\n").encode())
 
 
+def drop_stale_rows(out_dir, run: str, expected: dict[str, set[str]], log=print) -> int:
+    """Remove the rows of ``run`` whose model is a key of ``expected`` but whose seed is not in its set
+    (a seed the run no longer trains, or rows written before the seed column); both CSVs and their
+    hashes are rewritten. Returns the number of metric rows removed."""
+    from stablemtl.data.formats import _write_bytes
+
+    out_dir = Path(out_dir)
+    stale = lambda r: r["run"] == run and r["model"] in expected and r["seed"] not in expected[r["model"]]  # noqa: E731
+    tables = [_CsvRows(out_dir / "metrics.csv", METRIC_FIELDS), _CsvRows(out_dir / "per_sample.csv", SAMPLE_FIELDS)]
+    rows = [_read_or_set_aside(t) for t in tables]
+    dropped = sorted({(r["model"], r["seed"] or "none") for r in rows[0] if stale(r)})
+    if not dropped:
+        return 0
+    log(f"note: {out_dir / 'metrics.csv'}: removed the rows of " + ", ".join(f"{m} (seed {s})" for m, s in dropped)
+        + f" of run {run!r}: this evaluation has no such model and seed")
+    hashes = {t.path.name: t.write([r for r in table_rows if not stale(r)]) for t, table_rows in zip(tables, rows)}
+    _write_bytes(out_dir / HASH_FILE, (json.dumps(hashes, indent=1, sort_keys=True) + "\n").encode())
+    return sum(stale(r) for r in rows[0])
+
+
 def benchmarks_of(task: str) -> list[str]:
     return [name for name, b in BENCHMARKS.items() if b.task == task]
 
@@ -636,6 +656,9 @@ def evaluate_run(study, models=None, benchmarks=None, max_images=None, progress:
     common = dict(resolution=resolution, max_images=max_images, progress=progress, device=device, dtype=dtype,
                   **{k: v for k, v in (("silog", silog), ("flow_scoring", flow_scoring)) if v is not None})
     study.results_dir.mkdir(parents=True, exist_ok=True)
+    expected = {name: {""} if name in MODELS[:2] else
+                {seed_text(s) for folder, s in trained if row(folder) == name} for name in models}
+    drop_stale_rows(study.results_dir, study.run, expected)
     for name in models:
         if name in MODELS[:2]:
             source = "trivial" if name == "trivial" else ("vae_ceiling", load_base(study.base_dir))

@@ -157,3 +157,28 @@ def test_a_random_init_single_stream_has_the_same_architecture_and_no_prior(tiny
     assert all(torch.equal(made["prior"][k], pretrained[k]) for k in pretrained)
     with pytest.raises(ValueError, match="unet_init='random'"):
         TrainConfig(kind="multi_stream", unet_init="random").validate()
+
+
+def test_stage_05_drops_the_rows_of_seeds_the_run_no_longer_has(tmp_path):
+    import csv
+
+    from stablemtl.evaluate import METRIC_FIELDS, SAMPLE_FIELDS, _CsvRows, drop_stale_rows, edited_results
+
+    def row(model, seed, run="demo"):
+        return {"run": run, "model": model, "seed": seed, "benchmark": "kitti_depth", "dataset": "kitti_depth",
+                "task": "depth", "metric": "abs_rel", "value": "0.5", "higher_is_better": "False", "n_images": "3"}
+
+    rows = [row("trivial", ""), row("single_stream", ""), row("single_stream", "2024"), row("single_stream", "2025"),
+            row("multi_stream", "2025"), row("single_stream", "2025", run="other")]
+    _CsvRows(tmp_path / "metrics.csv", METRIC_FIELDS).write(rows)
+    _CsvRows(tmp_path / "per_sample.csv", SAMPLE_FIELDS).write([])
+    notes = []
+    removed = drop_stale_rows(tmp_path, "demo", {"trivial": {""}, "single_stream": {"2024"}}, log=notes.append)
+    assert removed == 2 and "single_stream (seed 2025), single_stream (seed none)" in notes[0]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        kept = [(r["run"], r["model"], r["seed"]) for r in csv.DictReader(f)]
+    # other models and other runs are left alone; the recorded hashes follow the rewrite
+    assert kept == [("demo", "trivial", ""), ("demo", "single_stream", "2024"), ("demo", "multi_stream", "2025"),
+                    ("other", "single_stream", "2025")]
+    assert edited_results(tmp_path) == []
+    assert drop_stale_rows(tmp_path, "demo", {"single_stream": {"2024"}}, log=notes.append) == 0 and len(notes) == 1
