@@ -123,6 +123,8 @@ SPECS: dict[str, Spec] = {
     "tasks": Spec("names", choices=_tasks),
     "seed": Spec("int", low=0),
     "seeds": Spec("int", low=1),
+    "random_init": Spec("bool"),
+    "single_task": Spec("bool"),
     "unet_init": Spec("str", choices=("base", "random")),
     "normals": Spec("str", choices=_option("normals")),
     "invalid_targets": Spec("str", choices=_option("invalid_targets")),

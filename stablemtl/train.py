@@ -852,16 +852,19 @@ def train_stage(study: Study, kind: str, progress: bool = True, name: str | None
     return trainer.save_model()
 
 
-def stage_jobs(study: Study, kind: str, seeds: int | None = None, **knobs) -> list[tuple[str, dict]]:
+def stage_jobs(study: Study, kind: str, seeds: int | None = None, random_init: bool | None = None,
+               single_task: bool | None = None, **knobs) -> list[tuple[str, dict]]:
     """The trainings of stage 03 (``kind="single_stream"``) or 04 (``"multi_stream"``): (folder name,
-    overrides) for every seed of ``study.seeds(seeds, knobs["seed"])``. Stage 03 also trains, as the preset's ``study``
-    section asks, the ablation ``single_stream_random`` (the same training from a random UNet: the
-    generative prior's effect) per seed, and with the first seed one single-task baseline per task
-    (``single_task_<task>``: the same recipe for the steps the task gets in the joint run, which
-    gives each optimizer step to one task in turn)."""
+    overrides) for every seed of ``study.seeds(seeds, knobs["seed"])``. Stage 03 also trains, as
+    ``random_init`` and ``single_task`` say (None: the preset's ``study`` section), the ablation
+    ``single_stream_random`` (the same training from a random UNet: the generative prior's effect)
+    per seed, and with the first seed one single-task baseline per task (``single_task_<task>``: the
+    same recipe for the steps the task gets in the joint run, which gives each optimizer step to one
+    task in turn)."""
     from stablemtl.paths import RANDOM_INIT, SINGLE_TASK
 
     options, all_seeds = study.options, study.seeds(seeds, knobs.get("seed"))
+    options.update({k: v for k, v in (("random_init", random_init), ("single_task", single_task)) if v is not None})
     knobs = {k: v for k, v in knobs.items() if v is not None and k != "seed"}
     jobs = []
     for seed in all_seeds:
@@ -878,11 +881,12 @@ def stage_jobs(study: Study, kind: str, seeds: int | None = None, **knobs) -> li
 
 
 def train_stage_all(study: Study, kind: str, seeds: int | None = None, progress: bool = True,
+                    random_init: bool | None = None, single_task: bool | None = None,
                     **knobs) -> dict[tuple[str, int], Path]:
     """Stage 03 or 04: every training of ``stage_jobs``, in order; returns (name, seed) -> model folder.
     Each one resumes or skips as ``train_stage`` does, so a killed stage goes on where it stopped."""
     out = {}
-    jobs = stage_jobs(study, kind, seeds, **knobs)
+    jobs = stage_jobs(study, kind, seeds, random_init, single_task, **knobs)
     for i, (name, overrides) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {name}, seed {overrides['seed']}", flush=True)
         out[(name, overrides["seed"])] = train_stage(study, kind, progress, name, **overrides)

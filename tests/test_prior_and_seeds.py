@@ -115,7 +115,8 @@ def test_stage_jobs_train_each_seed_the_ablation_and_one_baseline_per_task():
     from stablemtl.train import stage_jobs, train_config
 
     study = context("demo")
-    jobs = stage_jobs(study, "single_stream", seeds=2)
+    assert [n for n, _ in stage_jobs(study, "single_stream")] == ["single_stream", "single_stream_random"]
+    jobs = stage_jobs(study, "single_stream", seeds=2, single_task=True)
     names = [(name, o["seed"]) for name, o in jobs]
     assert names[:4] == [("single_stream", 2024), ("single_stream_random", 2024), ("single_stream", 2025),
                          ("single_stream_random", 2025)]
@@ -131,8 +132,8 @@ def test_stage_jobs_train_each_seed_the_ablation_and_one_baseline_per_task():
     assert [(n, o["seed"]) for n, o in multi] == [("multi_stream", 2024), ("multi_stream", 2025)]
     assert train_config(study, "multi_stream", **multi[1][1]).init == str(study.model_dir("single_stream", 2025))
     # with tasks given, the baselines are those tasks' only
-    assert [n for n, _ in stage_jobs(study, "single_stream", tasks=["depth"])] == [
-        "single_stream", "single_stream_random", "single_task_depth"]
+    assert [n for n, _ in stage_jobs(study, "single_stream", single_task=True, random_init=False, tasks=["depth"])] == [
+        "single_stream", "single_task_depth"]
 
 
 def test_a_random_init_single_stream_has_the_same_architecture_and_no_prior(tiny_base_dir, tmp_path):
