@@ -235,6 +235,11 @@ def _pm(s: Stat | None, factor: float = 1.0, digits: int = 4) -> str:
     return mean if s.n < 2 else f"{mean} ± {_fmt(s.std * factor, 2)}"
 
 
+def _seeds_cell(rows: list[dict], model: str) -> str:
+    """The number of training seeds of ``model``'s rows; ``-`` for the seed-independent reference rows."""
+    return "-" if model in REFERENCES else str(len(seeds_of(rows, model)))
+
+
 def main_table(rows: list[dict], paper: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the main table: one headline metric per task, Delta_m % and the number of seeds."""
     stats = aggregate(rows)
@@ -243,7 +248,7 @@ def main_table(rows: list[dict], paper: bool = True) -> tuple[list[str], list[li
     for model in models_in(rows):
         cells = [model] + [_pm(stats.get((model, b, BENCHMARKS[b].headline)), factor) for b, _, factor in COLUMNS]
         dm = stat(total for total, _ in delta_m_per_seed(rows, model).values())
-        body.append(cells + [_pm(dm), str(len(seeds_of(rows, model)))])
+        body.append(cells + [_pm(dm), _seeds_cell(rows, model)])
     if paper:
         for name, numbers in PAPER_ROWS.items():
             body.append([f"paper: {name}"] + [_fmt(v) for v in numbers] + ["-"])
@@ -261,7 +266,7 @@ def benchmark_table(rows: list[dict], benchmark: str) -> tuple[list[str], list[l
     body = []
     for m in models_in(mine):
         images = "/".join(sorted({str(r["n_images"]) for r in mine if r["model"] == m}, key=seed_key))
-        body.append([m] + [_pm(stats.get((m, benchmark, k))) for k in names] + [images, str(len(seeds_of(mine, m)))])
+        body.append([m] + [_pm(stats.get((m, benchmark, k))) for k in names] + [images, _seeds_cell(mine, m)])
     return header, body
 
 

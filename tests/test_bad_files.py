@@ -291,6 +291,9 @@ def test_a_corrupt_metrics_csv_is_named_by_report_and_set_aside_by_evaluate(data
     assert {r["benchmark"] for r in E.read_metrics(out)} == {"mid_albedo", "mid_shading"}
 
 
+METRIC_VALUE = E.METRIC_FIELDS.index("value")
+
+
 def test_tables_from_an_edited_metrics_csv_carry_a_warning(tmp_path, capsys):
     for name in ("metrics.csv", E.HASH_FILE):
         shutil.copy(DEMO / name, tmp_path / name)
@@ -299,12 +302,17 @@ def test_tables_from_an_edited_metrics_csv_carry_a_warning(tmp_path, capsys):
     for name, path in written.items():
         assert path.read_text() == (DEMO / "tables" / name).read_text(), name
     metrics = tmp_path / "metrics.csv"
-    metrics.write_text(metrics.read_text().replace("0.08801", "0.09801", 1))  # a hand edit
+    lines = metrics.read_text().splitlines(keepends=True)  # a hand edit: the trivial row's KITTI flow EPE
+    i = next(i for i, line in enumerate(lines) if line.startswith("demo,trivial,,kitti_flow,") and ",epe," in line)
+    fields = lines[i].split(",")
+    fields[METRIC_VALUE] = "7.5"
+    lines[i] = ",".join(fields)
+    metrics.write_text("".join(lines))
     written = report.write_report(tmp_path, run="demo")
     printed = capsys.readouterr().out
     assert f"WARNING: {metrics} was changed after evaluate wrote it" in printed
     assert "> WARNING: " in written["main.md"].read_text() and "% WARNING: " in written["main.tex"].read_text()
-    assert "9.801" in written["main.md"].read_text()  # the edited number is used all the same
+    assert "| trivial | 3.889 | 64.16 | 68.58 | 7.5 |" in written["main.md"].read_text()  # used all the same
     assert f"WARNING: {metrics} was changed" in (tmp_path / "summary.md").read_text()
 
 
