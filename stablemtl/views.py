@@ -101,9 +101,13 @@ def plot_prior_samples(study: Study, per_prompt: int = 3, steps: int = 30, guida
     from stablemtl.paths import require
 
     require(study, "02")
-    base = load_base(study.base_dir)
+    if not study.procedural:
+        print(f"{study.base_dir}: Stable Diffusion 2, whose prior is the published one (not drawn here)")
+        return None
     if "prior" not in build_report(study.base_dir):
-        raise ValueError(f"{study.base_dir} has no generative prior (its preset's model.base sets no prior_steps)")
+        print(f"{study.base_dir}: no generative prior (the preset's model.base sets no prior_steps)")
+        return None
+    base = load_base(study.base_dir)
     h, w = (study.preset["model"]["base"]["vae_size"])
     kinds = [(k, d) for k in synthetic.KINDS for d in synthetic.DOMAINS]
     prompts = [prior.scene_prompt(k, d) for k, d in kinds]
