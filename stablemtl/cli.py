@@ -6,8 +6,9 @@
 check. ``stablemtl data`` and ``stablemtl base`` run the first two stages'
 work directly; ``stablemtl prepare`` turns a raw dataset download into the
 layout the loaders read, ``stablemtl convert-release`` a released StableMTL
-checkpoint into a pipeline folder, and ``stablemtl predict`` runs a model on
-one's own images; ``stablemtl check`` checks the task encodings and
+checkpoint into a pipeline folder, ``stablemtl predict`` runs a model on
+one's own images, ``stablemtl rehearse`` runs the paper preset's code path end to end on
+real-size miniatures with nothing downloaded; ``stablemtl check`` checks the task encodings and
 ``stablemtl info`` prints the environment.
 """
 
@@ -175,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     from stablemtl.data.prepare import add_prepare_parser
     from stablemtl.model.release import add_convert_parser
     from stablemtl.predict import add_predict_parser
+    from stablemtl.rehearse import add_rehearse_parser
 
     add_prepare_parser(sub)  # raw downloads -> the layouts the loaders read
     add_convert_parser(sub)  # released StableMTL checkpoints -> pipeline folders
     add_predict_parser(sub)  # a model on one's own images
+    add_rehearse_parser(sub)  # the paper preset's code path on real-size miniatures, nothing downloaded
     sub.add_parser("check", help="check the task encodings on synthetic annotations").set_defaults(func=cmd_check)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)

@@ -78,3 +78,15 @@ def pin_cpu_threads(procedural: bool) -> int:
     elif not value and procedural and not torch.cuda.is_available():
         torch.set_num_threads(REFERENCE_THREADS)
     return torch.get_num_threads()
+
+
+def peak_memory(device=None) -> dict:
+    """This process's peak memory so far, in GiB: ``rss_gib`` (the resident set's high-water mark) and
+    ``cuda_gib`` (``torch.cuda.max_memory_allocated`` of ``device``, None off CUDA)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    dev = torch.device(device) if device is not None else None
+    cuda = torch.cuda.max_memory_allocated(dev) / 1024 ** 3 if dev is not None and dev.type == "cuda" else None
+    return {"peak_rss_gib": round(rss / 1024 ** 3, 3), "cuda_peak_gib": None if cuda is None else round(cuda, 3)}

@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import re
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ from stablemtl.tasks import FLOW_TASKS, get_task, to_grey
 PROTOCOL_VERSION = 2
 CACHE_FILE = "cache.json"
 HASH_FILE = "results.sha256.json"  # {csv name: sha256 of the file as evaluate wrote it}
+# {"model|seed|benchmark": images predicted (not read from the cache) and their seconds, device, peak memory}
+TIMING_FILE = "evaluate_timing.json"
 # what reading a truncated or corrupt .npz raises (zip, pickle-free numpy header, missing array)
 _NPZ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError)
 
@@ -285,6 +288,7 @@ class _Predictor:
         from stablemtl.model.streams import load_model, module_fingerprint
 
         self.model, self.tasks, self.memo, self.restore = model, None, {}, None
+        self.timing = {"predicted": 0, "seconds": 0.0}  # of the benchmark being scored (``_score``)
         self.device = devices.resolve_device(device)
         if isinstance(model, tuple) and model and model[0] == "vae_ceiling":
             self.kind, self.frozen = "vae_ceiling", model[1]
@@ -344,8 +348,11 @@ class _Predictor:
         if task not in self.memo.get(key, {}):
             nxt = sample["rgb_next"][None] if "rgb_next" in sample else None
             tasks = [t for t in shared if nxt is not None or t not in FLOW_TASKS]
+            start = time.perf_counter()
             out = self.pipe(sample["rgb"][None], tasks=tasks, next_images=nxt).predictions
             self.memo[key] = {t: v.cpu() for t, v in out.items()}  # resized and scored on the CPU, as always
+            self.timing["predicted"] += 1  # pipeline calls (one per image for the benchmarks sharing it)
+            self.timing["seconds"] += time.perf_counter() - start
         out = self.memo[key].pop(task)
         if not self.memo[key]:
             del self.memo[key]  # every shared benchmark has taken its prediction
@@ -416,6 +423,7 @@ def _score(b: Benchmark, predictor: _Predictor, source, cache: Path, n: int, sha
     rows = []
     todo = [i for i in range(n) if not _is_cached(cache / f"{i:05d}.npz", source.entries[i][0])]
     samples = _Prefetch(source, todo, prefetch)
+    predictor.timing = {"predicted": 0, "seconds": 0.0}
     try:
         for i in tqdm(range(n), desc=f"{predictor.name} / {b.name}", disable=not progress, leave=False):
             rows += _score_one(b, predictor, source, samples, cache, i, shared, size, acc)
@@ -515,6 +523,9 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
     metric_rows = [r for r in _read_or_set_aside(metrics_csv) if not mine(r)]
     sample_rows = [r for r in _read_or_set_aside(samples_csv) if not mine(r)]
     size_of = lambda b: tuple((resolution or {}).get(b.name, b.resolution))  # noqa: E731
+    from stablemtl.data.formats import _write_bytes, read_json_if_present
+
+    timing = read_json_if_present(out_dir / TIMING_FILE)
     for b in benchmarks:
         if not predictor.predicts(b.task):
             raise ValueError(f"model {name!r} does not predict {b.task!r} (it has {predictor.tasks})")
@@ -531,6 +542,8 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
         _open_cache(cache, _cache_key(b, predictor.weights, source, size, predictor.normals, flow_scoring))
         n = len(source) if max_images is None else min(len(source), max_images)
         summary, n_images, rows = _score(b, predictor, source, cache, n, shared, size, silog, progress, prefetch)
+        timing[f"{name}|{seed}|{b.name}"] = {"resolution": list(size), "device": str(predictor.device),
+                                             **predictor.timing, **devices.peak_memory(predictor.device)}
         sample_rows += [{"run": run, "model": name, "seed": seed, **r} for r in rows]
         for metric, value in summary.items():
             if not isinstance(value, (list, tuple, dict, np.ndarray)):
@@ -539,9 +552,8 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
                                     "higher_is_better": metrics.HIGHER_IS_BETTER.get(metric, metric.startswith("iou_")),
                                     "n_images": n_images})
     hashes = {"metrics.csv": metrics_csv.write(metric_rows), "per_sample.csv": samples_csv.write(sample_rows)}
-    from stablemtl.data.formats import _write_bytes
-
     _write_bytes(out_dir / HASH_FILE, (json.dumps(hashes, indent=1, sort_keys=True) + "\n").encode())
+    _write_bytes(out_dir / TIMING_FILE, (json.dumps(timing, indent=1, sort_keys=True) + "\n").encode())
 
 
 def drop_stale_rows(out_dir, run: str, expected: dict[str, set[str]], log=print) -> int:

@@ -69,6 +69,7 @@ RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "output_d
 SAME_RESULT = ("num_workers", "prefetch_factor", "tensorboard")
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
+STATS_FILE = "train_stats.json"  # the device and the process's peak memory of the last training call
 
 
 class CheckpointMismatch(ValueError):
@@ -643,6 +644,12 @@ class Trainer:
                 self._after_step(rows, bar, mb, step_loss, lr, start, data_s, stop)
         self._append_log(rows)
         bar.close()
+        if self.accelerator.is_main_process:
+            from stablemtl.data.formats import _write_bytes
+            from stablemtl.devices import peak_memory
+
+            _write_bytes(self.out / STATS_FILE, (json.dumps({"device": str(self.accelerator.device),
+                                                             **peak_memory(self.accelerator.device)}) + "\n").encode())
         return {"step": self.step, "losses": losses}
 
     def _train_step(self, batches) -> tuple:
@@ -742,6 +749,62 @@ def train_config(study: Study, kind: str, name: str | None = None, **overrides) 
     return preset_config(study.preset, kind, **values)
 
 
+OPTIMIZER_STATE_BYTES = {"adam": 8, "adam_fused": 8, "adam8bit": 2}  # per trainable parameter: Adam's two moments
+
+
+def memory_count(config: TrainConfig) -> dict:
+    """The memory a training needs before any activation, counted from the base's component configs
+    (modules built on the meta device: nothing allocated), in GiB: the trainable UNet (and the multi
+    stream's task attention) in float32 with its gradients and optimizer state, and the frozen VAE,
+    text encoder (and the multi stream's auxiliary UNet) in float32, plus their bfloat16 copies with
+    ``mixed_precision="bf16"``. Keys: ``trainable`` and ``frozen`` (parameters), ``static_gib``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stablemtl.model.base import _read_config
+    from stablemtl.model.streams import TaskAttentionSites, attention_sites
+
+    base = Path(config.base)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    unet_config = _read_config(base, "unet")
+    latent = _read_config(base, "vae").get("latent_channels", 4)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(unet_config, in_channels=3 * latent))
+        frozen = count(AutoencoderKL.from_config(_read_config(base, "vae")))
+        frozen += count(CLIPTextModel(CLIPTextConfig(**_read_config(base, "text_encoder"))))
+        trainable = count(unet)
+        if config.kind == "multi_stream":
+            ta = config.task_attention
+            trainable += count(TaskAttentionSites(list(attention_sites(unet).items()), list(config.tasks),
+                                                  ta.get("query_hidden", 640), ta.get("heads", 4)))
+            frozen += count(unet)
+    per_trainable = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer]
+    per_frozen = 4 + (2 if config.mixed_precision == "bf16" else 0)
+    return {"trainable": trainable, "frozen": frozen, "bytes_per_trainable": per_trainable,
+            "bytes_per_frozen": per_frozen, "static_gib": (trainable * per_trainable + frozen * per_frozen) / 1024 ** 3}
+
+
+def check_cpu_memory(config: TrainConfig, available: int | None = None) -> dict:
+    """On the CPU, refuse a training whose counted memory (``memory_count``) exceeds the memory this
+    machine has available, with the numbers and what would fit, instead of meeting the OOM killer
+    hours in; returns the count. ``available``: bytes (default: psutil's available memory)."""
+    import psutil
+
+    count = memory_count(config)
+    available = psutil.virtual_memory().available if available is None else available
+    if count["static_gib"] * 1024 ** 3 <= available:
+        return count
+    adam8 = (count["trainable"] * (8 + OPTIMIZER_STATE_BYTES["adam8bit"]) + count["frozen"] * 4) / 1024 ** 3
+    raise StageError(
+        f"{config.kind} training does not fit in this machine's memory: it needs {count['static_gib']:.1f} GiB before "
+        f"any activation (counted from {config.base}: {count['trainable'] / 1e6:,.0f} M trainable parameters x "
+        f"{count['bytes_per_trainable']} bytes for the float32 weights, gradients and {config.optimizer} state, "
+        f"{count['frozen'] / 1e6:,.0f} M frozen parameters x {count['bytes_per_frozen']} bytes) and "
+        f"{available / 1024 ** 3:.1f} GiB is available. gradient_checkpointing and a smaller batch_per_device only "
+        f"reduce the activations on top of this; optimizer='adam8bit' (bitsandbytes) counts {adam8:.1f} GiB; "
+        f"otherwise train on a machine (or GPU) with more memory")
+
+
 def is_training_folder(folder: Path) -> bool:
     """An earlier kit training folder without a ``.stablemtl`` marker: a checkpoint and a log, or a model."""
     return ((folder / "checkpoint").is_dir() and (folder / "train_log.csv").is_file()) or \
@@ -820,6 +883,8 @@ def train_stage(study: Study, kind: str, progress: bool = True, name: str | None
         print(f"{out} holds a finished training; moved to {set_aside(out)}", flush=True)
         claim(out, "training")
     gpus = torch.cuda.device_count()
+    if not gpus:
+        check_cpu_memory(config)  # a clear refusal with the counted numbers, not the OOM killer
     if gpus > 1:
         config.validate(gpus)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=1))

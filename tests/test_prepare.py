@@ -23,10 +23,11 @@ from stablemtl.presets import load_preset
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Every raw miniature, prepared once (one worker): dataset -> (raw, out, manifest)."""
+    """Every converted dataset's raw miniature, prepared once (one worker): dataset -> (raw, out, manifest).
+    (The checked datasets' miniatures: tests/test_raw_real_size.py.)"""
     base = tmp_path_factory.mktemp("prepare")
     out = {}
-    for dataset in R.RAW_DATASETS:
+    for dataset in P.CONVERTED:
         raw = R.write_raw_miniature(dataset, base / "raw" / dataset)
         manifest = P.prepare(dataset, raw, base / "out" / dataset, workers=1, progress=False)
         out[dataset] = (raw, base / "out" / dataset, manifest)
@@ -308,7 +309,7 @@ def test_parallel_workers_write_the_same_files(prepared, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 def test_a_wrong_raw_layout_names_the_first_missing_file_and_the_expected_tree(prepared, tmp_path):
-    copies = {d: shutil.copytree(prepared[d][0], tmp_path / d) for d in R.RAW_DATASETS}
+    copies = {d: shutil.copytree(prepared[d][0], tmp_path / d) for d in P.CONVERTED}
     (copies["hypersim"] / "ai_001_002/images/scene_cam_00_geometry_hdf5/frame.0000.normal_world.hdf5").unlink()
     with pytest.raises(DatasetLayoutError, match=r"(?s)missing .*ai_001_002/images/scene_cam_00_geometry_hdf5/"
                                                  r"frame\.0000\.normal_world\.hdf5\. Expected:.*_detail/cam_ZZ"):

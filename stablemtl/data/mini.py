@@ -69,6 +69,9 @@ def _render(dataset: str, index: int, spec: dict, seed: int) -> tuple[dict, dict
         params = dict(kind=kind, seed=synthetic.stable_seed(seed, dataset, index), domain=domain, light_seed=light_seed)
     h, w = spec["size"]
     params.update(height=int(h), width=int(w))
+    for key in ("K", "render_scale"):  # a raw miniature's camera and ray spacing (the presets set neither)
+        if spec.get(key) not in (None, 1):
+            params[key] = spec[key]
     return synthetic.render_sample(**params), params
 
 
@@ -174,15 +177,19 @@ def _write_kitti_flow(root: Path, i: int, s: dict, spec: dict):
     name = f"{i:06d}"
     formats.write_rgb(root / f"training/image_2/{name}_10.png", _u8(s["rgb"]))
     formats.write_rgb(root / f"training/image_2/{name}_11.png", _u8(s["rgb_next"]))
+    # KITTI's 16-bit PNGs hold |flow| <= 32767 / 64 px and disparities <= 65535 / 256 px: a point
+    # beyond (at the real size, a car passing close to the camera) is left unannotated, as in KITTI
     defined = s["flow_defined"]
-    formats.write_kitti_flow(root / f"training/flow_occ/{name}_10.png", s["optical_flow"], defined)
+    fits = defined & (np.abs(s["optical_flow"]) <= 32767 / 64).all(-1)
+    formats.write_kitti_flow(root / f"training/flow_occ/{name}_10.png", s["optical_flow"], fits)
     K = s["K"]
     fb = K[0, 0] * KITTI_BASELINE
     hit = s["depth"] > 0
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         disp0 = np.where(hit, fb / np.where(hit, s["depth"], 1.0), np.nan)
         z2 = s["depth"] + s["scene_flow"][..., 2]  # the point's depth in camera 2 at time 2
         disp1 = np.where(defined, fb / np.where(defined, z2, 1.0), np.nan)
+        disp0, disp1 = (np.where(d <= 65535 / 256, d, np.nan) for d in (disp0, disp1))
     formats.write_kitti_disparity(root / f"training/disp_occ_0/{name}_10.png", disp0)
     formats.write_kitti_disparity(root / f"training/disp_occ_1/{name}_10.png", disp1)
     P = np.array([[K[0, 0], 0, K[0, 2], 0], [0, K[1, 1], K[1, 2], 0], [0, 0, 1, 0]])

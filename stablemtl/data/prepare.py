@@ -25,9 +25,11 @@ last. Frames run in a process pool (``workers``). Outputs are a pure function of
 inputs, so a killed and resumed preparation writes the same bytes as an uninterrupted one.
 
 A raw tree written by ``stablemtl.data.raw.write_raw_miniature`` carries
-``stablemtl_raw.json`` with the camera of the procedural world at its reduced size;
-its numbers then replace the real datasets' intrinsics, and the output gets the
-loader overrides (``stablemtl_dataset.json``'s ``geometry``). Real downloads have no such file.
+``stablemtl_raw.json`` with the camera of the procedural world at its reduced size
+(for KITTI: the benchmark crop, to scale); its numbers then replace the real datasets'
+intrinsics, and the output gets the loader overrides (``stablemtl_dataset.json``'s
+``geometry``). At the real datasets' sizes (``raw.REAL_SIZES``) a miniature has the real
+cameras and crops and carries none. Real downloads have no such file.
 """
 
 from __future__ import annotations
@@ -799,7 +801,8 @@ def _check(dataset: str, raw: Path, eigen_list=None) -> dict:
         shown = "\n".join(f"  - {p}" for p in problems)
         raise _layout_error(f"{dataset}: {len(problems)} problem(s) in {raw}:\n{shown}\n"
                             f"Expected:\n{RAW_TREES[dataset]}")
-    return dict(numbers={}, records={}, lists=build, geometry={}, extra=counts)
+    geometry = _raw_meta(raw).get("geometry") or {}  # a procedural miniature's crops at its size (KITTI's)
+    return dict(numbers={}, records={}, lists=build, geometry=geometry, extra=counts)
 
 
 # --------------------------------------------------------------------------- the entry point

@@ -2,7 +2,7 @@
 
 ``write_raw_miniature(dataset, root)`` renders a few samples with
 ``stablemtl.data.synthetic`` and writes them in the *raw* layout and formats that
-``stablemtl.data.prepare`` converts (``prepare.RAW_TREES``), so that every
+``stablemtl.data.prepare`` converts or checks (``prepare.RAW_TREES``), so that every
 preparation can run, and be checked against the world's ground truth, without
 the real downloads:
 
@@ -20,10 +20,25 @@ the real downloads:
   change PFMs (negated, as the subset stores them; baseline 1), ``.flo`` flow, occlusion
   PNGs; the last sample goes to ``val/``; sample 0 has one pixel of 600 px flow.
 - ``mid``: MID test EXRs (half float; exposure x the linear render) and one ``albedo.exr`` per scene.
+- ``cityscapes``, ``kitti_depth``, ``kitti_flow``, ``diode``: the downloads' own layouts
+  (``stablemtl.data.mini``'s writers) without the split lists, which ``prepare`` builds;
+  ``kitti_depth`` has the official-style Eigen list ``eigen_test_files_with_gt.txt``
+  (rgb, ground truth or ``None``, focal) at the tree's root, to pass as ``eigen_list=``,
+  with one image that has no ground truth.
 
-Each root gets ``stablemtl_raw.json``: the world's camera at this size (the loader
-overrides ``prepare`` copies into the output) and, per output sample id, the
-render parameters and what was done to it, so tests can re-render the ground truth.
+Sizes are (height, width). ``REAL_SIZES`` holds the real datasets' own; at that size
+the training datasets are rendered through the real dataset's camera (the release's
+intrinsics, ``prepare.HYPERSIM`` / ``VKITTI`` / ``FT3D``: within 0.05 % of the world's
+focal) and KITTI keeps the real benchmark crop, so the tree needs no geometry override:
+``prepare`` and the loaders run on their own constants, as on the downloads. At any other
+size the world's camera is used and recorded. ``render_scale`` s casts one ray per
+s x s block and upsamples (``synthetic.render_sample``): the real sizes in seconds.
+
+Each root gets ``stablemtl_raw.json``: ``geometry`` (the loader overrides ``prepare``
+copies into the output's ``stablemtl_dataset.json``; empty at the real size),
+``render_scale``, ``camera`` (``world`` or ``real``) and, per output sample id, the render
+parameters (``synthetic.render_sample(**render)`` renders the sample again) and what
+was done to it, so tests can compare a prepared sample with the world's ground truth.
 """
 
 from __future__ import annotations
@@ -35,25 +50,62 @@ from pathlib import Path
 import numpy as np
 
 from stablemtl.data import formats, mini, synthetic
+from stablemtl.data import prepare as _prepare
 
-RAW_DATASETS = ("hypersim", "vkitti", "flying_things_3d", "mid")
-DEFAULTS = {  # (samples, [height, width]); MID: scenes x 2 lights
+RAW_DATASETS = _prepare.DATASETS  # all eight: the four converted, then the four checked
+DEFAULTS = {  # (samples, (height, width)); MID: scenes x 2 lights
     "hypersim": (4, (24, 32)),
     "vkitti": (2, (32, 104)),
     "flying_things_3d": (3, (36, 64)),
     "mid": (2, (24, 32)),
+    "cityscapes": (3, (64, 128)),
+    "kitti_depth": (3, (36, 112)),
+    "kitti_flow": (3, (36, 112)),
+    "diode": (4, (48, 64)),  # every second sample outdoor
 }
+REAL_SIZES = {  # (height, width) of the real datasets' images
+    "hypersim": (768, 1024),
+    "vkitti": (375, 1242),
+    "flying_things_3d": (540, 960),
+    "cityscapes": (1024, 2048),
+    "kitti_depth": (375, 1242),  # KITTI's frames are 370..376 x 1224..1242; 375 x 1242 the most common
+    "kitti_flow": (375, 1242),
+    "diode": (768, 1024),
+    "mid": (1000, 1500),  # dir_K_mip2: the 4000 x 6000 captures at mip level 2
+}
+KB_CROP = (352, 1216)  # KITTI's benchmark crop of 375 x 1242 (sources.KittiDepth.geometry)
 METERS_PER_ASSET_UNIT = 0.0254  # Evermotion scenes are modelled in inches
 
 
-def _hypersim(root: Path, count: int, size: tuple[int, int], seed: int) -> dict:
+def real_camera(dataset: str) -> np.ndarray | None:
+    """The real dataset's intrinsics at ``REAL_SIZES[dataset]`` as ``prepare`` and the loaders assume
+    them (the release's numbers), for the training datasets; ``None`` for the others (their
+    cameras come with the files, or are not needed)."""
+    hypersim = _prepare.HYPERSIM
+    n = {"hypersim": (hypersim["focal"], (hypersim["width"] - 1) / 2, (hypersim["height"] - 1) / 2),
+         "vkitti": (_prepare.VKITTI["fx"], _prepare.VKITTI["cx"], _prepare.VKITTI["cy"]),
+         "flying_things_3d": (_prepare.FT3D["focal"], _prepare.FT3D["cx"], _prepare.FT3D["cy"])}.get(dataset)
+    return None if n is None else np.array([[n[0], 0, n[1]], [0, n[0], n[2]], [0, 0, 1.0]])
+
+
+def _spec(dataset: str, count: int, size: tuple[int, int], scale: int, real: bool) -> dict:
+    """``mini``'s writer spec: size and count, the ray spacing and, at the real size, the real camera."""
     h, w = size
+    spec = {"size": [h, w], "count": count, "render_scale": scale}
+    if real and real_camera(dataset) is not None:
+        spec["K"] = real_camera(dataset).tolist()
+    return spec
+
+
+def _hypersim(root: Path, spec: dict, seed: int) -> dict:
+    h, w = spec["size"]
     samples, keyframes, rows = {}, {}, []
     focal = None
-    for i in range(count):
+    for i in range(spec["count"]):
         scene, camera, frame = f"ai_001_{1 + i // 2:03d}", "cam_00", i % 2
         params = dict(kind="indoor", seed=synthetic.stable_seed(seed, "raw_hypersim", i), domain="train",
                       height=h, width=w)
+        params.update({k: spec[k] for k in ("K", "render_scale") if spec.get(k) not in (None, 1)})
         s = synthetic.render_sample(**params)
         K = s["K"]
         focal = float(K[0, 0])
@@ -112,10 +164,9 @@ def _hypersim(root: Path, count: int, size: tuple[int, int], seed: int) -> dict:
     return {"geometry": {"focal": focal, "size": [h, w]}, "samples": samples}
 
 
-def _vkitti(root: Path, count: int, size: tuple[int, int], seed: int) -> dict:
-    spec = {"size": list(size), "count": count}
+def _vkitti(root: Path, spec: dict, seed: int) -> dict:
     samples = {}
-    for i in range(count):
+    for i in range(spec["count"]):
         sample, params = mini._render("vkitti", i, spec, seed)
         _, sample_id = mini._write_vkitti(root, i, sample, spec)
         samples[sample_id] = {"render": params}
@@ -123,16 +174,17 @@ def _vkitti(root: Path, count: int, size: tuple[int, int], seed: int) -> dict:
     return {"geometry": mini._geometry("vkitti", spec, seed), "samples": samples}
 
 
-def _flying_things_3d(root: Path, count: int, size: tuple[int, int], seed: int) -> dict:
-    h, w = size
-    spec = {"size": [h, w], "count": count, "crop": [h - 4, w]}
+def _flying_things_3d(root: Path, spec: dict, seed: int) -> dict:
+    h, w = spec["size"]
+    count = spec["count"]
+    spec = {**spec, "crop": [h - 4, w]}  # 536 x 960 of 540 x 960, to scale
     geometry = dict(mini._geometry("flying_things_3d", spec, seed), baseline=1.0)
     samples = {}
     for i in range(count):
         s, params = mini._render("flying_things_3d", i, spec, seed)
         split = "val" if count > 1 and i == count - 1 else "train"
         number, top = 2 * i, root / split
-        fb = geometry["focal"] * geometry["baseline"]
+        fb = float(s["K"][0, 0]) * geometry["baseline"]
         depth = s["depth"].astype(np.float64)
         defined = s["flow_defined"]
         with np.errstate(divide="ignore"):
@@ -153,10 +205,10 @@ def _flying_things_3d(root: Path, count: int, size: tuple[int, int], seed: int) 
     return {"geometry": geometry, "samples": samples}
 
 
-def _mid(root: Path, count: int, size: tuple[int, int], seed: int) -> dict:
-    spec = {"scenes": count, "lights": 2, "size": list(size)}
+def _mid(root: Path, spec: dict, seed: int) -> dict:
+    spec = {**spec, "scenes": spec["count"], "lights": 2}
     samples = {}
-    for i in range(count * spec["lights"]):
+    for i in range(spec["scenes"] * spec["lights"]):
         s, params = mini._render("mid", i, spec, seed)
         scene, light = divmod(i, spec["lights"])
         folder = root / "test" / f"everett_room{scene:02d}"
@@ -168,25 +220,57 @@ def _mid(root: Path, count: int, size: tuple[int, int], seed: int) -> dict:
     return {"geometry": {}, "samples": samples}
 
 
-_WRITERS = {"hypersim": _hypersim, "vkitti": _vkitti, "flying_things_3d": _flying_things_3d, "mid": _mid}
+def _checked(dataset: str):
+    """The writer of an evaluation dataset: ``mini``'s, which writes the download's layout; its split
+    lines are dropped (``prepare`` builds the lists), but KITTI's Eigen list goes to the tree's root."""
+    def write(root: Path, spec: dict, seed: int) -> dict:
+        h, w = spec["size"]
+        if dataset.startswith("kitti"):  # the benchmark crop, to scale (352 x 1216 of 375 x 1242)
+            spec = {**spec, "kb_crop": [min(h, round(h * KB_CROP[0] / 375)), min(w, round(w * KB_CROP[1] / 1242))],
+                    "none_lines": 1}
+        samples, eigen = {}, []
+        for i in range(spec["count"]):
+            sample, params = mini._render(dataset, i, spec, seed)
+            lists, sample_id = mini._WRITERS[dataset](root, i, sample, spec)
+            eigen += lists.get("eigen_test_files_with_gt.txt", [])
+            samples[sample_id] = {"render": params}
+        if eigen:
+            formats._write_bytes(root / "eigen_test_files_with_gt.txt", ("\n".join(eigen) + "\n").encode())
+        geometry = {"kb_crop": spec["kb_crop"]} if "kb_crop" in spec else {}
+        return {"geometry": geometry, "samples": samples}
+    return write
 
 
-def write_raw_miniature(dataset: str, root, count: int | None = None, size=None, seed: int = 2024) -> Path:
+_WRITERS = {"hypersim": _hypersim, "vkitti": _vkitti, "flying_things_3d": _flying_things_3d, "mid": _mid,
+            **{d: _checked(d) for d in _prepare.CHECKED}}
+
+
+def write_raw_miniature(dataset: str, root, count: int | None = None, size=None, seed: int = 2024,
+                        render_scale: int = 1) -> Path:
     """Write the raw miniature of ``dataset`` into ``root`` (created; must be empty or absent) and
-    return it; ``count`` samples (MID: scenes, 2 lights each) of ``size`` = (height, width)."""
+    return it; ``count`` samples (MID: scenes, 2 lights each) of ``size`` = (height, width)
+    (default ``DEFAULTS[dataset]``; ``REAL_SIZES[dataset]`` for the real datasets' own), rendered
+    one ray per ``render_scale`` x ``render_scale`` block (``synthetic.render_sample``)."""
     if dataset not in _WRITERS:
-        raise ValueError(f"no raw miniature for {dataset!r}; valid: {', '.join(RAW_DATASETS)} "
-                         f"(the others need no conversion: stablemtl.data.mini writes them)")
+        raise ValueError(f"no raw miniature for {dataset!r}; valid: {', '.join(RAW_DATASETS)}")
+    if isinstance(render_scale, bool) or int(render_scale) != render_scale or render_scale < 1:
+        raise ValueError(f"render_scale must be an integer >= 1 (one ray per s x s pixels), got {render_scale!r}")
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; write a raw miniature into a new folder")
     default_count, default_size = DEFAULTS[dataset]
     count = default_count if count is None else int(count)
     size = tuple(int(v) for v in (size or default_size))
+    if len(size) != 2 or min(size) < 8:
+        raise ValueError(f"size must be (height, width) of at least 8 x 8, got {size}")
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    real = size == REAL_SIZES[dataset]
     root.mkdir(parents=True, exist_ok=True)
-    meta = _WRITERS[dataset](root, count, size, seed)
-    meta.update(dataset=dataset, count=count, size=list(size), seed=seed, world_version=mini.WORLD_VERSION)
-    from stablemtl.data.prepare import RAW_META
-
-    formats._write_bytes(root / RAW_META, json.dumps(meta, indent=1, sort_keys=True).encode())
+    meta = _WRITERS[dataset](root, _spec(dataset, count, size, int(render_scale), real), seed)
+    if real:  # the real camera and crops: prepare and the loaders need no override
+        meta["geometry"] = {}
+    meta.update(dataset=dataset, count=count, size=list(size), seed=seed, world_version=mini.WORLD_VERSION,
+                render_scale=int(render_scale), camera="real" if real and real_camera(dataset) is not None else "world")
+    formats._write_bytes(root / _prepare.RAW_META, json.dumps(meta, indent=1, sort_keys=True).encode())
     return root

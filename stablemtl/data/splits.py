@@ -94,19 +94,21 @@ def cityscapes_lines(root: Path) -> dict[str, list[str]]:
 
 
 def kitti_depth_lines(root: Path, eigen_list=None) -> dict[str, list[str]]:
-    """With ``eigen_list`` (the Eigen test file list: one image path per line, optional further
-    columns), follow it and write ``None`` where the ground truth is missing, as the release's list.
-    Without it, list every image with ground truth under ``root`` (not the official split)."""
+    """With ``eigen_list`` (the Eigen test file list: one image path per line, optionally the
+    ground truth and the focal length, as the release's ``eigen_test_files_with_gt.txt``), follow
+    it and write ``None`` where the ground truth is missing, as the release's list, keeping the
+    columns after the second (the focal). Without it, list every image with ground truth under
+    ``root`` (not the official split)."""
     if eigen_list is not None:
-        images = [line.split()[0] for line in Path(eigen_list).read_text().splitlines() if line.strip()]
+        rows = [line.split() for line in Path(eigen_list).read_text().splitlines() if line.strip()]
     else:
-        images = [_rel(root, p) for p in sorted(root.glob("*/*/image_02/data/*.png"))]
+        rows = [[_rel(root, p)] for p in sorted(root.glob("*/*/image_02/data/*.png"))]
     lines = []
-    for image in images:
+    for image, *rest in rows:
         drive, frame = image.split("/")[1], Path(image).name
         gt = f"{drive}/proj_depth/groundtruth/image_02/{frame}"
         if (root / gt).is_file() or eigen_list is not None:
-            lines.append(f"{image} {gt if (root / gt).is_file() else 'None'}")
+            lines.append(" ".join([image, gt if (root / gt).is_file() else "None", *rest[1:]]))
     return {"eigen_test_files_with_gt.txt": lines}
 
 

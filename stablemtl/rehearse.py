@@ -1,0 +1,752 @@
+"""``stablemtl rehearse``: the paper preset's own code path, every stage, with nothing downloaded.
+
+Before anyone downloads a terabyte of data and rents GPUs, one command runs what they will run:
+
+1. **raw data**: miniatures of the eight datasets in their *raw* layouts and formats, at the real
+   datasets' resolutions (``stablemtl.data.raw.REAL_SIZES``), ``--images`` frames each, rendered by
+   the procedural world (``render_scale``: rendered smaller, upsampled to the real size);
+2. **prepare**: ``stablemtl prepare <dataset> --raw ... --out $PREPROCESSED_DIR/...``, the command a
+   user runs on the downloads;
+3. **base**: a folder in the diffusers layout of ``stabilityai/stable-diffusion-2`` with SD2's configs
+   at a width factor (``--width``; 1.0 is SD2's exact size), random weights and the real SD2 (CLIP)
+   tokenizer (``stablemtl.model.base.write_sd2_base``);
+4. **stages 01 to 06**: ``stablemtl run --preset paper`` against those folders (``PREPROCESSED_DIR``,
+   ``BASE_CKPT_DIR``, ``OUTPUT_DIR``, ``RESULTS_DIR``), one stage per call, with the paper's
+   resolutions, crops, mixing, effective batch and evaluation protocol, only ``--steps`` optimizer
+   steps per stream, ``--images`` images per benchmark and, where memory needs it, a smaller
+   ``batch_per_device`` (stated in the report);
+5. **predict**: both trained streams on one 576 x 768 frame pair, all seven tasks in one call.
+
+It writes ``rehearsal.json`` and ``rehearsal.md`` into ``--out``: per stage the wall time, peak memory
+(the resident set of the stage's process tree on the CPU, read from the kernel's high-water mark;
+``torch.cuda.max_memory_allocated`` of the training and evaluation on a GPU), disk written, and done or
+the error; seconds per optimizer step and per micro-batch of each training (``train_log.csv``), seconds
+per image of the evaluation (``evaluate_timing.json``) and of the prediction. A stage that would exhaust
+the machine's memory is stopped by a watchdog and reported with the memory it reached, never left to
+the OOM killer. Each stage is resumable (the runner's ``done.json``, ``prepare``'s journal), so an
+interrupted rehearsal continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import stablemtl
+
+RUN_NAME = "rehearsal"
+REPORT_JSON, REPORT_MD = "rehearsal.json", "rehearsal.md"
+DEFAULTS = {"width": 0.1, "steps": 2, "images": 2, "render_scale": 4}
+PREDICT_SIZE = (576, 768)
+STAGE_KEYS = ("01", "02", "03", "04", "05", "06")
+GIB = 1024 ** 3
+SKIPPED = "kept from an earlier call"  # what a step's log says when it had nothing to do
+_SKIP_MARKS = (SKIPPED, "done, skipped (same parameters")  # the rehearsal's, and ``stablemtl run``'s
+
+
+class RehearsalError(ValueError):
+    """A bad argument or folder, found before anything is written (exit status 2)."""
+
+
+# --------------------------------------------------------------------------- memory and processes
+
+def _tree(pid: int) -> list:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _high_water(proc) -> int:
+    """A process's peak resident set in bytes (Linux ``VmHWM``), else its current one."""
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return proc.memory_info().rss
+    except Exception:  # noqa: BLE001 - the process ended between the listing and the read
+        return 0
+
+
+class Watch:
+    """Polls a child process tree while it runs: the peak resident set (the largest single process's
+    high-water mark, and the largest sum over the tree seen), and stops the tree with a clear record when
+    the machine's available memory falls below ``reserve`` bytes (instead of the OOM killer)."""
+
+    def __init__(self, pid: int, reserve: int, interval: float = 0.2, on_poll=None):
+        self.pid, self.reserve, self.interval, self.on_poll = pid, reserve, interval, on_poll
+        self.peak_process = self.peak_tree = 0
+        self.killed: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stablemtl-rehearse-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            procs = _tree(self.pid)
+            if procs:
+                marks = [_high_water(p) for p in procs]
+                rss = 0
+                for p in procs:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_process = max(self.peak_process, *marks)
+                self.peak_tree = max(self.peak_tree, rss)
+                available = psutil.virtual_memory().available
+                if available < self.reserve and self.killed is None:
+                    self.killed = (f"stopped by the rehearsal's memory watchdog: the machine had "
+                                   f"{available / GIB:.2f} GiB available (reserve {self.reserve / GIB:.2f} GiB) "
+                                   f"while this stage's processes held {rss / GIB:.2f} GiB")
+                    for p in reversed(procs):
+                        try:
+                            p.send_signal(signal.SIGKILL)
+                        except psutil.Error:
+                            pass
+            if self.on_poll is not None:
+                self.on_poll()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _memory_reserve() -> int:
+    """What the watchdog keeps free: 3 % of the machine's memory, at least 0.75 GiB."""
+    import psutil
+
+    return max(int(0.75 * GIB), int(0.03 * psutil.virtual_memory().total))
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):  # links are not followed: a checked dataset is counted once
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode("utf-8", "replace").replace("\r", "\n")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "WARNING" not in line and not line.startswith("$ ")]
+    return lines[-1][-70:] if lines else ""
+
+
+# --------------------------------------------------------------------------- the rehearsal
+
+class Rehearsal:
+    """The rehearsal's folders, settings and report; ``run()`` runs every step (module docstring)."""
+
+    def __init__(self, out, width: float = DEFAULTS["width"], steps: int = DEFAULTS["steps"],
+                 images: int = DEFAULTS["images"], device: str = "auto", batch_per_device: int | None = None,
+                 parameters: dict | None = None, render_scale: int = DEFAULTS["render_scale"],
+                 quiet: bool = False, seed: int = 2024):
+        self.out = Path(out).resolve()
+        self.width, self.steps, self.images = width, steps, images
+        self.device, self.batch_per_device = device, batch_per_device
+        self.parameters, self.render_scale = dict(parameters or {}), render_scale
+        self.quiet, self.seed = quiet, seed
+        self.raw, self.preprocessed = self.out / "raw", self.out / "preprocessed"
+        self.base_root = self.out / "base"
+        self.base = self.base_root / "stable-diffusion-2"
+        self.outputs, self.results = self.out / "outputs", self.out / "results"
+        self.logs = self.out / "logs"
+        self.report: dict = {}
+        self.previous: dict = {}  # the report of an earlier call into the same folder (a resumed rehearsal)
+
+    # ----------------------------------------------------------------- checks
+    def check(self) -> None:
+        """Every argument and the output folder, before anything is written (``RehearsalError``)."""
+        from stablemtl import devices
+        from stablemtl.guard import InputError, claim
+        from stablemtl.run import RunError, _check_parameters
+
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not self.width > 0 \
+                or self.width > 4:
+            raise RehearsalError(f"--width {self.width!r}: expected a number in (0, 4]; 1.0 is Stable Diffusion 2's "
+                                 f"exact size, {DEFAULTS['width']} (the default) a narrow copy for a quick check")
+        for name, value in (("--steps", self.steps), ("--images", self.images), ("--render-scale", self.render_scale)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RehearsalError(f"{name} {value!r}: expected a whole number >= 1")
+        if self.batch_per_device is not None and (not isinstance(self.batch_per_device, int)
+                                                  or 32 % max(1, self.batch_per_device) or self.batch_per_device < 1):
+            raise RehearsalError(f"--batch-per-device {self.batch_per_device!r}: expected a divisor of the paper's "
+                                 f"effective batch of 32 (1, 2, 4, 8, 16 or 32)")
+        try:
+            devices.resolve_device(None if self.device in (None, "auto") else self.device)
+        except ValueError as err:
+            raise RehearsalError(f"--device: {err}") from None
+        for key in ("iterations", "max_images", "batch_per_device", "device", "preset", "run_name"):
+            if key in self.parameters:
+                raise RehearsalError(f"-p {key}=...: the rehearsal sets {key} itself (use --steps, --images, "
+                                     f"--batch-per-device, --device)")
+        try:
+            _check_parameters(self._stage_names(), self.parameters)
+        except RunError as err:
+            raise RehearsalError(str(err)) from None
+        try:
+            claim(self.out, "rehearsal", lambda f: (f / REPORT_JSON).is_file(), create=False)
+        except InputError as err:
+            raise RehearsalError(str(err)) from None
+
+    @staticmethod
+    def _stage_names() -> list[str]:
+        from stablemtl.paths import STAGES
+
+        return list(STAGES)
+
+    # ----------------------------------------------------------------- settings
+    def _device(self) -> str:
+        from stablemtl import devices
+
+        return str(devices.resolve_device(None if self.device in (None, "auto") else self.device))
+
+    def _batch(self) -> int:
+        """``batch_per_device``: as given; else the paper's 16 on a GPU and 1 on the CPU (memory; the
+        effective batch stays the paper's 32, in more micro-batches)."""
+        if self.batch_per_device is not None:
+            return self.batch_per_device
+        return 16 if self._device().startswith("cuda") else 1
+
+    def environment(self) -> dict:
+        env = dict(os.environ, PREPROCESSED_DIR=str(self.preprocessed), BASE_CKPT_DIR=str(self.base_root),
+                   OUTPUT_DIR=str(self.outputs), RESULTS_DIR=str(self.results), PYTHONUNBUFFERED="1")
+        for variable in ("DATA_DIR", "BASE_DIR"):  # they would override the paper preset's folders
+            env.pop(variable, None)
+        device = self._device()
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # training picks the GPU whenever it sees one
+        elif device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        return env
+
+    def stage_parameters(self, key: str, models=None) -> list[str]:
+        """``-p`` arguments of ``stablemtl run --only <key>``: the rehearsal's and the user's own that the
+        stage's notebook declares."""
+        from stablemtl.paths import stage_name
+        from stablemtl.run import declared_parameters, notebook_dir
+
+        declared = declared_parameters(notebook_dir() / f"{stage_name(key)}.ipynb")
+        values = dict(self.parameters)
+        values.update(iterations=self.steps, batch_per_device=self._batch(), max_images=self.images,
+                      device="cuda" if self._device().startswith("cuda") else "cpu")
+        if models is not None:
+            values["models"] = models
+        out = []
+        for name, value in values.items():
+            if name in declared:
+                out += ["-p", f"{name}={json.dumps(value)}"]
+        return out
+
+    # ----------------------------------------------------------------- one step, in a child process
+    def _child(self, name: str, cmd: list[str]) -> dict:
+        """Run ``cmd`` with the rehearsal's environment, its output in ``logs/<name>.log``; returns the
+        step's record (status, wall time, peak memory, disk written, error)."""
+        from tqdm.auto import tqdm
+
+        from stablemtl.guard import die_with_parent
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name.replace(' ', '_')}.log"
+        before = _folder_bytes(self.out)
+        bar = tqdm(total=1, desc=f"rehearse: {name}", disable=self.quiet, leave=True,
+                   bar_format="{desc} [{elapsed}]{postfix}")
+        parent = os.getpid()
+        start = time.perf_counter()
+        with open(log, "w") as handle:
+            handle.write("$ " + " ".join(cmd) + "\n")
+            handle.flush()
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.environment(),
+                                    cwd=str(_project()), preexec_fn=lambda: die_with_parent(parent))
+            watch = Watch(proc.pid, _memory_reserve(), on_poll=lambda: bar.set_postfix_str(_last_line(log)))
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+            finally:
+                watch.stop()
+        wall = time.perf_counter() - start
+        bar.update()
+        bar.set_postfix_str("done" if code == 0 else f"FAILED (exit {code})")
+        bar.close()
+        record = {"status": "done" if code == 0 else "failed", "wall_s": round(wall, 1),
+                  "peak_rss_gib": round(watch.peak_process / GIB, 3),
+                  "peak_rss_tree_gib": round(watch.peak_tree / GIB, 3),
+                  "disk_written_gib": round((_folder_bytes(self.out) - before) / GIB, 4), "log": str(log)}
+        if code != 0:
+            record["exit"] = code
+            record["error"] = watch.killed or _error_of(log)
+        earlier = self.previous.get("stages", {}).get(name, {})
+        if code == 0 and earlier.get("status") == "done" and any(m in log.read_text(errors="replace")
+                                                                  for m in _SKIP_MARKS):
+            record = {**earlier, "kept": f"{SKIPPED}: its outputs were complete; the figures are that call's"}
+        return record
+
+    def _python(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "stablemtl.cli", *args]
+
+    # ----------------------------------------------------------------- the steps
+    def step_raw(self) -> dict:
+        cmd = [sys.executable, "-c", "import sys; from stablemtl.rehearse import write_raw; "
+               "write_raw(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))",
+               str(self.raw), str(self.images), str(self.render_scale), str(self.seed)]
+        return self._child("raw data", cmd)
+
+    def step_prepare(self) -> dict:
+        from stablemtl.data.prepare import DATASETS
+
+        records, status = {}, "done"
+        for dataset in DATASETS:  # each resumes (prepare's journal): a rerun converts nothing twice
+            cmd = self._python("prepare", dataset, "--raw", str(self.raw / dataset), "--quiet")
+            if dataset == "kitti_depth":
+                cmd += ["--eigen-list", str(self.raw / dataset / "eigen_test_files_with_gt.txt")]
+            records[dataset] = rec = self._child(f"prepare {dataset}", cmd)
+            if rec["status"] != "done":
+                status = "failed"
+                break
+        total = {"status": status, "wall_s": round(sum(r["wall_s"] for r in records.values()), 1),
+                 "peak_rss_gib": max(r["peak_rss_gib"] for r in records.values()),
+                 "disk_written_gib": round(sum(r["disk_written_gib"] for r in records.values()), 4),
+                 "datasets": records}
+        failed = [f"{d}: {r['error']}" for d, r in records.items() if r["status"] != "done"]
+        if failed:
+            total["error"] = failed[0]
+        return total
+
+    def step_base(self) -> dict:
+        cmd = [sys.executable, "-c", "import sys; from stablemtl.rehearse import write_base; "
+               "write_base(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))",
+               str(self.base), repr(float(self.width)), str(self.seed)]
+        return self._child("base", cmd)
+
+    def step_stage(self, key: str, models=None) -> dict:
+        from stablemtl.paths import stage_name
+
+        cmd = self._python("run", "--preset", "paper", "--run-name", RUN_NAME, "--only", key,
+                           *(["--quiet"] if self.quiet else []), *self.stage_parameters(key, models))
+        return self._child(stage_name(key), cmd)
+
+    def step_predict(self, kind: str, model_dir: Path) -> dict:
+        frames = self.out / "predict" / "frames"
+        out = self.out / "predict" / kind
+        cmd = [sys.executable, "-c", "import sys; from stablemtl.rehearse import measure_prediction; "
+               "measure_prediction(*sys.argv[1:])", str(model_dir), str(frames), str(out), self._device()]
+        record = self._child(f"predict {kind}", cmd)
+        result = out / "timing.json"
+        if record["status"] == "done" and result.is_file():
+            record.update(json.loads(result.read_text()))
+        return record
+
+    # ----------------------------------------------------------------- the whole
+    def run(self) -> dict:
+        from stablemtl.guard import claim
+
+        self.check()
+        claim(self.out, "rehearsal", lambda f: (f / REPORT_JSON).is_file())
+        self.report = self._header()
+        stages = self.report["stages"]
+        start = time.perf_counter()
+        steps = [("raw data", self.step_raw), ("prepare", self.step_prepare), ("base", self.step_base)]
+        for name, step in steps:
+            stages[name] = step()
+            self._write()
+            if stages[name]["status"] != "done":
+                return self._finish(start)
+        for key in STAGE_KEYS:
+            models = None
+            if key == "05" and stages.get("04_train_multi_stream", {}).get("status") != "done":
+                models = ["trivial", "single_stream"]  # the multi stream did not train: evaluate the rest
+            from stablemtl.paths import stage_name
+
+            record = self.step_stage(key, models)
+            stages[stage_name(key)] = record
+            self._write()
+            if record["status"] != "done" and key != "04":
+                return self._finish(start)
+        self._prediction(stages)
+        return self._finish(start)
+
+    def _prediction(self, stages: dict) -> None:
+        """Both streams on one 576 x 768 frame pair, all seven tasks (the multi stream assembled from the
+        trained single stream when its training did not run)."""
+        from stablemtl.paths import KINDS
+
+        frames = self.out / "predict" / "frames"
+        write_frames(self.preprocessed, frames)
+        trained = self.outputs / RUN_NAME
+        for kind in KINDS:
+            model = trained / kind / "model"
+            if kind == "multi_stream" and not (model / "stablemtl_model.json").is_file():
+                model = self.out / "predict" / "multi_stream_untrained"
+                if not (model / "stablemtl_model.json").is_file():
+                    assemble_multi_stream(trained / "single_stream" / "model", model)
+                stages.setdefault("notes", []).append(
+                    "predict multi_stream: the multi stream did not train, so its prediction was timed with a "
+                    "multi stream assembled from the trained single stream (task attention at initialisation)")
+            stages[f"predict {kind}"] = self.step_predict(kind, model)
+            self._write()
+
+    def _header(self) -> dict:
+        import psutil
+        import torch
+
+        previous = {}
+        if (self.out / REPORT_JSON).is_file():
+            try:
+                previous = json.loads((self.out / REPORT_JSON).read_text())
+            except (OSError, ValueError):
+                previous = {}
+        self.previous = previous if previous.get("settings", {}).get("width") == self.width else {}
+        device = self._device()
+        return {
+            "command": "stablemtl rehearse " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["rehearse"] else None,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": {"width": self.width, "steps": self.steps, "images": self.images,
+                         "batch_per_device": self._batch(), "effective_batch": 32, "device": device,
+                         "render_scale": self.render_scale, "seed": self.seed, "parameters": self.parameters},
+            "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
+                        "platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "stablemtl": stablemtl.__version__,
+                        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else
+                        platform.processor() or platform.machine()},
+            "folders": {"raw": str(self.raw), "preprocessed": str(self.preprocessed), "base": str(self.base),
+                        "outputs": str(self.outputs), "results": str(self.results / RUN_NAME)},
+            "stages": {}, "previous_runs": previous.get("previous_runs", 0) + bool(previous),
+        }
+
+    def _finish(self, start: float) -> dict:
+        self.report["wall_s"] = round(time.perf_counter() - start, 1)
+        self.report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.report.update(collect_figures(self.outputs / RUN_NAME, self.results / RUN_NAME))
+        self.report["ok"] = all(r.get("status") == "done" for k, r in self.report["stages"].items() if k != "notes")
+        self._write()
+        return self.report
+
+    def _write(self) -> None:
+        from stablemtl.data.formats import _write_bytes
+
+        _write_bytes(self.out / REPORT_JSON, (json.dumps(self.report, indent=1, default=str) + "\n").encode())
+        _write_bytes(self.out / REPORT_MD, format_report(self.report).encode())
+
+
+# --------------------------------------------------------------------------- the steps' own work (child processes)
+
+def write_raw(root, images: int, render_scale: int, seed: int = 2024) -> Path:
+    """Raw miniatures of the eight datasets at the real resolutions under ``root/<dataset>``; a dataset
+    already written (its ``stablemtl_raw.json`` present) is kept, a partial one written again."""
+    from tqdm.auto import tqdm
+
+    from stablemtl.data import raw
+    from stablemtl.data.prepare import DATASETS, RAW_META
+
+    root = Path(root)
+    kept = 0
+    for dataset in tqdm(DATASETS, desc="raw data", unit="dataset"):
+        folder = root / dataset
+        if (folder / RAW_META).is_file():
+            kept += 1
+            continue
+        if folder.exists():
+            shutil.rmtree(folder)  # a partial write of a killed rehearsal, inside the rehearsal's folder
+        tmp = root / f".{dataset}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw.write_raw_miniature(dataset, tmp, count=images, size=raw.REAL_SIZES[dataset], seed=seed,
+                                render_scale=render_scale)
+        tmp.rename(folder)
+    if kept == len(DATASETS):
+        print(f"{root}: {SKIPPED} (every dataset written by an earlier call)")
+    return root
+
+
+def write_base(folder, width: float, seed: int = 0) -> Path:
+    """The SD2-layout base at ``width`` (kept when it was written with the same width and seed)."""
+    from stablemtl.model.base import write_sd2_base
+
+    folder = Path(folder)
+    record = folder.parent / "rehearsal_base.json"
+    wanted = {"width": width, "seed": seed}
+    if (folder / "model_index.json").is_file() and record.is_file() and json.loads(record.read_text()) == wanted:
+        print(f"{folder}: {SKIPPED} (written earlier with width {width} and seed {seed})")
+        return folder
+    write_sd2_base(folder, width=width, seed=seed)
+    record.write_text(json.dumps(wanted) + "\n")
+    return folder
+
+
+def write_frames(preprocessed: Path, folder: Path) -> list[Path]:
+    """A 576 x 768 frame pair (the prepared FlyingThings3D frames 0 and 1, resized) for the prediction."""
+    import cv2
+
+    from stablemtl.data import formats
+    from stablemtl.data.sources import SOURCES
+
+    source = preprocessed / SOURCES["flying_things_3d"].root_hint / "train" / "image_clean"
+    files = sorted(source.glob("*.png"))[:2]
+    if len(files) < 2:
+        raise FileNotFoundError(f"{source}: expected a prepared frame pair for the prediction step")
+    out = []
+    for i, file in enumerate(files):
+        rgb = cv2.resize(formats.read_rgb(file), PREDICT_SIZE[::-1], interpolation=cv2.INTER_AREA)
+        out.append(formats.write_rgb(folder / f"frame_{i}.png", rgb))
+    return out
+
+
+def assemble_multi_stream(single_dir, out) -> Path:
+    """A multi stream made from a trained single stream (task attention at initialisation), saved to ``out``."""
+    from stablemtl.model.streams import MultiStream, load_model
+
+    single = load_model(single_dir, expect="single_stream")
+    MultiStream.from_single_stream(single).save_pretrained(out)
+    return Path(out)
+
+
+def measure_prediction(model_dir, frames, out, device) -> dict:
+    """Time one call of the pipeline on the first frame pair, every task of the model (``timing.json``
+    in ``out``; the pipeline's own outputs are written with ``stablemtl.predict`` afterwards)."""
+    import torch
+
+    from stablemtl.devices import resolve_device
+    from stablemtl.model.pipeline import StableMTLPipeline
+    from stablemtl.predict import load_image, predict
+
+    dev = resolve_device(device)
+    record = Path(model_dir) / "stablemtl_model.json"
+    made = {"model": str(Path(model_dir).resolve()), "model_written": record.stat().st_mtime_ns, "device": str(dev)}
+    earlier = Path(out) / "timing.json"
+    if earlier.is_file() and {k: json.loads(earlier.read_text()).get(k) for k in made} == made:
+        print(f"{out}: {SKIPPED} (the same model and device)")
+        return json.loads(earlier.read_text())
+    start = time.perf_counter()
+    pipe = StableMTLPipeline.from_pretrained(model_dir).to(dev)
+    load_s = time.perf_counter() - start
+    files = sorted(Path(frames).glob("*.png"))
+    rgb, nxt = (torch.from_numpy(load_image(f)[0]).permute(2, 0, 1)[None].to(dev)
+                for f in files[:2])
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = pipe(rgb, tasks=list(pipe.config.tasks), next_images=nxt)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    timing = {**made, "size": list(rgb.shape[-2:]), "tasks": sorted(result.predictions), "load_s": round(load_s, 2),
+              "s_per_image": round(time.perf_counter() - start, 2),
+              "cuda_peak_gib": round(torch.cuda.max_memory_allocated(dev) / GIB, 3) if dev.type == "cuda" else None}
+    del pipe
+    predict(files, model_dir, out=Path(out), device=str(dev), progress=False)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    print(json.dumps(timing))
+    return timing
+
+
+# --------------------------------------------------------------------------- the report
+
+def collect_figures(outputs: Path, results: Path) -> dict:
+    """Training s/step and s/micro-batch (``train_log.csv``), evaluation s/image (``evaluate_timing.json``)
+    and the benchmarks scored (``metrics.csv``) of the rehearsal's run."""
+    import csv
+
+    from stablemtl.paths import KINDS
+
+    training = {}
+    for kind in KINDS:
+        log = outputs / kind / "train_log.csv"
+        if not log.is_file():
+            continue
+        with open(log, newline="") as f:
+            rows = list(csv.DictReader(f))
+        step_s = [float(r["step_s"]) for r in rows]
+        data_s = [float(r["data_s"]) for r in rows]
+        config = outputs / kind / "checkpoint" / "latest" / "state.json"
+        micro = None
+        if config.is_file():
+            c = json.loads(config.read_text())["config"]
+            micro = c["effective_batch"] // c["batch_per_device"]
+        stats = outputs / kind / "train_stats.json"
+        training[kind] = {"steps": len(rows), "s_per_step": round(sum(step_s) / len(step_s), 2) if rows else None,
+                          "first_step_s": step_s[0] if rows else None,
+                          "micro_batches_per_step": micro,
+                          "s_per_micro_batch": round(sum(step_s) / len(step_s) / micro, 3) if rows and micro else None,
+                          "data_wait_share": round(sum(data_s) / max(1e-9, sum(step_s)), 3) if rows else None,
+                          **(json.loads(stats.read_text()) if stats.is_file() else {})}
+    evaluation, scored = {}, {}
+    timing = results / "evaluate_timing.json"
+    if timing.is_file():
+        for key, entry in json.loads(timing.read_text()).items():
+            model = key.split("|")[0]
+            agg = evaluation.setdefault(model, {"images": 0, "seconds": 0.0, "cuda_peak_gib": None})
+            agg["images"] += entry["predicted"]
+            agg["seconds"] += entry["seconds"]
+            if entry.get("cuda_peak_gib") is not None:
+                agg["cuda_peak_gib"] = max(agg["cuda_peak_gib"] or 0, entry["cuda_peak_gib"])
+        for agg in evaluation.values():
+            agg["s_per_image"] = round(agg["seconds"] / agg["images"], 3) if agg["images"] else None
+            agg["seconds"] = round(agg["seconds"], 2)
+    metrics = results / "metrics.csv"
+    if metrics.is_file():
+        from stablemtl.evaluate import BENCHMARKS, read_metrics
+
+        for row in read_metrics(results):
+            b = BENCHMARKS.get(row["benchmark"])
+            if b is None or row["metric"] != b.headline:
+                continue
+            entry = scored.setdefault(row["benchmark"], {"resolution": list(b.resolution), "metric": row["metric"],
+                                                         "models": {}})
+            entry["models"][row["model"]] = {"value": float(row["value"]), "n_images": int(row["n_images"])}
+    return {"training": training, "evaluation": evaluation, "benchmarks": scored}
+
+
+def format_report(report: dict) -> str:
+    s = report.get("settings", {})
+    lines = ["# Rehearsal of the paper preset", "",
+             f"`{report.get('command') or 'stablemtl rehearse'}`: width {s.get('width')} of SD2, {s.get('steps')} "
+             f"step(s) per stream, {s.get('images')} image(s) per dataset, effective batch "
+             f"{s.get('effective_batch')} in micro-batches of {s.get('batch_per_device')}, device {s.get('device')}, "
+             f"raw frames rendered at 1/{s.get('render_scale')} and upsampled to the real sizes.", "",
+             f"Machine: {report.get('machine', {}).get('cpus')} CPUs, {report.get('machine', {}).get('memory_gib')} "
+             f"GiB, {report.get('machine', {}).get('device_name')}; torch {report.get('machine', {}).get('torch')}.", "",
+             "| stage | status | wall s | peak RSS GiB | disk written GiB | error |", "|---|---|---|---|---|---|"]
+    for name, r in report.get("stages", {}).items():
+        if name == "notes":
+            continue
+        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:300]
+        disk = r.get("disk_written_gib")
+        lines.append(f"| {name} | {r.get('status')}{' (earlier call)' if r.get('kept') else ''} | {r.get('wall_s')} | "
+                     f"{r.get('peak_rss_gib')} | {max(0.0, disk) if disk is not None else None} | {error} |")
+    for note in report.get("stages", {}).get("notes", []):
+        lines += ["", f"Note: {note}"]
+    if report.get("training"):
+        lines += ["", "| training | steps | s/step | micro-batches per step | s/micro-batch | data wait share | "
+                      "peak CUDA GiB |", "|---|---|---|---|---|---|---|"]
+        for kind, t in report["training"].items():
+            lines.append(f"| {kind} | {t.get('steps')} | {t.get('s_per_step')} | {t.get('micro_batches_per_step')} | "
+                         f"{t.get('s_per_micro_batch')} | {t.get('data_wait_share')} | {t.get('cuda_peak_gib')} |")
+    if report.get("evaluation"):
+        lines += ["", "| evaluation | images predicted | s/image | peak CUDA GiB |", "|---|---|---|---|"]
+        for model, e in report["evaluation"].items():
+            if not e["images"]:
+                continue  # the trivial row: no model call to time
+            lines.append(f"| {model} | {e['images']} | {e['s_per_image']} | {e['cuda_peak_gib']} |")
+    predictions = {k: v for k, v in report.get("stages", {}).items() if k.startswith("predict ") and "s_per_image" in v}
+    if predictions:
+        lines += ["", "| prediction | size | tasks | s/image | peak RSS GiB | peak CUDA GiB |", "|---|---|---|---|---|---|"]
+        for name, p in predictions.items():
+            lines.append(f"| {name.removeprefix('predict ')} | {p['size'][0]}x{p['size'][1]} | {len(p['tasks'])} | "
+                         f"{p['s_per_image']} | {p['peak_rss_gib']} | {p.get('cuda_peak_gib')} |")
+    if report.get("benchmarks"):
+        lines += ["", "| benchmark | resolution | metric | " + " | ".join(_models(report)) + " |",
+                  "|---|---|---|" + "---|" * len(_models(report))]
+        for name, b in report["benchmarks"].items():
+            cells = [f"{b['models'][m]['value']:.4g} (n={b['models'][m]['n_images']})" if m in b["models"] else "-"
+                     for m in _models(report)]
+            lines.append(f"| {name} | {b['resolution'][0]}x{b['resolution'][1]} | {b['metric']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Total {report.get('wall_s')} s; {'every stage done' if report.get('ok') else 'NOT every stage done'}."
+              " Random weights: the numbers check the code path, not the method."]
+    return "\n".join(lines) + "\n"
+
+
+def _models(report: dict) -> list[str]:
+    names = []
+    for b in report.get("benchmarks", {}).values():
+        names += [m for m in b["models"] if m not in names]
+    return names
+
+
+def _error_of(log: Path) -> str:
+    """The last error line of a step's log (``stablemtl run: ...``, an exception line), for the report."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    except OSError:
+        return f"see {log}"
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i]
+        if line.startswith("stablemtl ") or "Error" in line.split(":")[0] or line.startswith("Killed"):
+            return " ".join(lines[i:i + 3])[:600] + f" (log: {log})"
+    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"
+
+
+def _project() -> Path:
+    return Path(stablemtl.__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- the command line
+
+def cmd_rehearse(args) -> int:
+    from stablemtl.run import parse_parameters, RunError
+
+    try:
+        parameters = parse_parameters(args.parameter)
+        rehearsal = Rehearsal(args.out, width=args.width, steps=args.steps, images=args.images, device=args.device,
+                              batch_per_device=args.batch_per_device, parameters=parameters,
+                              render_scale=args.render_scale, quiet=args.quiet)
+        rehearsal.check()
+    except (RehearsalError, RunError) as err:
+        print(f"stablemtl rehearse: {err}", file=sys.stderr)
+        return 2
+    report = rehearsal.run()
+    print(format_report(report))
+    print(f"report: {rehearsal.out / REPORT_MD} and {rehearsal.out / REPORT_JSON}")
+    return 0 if report["ok"] else 1
+
+
+def add_rehearse_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "rehearse", help="run the paper preset's code path end to end on real-size miniatures, nothing downloaded",
+        description="Write raw miniatures of the eight datasets at their real resolutions, prepare them with "
+                    "`stablemtl prepare`, write a Stable Diffusion 2 layout base (random weights, the real SD2 "
+                    "tokenizer) at a width factor, run `stablemtl run --preset paper` stage by stage with few steps "
+                    "and images, time a 576 x 768 prediction of both streams, and report time, memory and disk per "
+                    "stage (rehearsal.md, rehearsal.json). Resumable.")
+    p.add_argument("--width", type=float, default=DEFAULTS["width"],
+                   help=f"channel width of the SD2 base as a fraction of SD2's (1.0: SD2's exact size; default "
+                        f"{DEFAULTS['width']})")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps per stream (default 2)")
+    p.add_argument("--images", type=int, default=DEFAULTS["images"],
+                   help="frames per dataset and images per benchmark (default 2)")
+    p.add_argument("--batch-per-device", type=int, default=None,
+                   help="micro-batch size (default: 16 on a GPU, 1 on the CPU; the effective batch stays 32)")
+    p.add_argument("--render-scale", type=int, default=DEFAULTS["render_scale"],
+                   help="render the raw frames at 1/N of the real size, then upsample (default 4)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="outputs/rehearsal", help="the rehearsal's folder (default outputs/rehearsal)")
+    p.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
+                   help="a notebook parameter passed to the stages that declare it, as `stablemtl run -p` "
+                        "(e.g. -p mixed_precision=bf16 -p gradient_checkpointing=true)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_rehearse)
