@@ -360,11 +360,13 @@ class Rehearsal:
                            *(["--quiet"] if self.quiet else []), *self.stage_parameters(key, models))
         return self._child(stage_name(key), cmd)
 
-    def step_predict(self, kind: str, model_dir: Path) -> dict:
+    def step_predict(self, kind: str, model_dir: Path, assemble: bool = False) -> dict:
         frames = self.out / "predict" / "frames"
         out = self.out / "predict" / kind
         cmd = [sys.executable, "-c", "import sys; from stablemtl.rehearse import measure_prediction; "
-               "measure_prediction(*sys.argv[1:])", str(model_dir), str(frames), str(out), self._device()]
+               "measure_prediction(*sys.argv[1:5], assemble=sys.argv[5] == 'assemble')", str(model_dir),
+               str(frames), str(out), "cuda" if self._device().startswith("cuda") else self._device(),  # CUDA_VISIBLE_DEVICES
+               "assemble" if assemble else "load"]
         record = self._child(f"predict {kind}", cmd)
         result = out / "timing.json"
         if record["status"] == "done" and result.is_file():
@@ -409,15 +411,14 @@ class Rehearsal:
         write_frames(self.preprocessed, frames)
         trained = self.outputs / RUN_NAME
         for kind in KINDS:
-            model = trained / kind / "model"
+            model, assemble = trained / kind / "model", False
             if kind == "multi_stream" and not (model / "stablemtl_model.json").is_file():
-                model = self.out / "predict" / "multi_stream_untrained"
-                if not (model / "stablemtl_model.json").is_file():
-                    assemble_multi_stream(trained / "single_stream" / "model", model)
+                model, assemble = trained / "single_stream" / "model", True
                 stages.setdefault("notes", []).append(
                     "predict multi_stream: the multi stream did not train, so its prediction was timed with a "
-                    "multi stream assembled from the trained single stream (task attention at initialisation)")
-            stages[f"predict {kind}"] = self.step_predict(kind, model)
+                    "multi stream assembled in memory from the trained single stream (task attention at "
+                    "initialisation; no files written)")
+            stages[f"predict {kind}"] = self.step_predict(kind, model, assemble)
             self._write()
 
     def _header(self) -> dict:
@@ -525,33 +526,37 @@ def write_frames(preprocessed: Path, folder: Path) -> list[Path]:
     return out
 
 
-def assemble_multi_stream(single_dir, out) -> Path:
-    """A multi stream made from a trained single stream (task attention at initialisation), saved to ``out``."""
-    from stablemtl.model.streams import MultiStream, load_model
-
-    single = load_model(single_dir, expect="single_stream")
-    MultiStream.from_single_stream(single).save_pretrained(out)
-    return Path(out)
-
-
-def measure_prediction(model_dir, frames, out, device) -> dict:
+def measure_prediction(model_dir, frames, out, device, assemble: bool = False) -> dict:
     """Time one call of the pipeline on the first frame pair, every task of the model (``timing.json``
-    in ``out``; the pipeline's own outputs are written with ``stablemtl.predict`` afterwards)."""
+    in ``out``, and its outputs as ``<frame>/<task>.npy``, channels last). ``assemble``: ``model_dir``
+    is a single stream, timed as the multi stream made from it (``MultiStream.from_single_stream`` with
+    the paper preset's task attention, in memory; no files)."""
     import torch
 
     from stablemtl.devices import resolve_device
     from stablemtl.model.pipeline import StableMTLPipeline
-    from stablemtl.predict import load_image, predict
+    from stablemtl.data import formats
+    from stablemtl.predict import load_image
 
     dev = resolve_device(device)
     record = Path(model_dir) / "stablemtl_model.json"
-    made = {"model": str(Path(model_dir).resolve()), "model_written": record.stat().st_mtime_ns, "device": str(dev)}
+    made = {"model": str(Path(model_dir).resolve()), "model_written": record.stat().st_mtime_ns, "device": str(dev),
+            "assembled": bool(assemble)}
     earlier = Path(out) / "timing.json"
     if earlier.is_file() and {k: json.loads(earlier.read_text()).get(k) for k in made} == made:
         print(f"{out}: {SKIPPED} (the same model and device)")
         return json.loads(earlier.read_text())
     start = time.perf_counter()
-    pipe = StableMTLPipeline.from_pretrained(model_dir).to(dev)
+    if assemble:
+        from stablemtl.model.streams import MultiStream, load_model
+        from stablemtl.presets import load_preset
+
+        single = load_model(model_dir, expect="single_stream")
+        multi = MultiStream.from_single_stream(single, **load_preset("paper")["model"]["task_attention"])
+        del single
+        pipe = StableMTLPipeline.from_model(multi.eval()).to(dev)
+    else:
+        pipe = StableMTLPipeline.from_pretrained(model_dir).to(dev)
     load_s = time.perf_counter() - start
     files = sorted(Path(frames).glob("*.png"))
     rgb, nxt = (torch.from_numpy(load_image(f)[0]).permute(2, 0, 1)[None].to(dev)
@@ -568,8 +573,9 @@ def measure_prediction(model_dir, frames, out, device) -> dict:
               "s_per_image": round(time.perf_counter() - start, 2),
               "cuda_peak_gib": round(torch.cuda.max_memory_allocated(dev) / GIB, 3) if dev.type == "cuda" else None}
     del pipe
-    predict(files, model_dir, out=Path(out), device=str(dev), progress=False)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    for task, output in result.predictions.items():  # the timed call's outputs, channels last, float32
+        formats.write_npy(Path(out) / files[0].stem / f"{task}.npy",
+                          output[0].float().permute(1, 2, 0).cpu().numpy().astype("float32"))
     (Path(out) / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
     print(json.dumps(timing))
     return timing
@@ -598,12 +604,14 @@ def collect_figures(outputs: Path, results: Path) -> dict:
         if config.is_file():
             c = json.loads(config.read_text())["config"]
             micro = c["effective_batch"] // c["batch_per_device"]
+        latest = outputs / kind / "checkpoint" / "latest"
         stats = outputs / kind / "train_stats.json"
         training[kind] = {"steps": len(rows), "s_per_step": round(sum(step_s) / len(step_s), 2) if rows else None,
                           "first_step_s": step_s[0] if rows else None,
                           "micro_batches_per_step": micro,
                           "s_per_micro_batch": round(sum(step_s) / len(step_s) / micro, 3) if rows and micro else None,
                           "data_wait_share": round(sum(data_s) / max(1e-9, sum(step_s)), 3) if rows else None,
+                          "checkpoint_gib": round(_folder_bytes(latest) / GIB, 3) if latest.is_dir() else None,
                           **(json.loads(stats.read_text()) if stats.is_file() else {})}
     evaluation, scored = {}, {}
     timing = results / "evaluate_timing.json"
@@ -645,7 +653,7 @@ def format_report(report: dict) -> str:
     for name, r in report.get("stages", {}).items():
         if name == "notes":
             continue
-        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:300]
+        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:800]
         disk = r.get("disk_written_gib")
         lines.append(f"| {name} | {r.get('status')}{' (earlier call)' if r.get('kept') else ''} | {r.get('wall_s')} | "
                      f"{r.get('peak_rss_gib')} | {max(0.0, disk) if disk is not None else None} | {error} |")
@@ -653,10 +661,11 @@ def format_report(report: dict) -> str:
         lines += ["", f"Note: {note}"]
     if report.get("training"):
         lines += ["", "| training | steps | s/step | micro-batches per step | s/micro-batch | data wait share | "
-                      "peak CUDA GiB |", "|---|---|---|---|---|---|---|"]
+                      "checkpoint GiB | peak CUDA GiB |", "|---|---|---|---|---|---|---|---|"]
         for kind, t in report["training"].items():
             lines.append(f"| {kind} | {t.get('steps')} | {t.get('s_per_step')} | {t.get('micro_batches_per_step')} | "
-                         f"{t.get('s_per_micro_batch')} | {t.get('data_wait_share')} | {t.get('cuda_peak_gib')} |")
+                         f"{t.get('s_per_micro_batch')} | {t.get('data_wait_share')} | {t.get('checkpoint_gib')} | "
+                         f"{t.get('cuda_peak_gib')} |")
     if report.get("evaluation"):
         lines += ["", "| evaluation | images predicted | s/image | peak CUDA GiB |", "|---|---|---|---|"]
         for model, e in report["evaluation"].items():

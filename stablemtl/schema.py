@@ -149,6 +149,7 @@ SPECS: dict[str, Spec] = {
     "grad_clip": Spec("float", low=0),
     "checkpoint_every": Spec("int", low=0),
     "backup_every": Spec("int", low=0),
+    "keep_backups": Spec("int", low=0),
     "loss": Spec("str", choices=("latent", "pixel")),
     "num_workers": Spec("int", low=0),
     "prefetch_factor": Spec("int", low=1),

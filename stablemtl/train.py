@@ -62,11 +62,11 @@ from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 # where files live (the base and init weights themselves are compared by fingerprint), and how the data
 # is read and the activations are kept: num_workers and prefetch_factor give the very same micro-batches,
 # gradient checkpointing recomputes the same forward (same RNG draws; equal up to float rounding)
-RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "output_dir", "tensorboard", "base", "init",
-                     "data_root", "num_workers", "prefetch_factor", "gradient_checkpointing")
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "keep_backups", "output_dir", "tensorboard",
+                     "base", "init", "data_root", "num_workers", "prefetch_factor", "gradient_checkpointing")
 # how the data is read and the run is watched: never a bit of the trained model (``stablemtl run`` leaves
 # them out of the training stage's hash, so changing them does not retrain)
-SAME_RESULT = ("num_workers", "prefetch_factor", "tensorboard")
+SAME_RESULT = ("num_workers", "prefetch_factor", "tensorboard", "keep_backups")
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
 STATS_FILE = "train_stats.json"  # the device and the process's peak memory of the last training call
@@ -108,6 +108,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" (fp32, the release), "fp16", "bf16"
     checkpoint_every: int = 500
     backup_every: int = 1000
+    # how many iter_* backups stay (the oldest beyond are deleted); None: all. At SD2's size one checkpoint
+    # (weights and Adam state) is 10 GB for the single stream and 15 GB for the multi stream
+    keep_backups: int | None = None
     output_dir: str = "outputs/run/single_stream"
     augment: bool = True
     loss: str = "latent"  # the release's latent MSE; "pixel" = per-task pixel-space losses (loss ablation)
@@ -437,6 +440,11 @@ class Trainer:
                 backup = root / f"iter_{self.step:06d}"
                 shutil.rmtree(backup, ignore_errors=True)
                 shutil.copytree(latest, backup)
+                if self.config.keep_backups is not None:  # the newest ones stay (latest is always there too)
+                    backups = sorted((p for p in root.glob("iter_*") if p.name[len("iter_"):].isdigit()),
+                                     key=lambda p: int(p.name[len("iter_"):]))
+                    for old in backups[:max(0, len(backups) - self.config.keep_backups)]:
+                        shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return latest
 
@@ -758,26 +766,14 @@ def memory_count(config: TrainConfig) -> dict:
     stream's task attention) in float32 with its gradients and optimizer state, and the frozen VAE,
     text encoder (and the multi stream's auxiliary UNet) in float32, plus their bfloat16 copies with
     ``mixed_precision="bf16"``. Keys: ``trainable`` and ``frozen`` (parameters), ``static_gib``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from stablemtl.model.base import base_configs, count_parameters
 
-    from stablemtl.model.base import _read_config
-    from stablemtl.model.streams import TaskAttentionSites, attention_sites
-
-    base = Path(config.base)
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    unet_config = _read_config(base, "unet")
-    latent = _read_config(base, "vae").get("latent_channels", 4)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(unet_config, in_channels=3 * latent))
-        frozen = count(AutoencoderKL.from_config(_read_config(base, "vae")))
-        frozen += count(CLIPTextModel(CLIPTextConfig(**_read_config(base, "text_encoder"))))
-        trainable = count(unet)
-        if config.kind == "multi_stream":
-            ta = config.task_attention
-            trainable += count(TaskAttentionSites(list(attention_sites(unet).items()), list(config.tasks),
-                                                  ta.get("query_hidden", 640), ta.get("heads", 4)))
-            frozen += count(unet)
+    ta = config.task_attention
+    counts = count_parameters(configs=base_configs(config.base), tasks=config.tasks,
+                              query_hidden=ta.get("query_hidden", 640), heads=ta.get("heads", 4))
+    trainable, frozen = counts["unet_widened"], counts["vae"] + counts["text_encoder"]
+    if config.kind == "multi_stream":  # the task attention trains with the main UNet; the auxiliary UNet is frozen
+        trainable, frozen = trainable + counts["task_attention"], frozen + counts["unet_widened"]
     per_trainable = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer]
     per_frozen = 4 + (2 if config.mixed_precision == "bf16" else 0)
     return {"trainable": trainable, "frozen": frozen, "bytes_per_trainable": per_trainable,
@@ -888,7 +884,10 @@ def train_stage(study: Study, kind: str, progress: bool = True, name: str | None
     if gpus > 1:
         config.validate(gpus)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
+        # every launch setting given: a user's accelerate config file (~/.cache/huggingface/accelerate) must not
+        # change the precision or add a compiler, and accelerate then does not stop to warn about defaults
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+               "--num_machines", "1", "--mixed_precision", config.mixed_precision, "--dynamo_backend", "no",
                "-m", "stablemtl.train", "--config", str(out / "config.json")]
         print("launching:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

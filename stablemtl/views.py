@@ -135,14 +135,17 @@ def plot_vae_roundtrips(study: Study, index: int = 0):
     require(study, "01", "02")
     roots = study.dataset_roots()
     from stablemtl.data.sources import SOURCES
-    from stablemtl.model.base import load_base, vae_roundtrip
+    from stablemtl.model.base import vae_roundtrip
     from stablemtl.tasks import TASK_NAMES, get_task
 
-    vae = load_base(study.base_dir).vae
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(study.base_dir, subfolder="vae", local_files_only=True).eval()
+    resolution = (study.preset.get("train") or {}).get("resolution") or {}
     samples = {}
     for name in ("hypersim", "vkitti", "flying_things_3d"):
-        if name in roots:
-            ds = SOURCES[name](roots[name])
+        if name in roots:  # at the training resolution: what the VAE encodes in training (not 1024 x 768)
+            ds = SOURCES[name](roots[name], resolution=resolution.get(name))
             samples[name] = ds[min(index, len(ds) - 1)]
     rows = []
     for task in TASK_NAMES:
@@ -172,23 +175,18 @@ def parameter_table(study: Study):
     """Parameters of the base's components and of what each model kind trains."""
     import pandas as pd
 
-    from stablemtl.model.base import load_base
-    from stablemtl.model.streams import MultiStream, SingleStream
+    from stablemtl.model.base import base_configs, count_parameters
     from stablemtl.tasks import TASK_NAMES
 
-    count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
-    base = load_base(study.base_dir)
-    rows = [{"component": c, "parameters": count(getattr(base, c).parameters()), "trained": False}
-            for c in ("unet", "vae", "text_encoder")]
-    single = SingleStream.from_base(base, list(TASK_NAMES))
-    rows.append({"component": "single stream (widened UNet)", "parameters": count(single.trainable_parameters()),
-                 "trained": True})
     ta = dict((study.preset.get("model") or {}).get("task_attention") or {})
-    multi = MultiStream.from_single_stream(single, **ta)
+    # counted from the configs on the meta device: SD2's models are never materialised for a table
+    n = count_parameters(configs=base_configs(study.base_dir), tasks=TASK_NAMES, query_hidden=ta.get("query_hidden", 640),
+                         heads=ta.get("heads", 4))
+    rows = [{"component": c, "parameters": n[c], "trained": False} for c in ("unet", "vae", "text_encoder")]
+    rows.append({"component": "single stream (widened UNet)", "parameters": n["unet_widened"], "trained": True})
     rows.append({"component": "multi stream: main UNet + task attention",
-                 "parameters": count(multi.trainable_parameters()), "trained": True})
-    rows.append({"component": "  of which task attention", "parameters": count(multi.task_attention.parameters()),
-                 "trained": True})
+                 "parameters": n["unet_widened"] + n["task_attention"], "trained": True})
+    rows.append({"component": "  of which task attention", "parameters": n["task_attention"], "trained": True})
     return pd.DataFrame(rows).set_index("component")
 
 

@@ -566,25 +566,32 @@ def sd2_configs(width: float = 1.0) -> dict:
     return sd2
 
 
-def count_parameters(width: float = 1.0, tasks=TASK_NAMES, query_hidden: int = 640, heads: int = 4) -> dict[str, int]:
-    """Parameter counts of the SD2 components at ``width`` (``sd2_configs``), from the configs alone:
-    the modules are built on the meta device (no weight is allocated). Keys: ``unet`` (SD2's, 4
-    input channels), ``unet_widened`` (the single stream's, ``conv_in`` taking 12 channels: what
-    both training stages train, and the multi stream's frozen auxiliary copy), ``vae``,
-    ``text_encoder``, ``task_attention`` (the multi stream's, over ``tasks``, at every
-    self-attention site: ``streams.TaskAttentionSites``)."""
+def base_configs(path) -> dict:
+    """The ``unet``, ``vae`` and ``text_encoder`` configs (``config.json``) of a base directory."""
+    return {c: _read_config(Path(path), c) for c in ("unet", "vae", "text_encoder")}
+
+
+def count_parameters(width: float = 1.0, tasks=TASK_NAMES, query_hidden: int = 640, heads: int = 4,
+                     configs: dict | None = None) -> dict[str, int]:
+    """Parameter counts of the SD2 components at ``width`` (``sd2_configs``), or of ``configs`` (e.g.
+    ``base_configs(folder)``), from the configs alone: the modules are built on the meta device (no
+    weight is allocated). Keys: ``unet`` (as configured), ``unet_widened`` (the single stream's,
+    ``conv_in`` taking 3 latents: what both training stages train, and the multi stream's frozen
+    auxiliary copy), ``vae``, ``text_encoder``, ``task_attention`` (the multi stream's, over ``tasks``,
+    at every self-attention site: ``streams.TaskAttentionSites``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from stablemtl.model.streams import TaskAttentionSites, attention_sites
 
-    configs = sd2_configs(width)
+    configs = sd2_configs(width) if configs is None else configs
+    latent = configs["vae"].get("latent_channels", 4)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**configs["unet"])
+        unet = UNet2DConditionModel.from_config(configs["unet"])
         out = {"unet": count(unet),
-               "unet_widened": count(UNet2DConditionModel(**dict(configs["unet"], in_channels=3 * 4))),
-               "vae": count(AutoencoderKL(**configs["vae"])),
+               "unet_widened": count(UNet2DConditionModel.from_config(dict(configs["unet"], in_channels=3 * latent))),
+               "vae": count(AutoencoderKL.from_config(configs["vae"])),
                "text_encoder": count(CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))),
                "task_attention": count(TaskAttentionSites(list(attention_sites(unet).items()), list(tasks),
                                                           query_hidden, heads))}
