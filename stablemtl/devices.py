@@ -81,8 +81,8 @@ def pin_cpu_threads(procedural: bool) -> int:
 
 
 def peak_memory(device=None) -> dict:
-    """This process's peak memory so far, in GiB: ``rss_gib`` (the resident set's high-water mark) and
-    ``cuda_gib`` (``torch.cuda.max_memory_allocated`` of ``device``, None off CUDA)."""
+    """This process's peak memory so far, in GiB: ``peak_rss_gib`` (the resident set's high-water mark)
+    and ``cuda_peak_gib`` (``torch.cuda.max_memory_allocated`` of ``device``, None off CUDA)."""
     import resource
     import sys
 

@@ -542,8 +542,9 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
         _open_cache(cache, _cache_key(b, predictor.weights, source, size, predictor.normals, flow_scoring))
         n = len(source) if max_images is None else min(len(source), max_images)
         summary, n_images, rows = _score(b, predictor, source, cache, n, shared, size, silog, progress, prefetch)
-        timing[f"{name}|{seed}|{b.name}"] = {"resolution": list(size), "device": str(predictor.device),
-                                             **predictor.timing, **devices.peak_memory(predictor.device)}
+        if predictor.timing["predicted"]:  # images read back from the cache keep the record of their prediction
+            timing[f"{name}|{seed}|{b.name}"] = {"resolution": list(size), "device": str(predictor.device),
+                                                 **predictor.timing, **devices.peak_memory(predictor.device)}
         sample_rows += [{"run": run, "model": name, "seed": seed, **r} for r in rows]
         for metric, value in summary.items():
             if not isinstance(value, (list, tuple, dict, np.ndarray)):

@@ -588,7 +588,9 @@ def collect_figures(outputs: Path, results: Path) -> dict:
     and the benchmarks scored (``metrics.csv``) of the rehearsal's run."""
     import csv
 
+    from stablemtl.evaluate import TIMING_FILE
     from stablemtl.paths import KINDS
+    from stablemtl.train import STATS_FILE
 
     training = {}
     for kind in KINDS:
@@ -605,7 +607,7 @@ def collect_figures(outputs: Path, results: Path) -> dict:
             c = json.loads(config.read_text())["config"]
             micro = c["effective_batch"] // c["batch_per_device"]
         latest = outputs / kind / "checkpoint" / "latest"
-        stats = outputs / kind / "train_stats.json"
+        stats = outputs / kind / STATS_FILE
         training[kind] = {"steps": len(rows), "s_per_step": round(sum(step_s) / len(step_s), 2) if rows else None,
                           "first_step_s": step_s[0] if rows else None,
                           "micro_batches_per_step": micro,
@@ -614,7 +616,7 @@ def collect_figures(outputs: Path, results: Path) -> dict:
                           "checkpoint_gib": round(_folder_bytes(latest) / GIB, 3) if latest.is_dir() else None,
                           **(json.loads(stats.read_text()) if stats.is_file() else {})}
     evaluation, scored = {}, {}
-    timing = results / "evaluate_timing.json"
+    timing = results / TIMING_FILE
     if timing.is_file():
         for key, entry in json.loads(timing.read_text()).items():
             model = key.split("|")[0]

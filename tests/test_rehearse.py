@@ -94,7 +94,7 @@ def test_a_narrow_rehearsal_runs_every_stage_of_the_paper_preset(tmp_path):
     assert (pre / "vkitti_v2" / "normal_estimated").is_dir()
     assert json.loads((out / "base" / "stable-diffusion-2" / "tokenizer" / "tokenizer_config.json").read_text())[
         "model_max_length"] == 77
-    assert (results / "tables" / "main.md").read_text().count("paper: ") == 4  # the published rows
+    assert (results / "tables" / "main.md").read_text().count("| paper: ") == 4  # the published rows
     text = (out / REPORT_MD).read_text()
     assert text == format_report(report) and "every stage done" in text and "| kitti_scene_flow | 176x608 |" in text
 
