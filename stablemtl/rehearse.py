@@ -434,7 +434,7 @@ class Rehearsal:
         self.previous = previous if previous.get("settings", {}).get("width") == self.width else {}
         device = self._device()
         return {
-            "command": "stablemtl rehearse " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["rehearse"] else None,
+            "command": " ".join(["stablemtl", "rehearse", *sys.argv[2:]]) if sys.argv[1:2] == ["rehearse"] else None,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "settings": {"width": self.width, "steps": self.steps, "images": self.images,
                          "batch_per_device": self._batch(), "effective_batch": 32, "device": device,
@@ -533,9 +533,9 @@ def measure_prediction(model_dir, frames, out, device, assemble: bool = False) -
     the paper preset's task attention, in memory; no files)."""
     import torch
 
+    from stablemtl.data import formats
     from stablemtl.devices import resolve_device
     from stablemtl.model.pipeline import StableMTLPipeline
-    from stablemtl.data import formats
     from stablemtl.predict import load_image
 
     dev = resolve_device(device)

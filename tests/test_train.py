@@ -445,6 +445,7 @@ def test_bf16_training_halves_the_frozen_parts_and_saves_them_in_float32(setup, 
     assert {p.dtype for m in frozen for p in m.parameters()} == {torch.bfloat16}  # still computing in bf16
 
 
+@pytest.mark.slow
 def test_only_the_newest_backups_are_kept_and_a_resume_still_finds_them(setup, tmp_path):
     """``keep_backups``: a backup at every step, the two newest stay; it is bookkeeping, not the identity."""
     out = tmp_path / "keep"
@@ -456,23 +457,25 @@ def test_only_the_newest_backups_are_kept_and_a_resume_still_finds_them(setup, t
     assert trainer.resumed_from == root / "latest" and trainer.step == 4
 
 
-def test_memory_is_counted_from_the_configs_and_a_training_that_cannot_fit_is_refused(setup, tmp_path):
+def test_memory_is_counted_from_the_configs_and_a_training_that_cannot_fit_is_refused(tiny_base_dir):
     from stablemtl.model.base import load_base
     from stablemtl.model.streams import MultiStream, SingleStream
     from stablemtl.paths import StageError
 
-    single_cfg = config(setup, tmp_path / "s")
+    ta = {"query_hidden": 16, "heads": 4, "mask_prob": 0.4}
+    cfg = lambda **k: T.TrainConfig(base=str(tiny_base_dir), task_attention=ta, **k)  # noqa: E731
+    single_cfg = cfg()
     count = T.memory_count(single_cfg)
-    base = load_base(single_cfg.base)
+    base = load_base(tiny_base_dir)
     single = SingleStream.from_base(base)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count["trainable"] == n(single.unet) and count["frozen"] == n(base.vae) + n(base.text_encoder)
     assert count["static_gib"] * 1024 ** 3 == count["trainable"] * 16 + count["frozen"] * 4
-    multi_cfg = config(setup, tmp_path / "m", kind="multi_stream", init="x")
-    multi = MultiStream.from_single_stream(single, query_hidden=16, heads=4)
-    m = T.memory_count(multi_cfg)
+    multi = MultiStream.from_single_stream(single, **ta)
+    m = T.memory_count(cfg(kind="multi_stream"))
     assert m["trainable"] == n(multi.unet) + n(multi.task_attention) and m["frozen"] == count["frozen"] + n(single.unet)
-    assert T.memory_count(config(setup, tmp_path / "8", optimizer="adam8bit"))["bytes_per_trainable"] == 10
+    assert T.memory_count(cfg(optimizer="adam8bit"))["bytes_per_trainable"] == 10
+    assert T.memory_count(cfg(mixed_precision="bf16"))["bytes_per_frozen"] == 6
     assert T.check_cpu_memory(single_cfg, available=2 ** 40) == count
     with pytest.raises(StageError, match=r"does not fit in this machine's memory: it needs .* GiB before any "
                                          r"activation .* and 0\.0 GiB is available.*adam8bit"):
