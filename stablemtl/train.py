@@ -774,7 +774,7 @@ def memory_count(config: TrainConfig) -> dict:
     trainable, frozen = counts["unet_widened"], counts["vae"] + counts["text_encoder"]
     if config.kind == "multi_stream":  # the task attention trains with the main UNet; the auxiliary UNet is frozen
         trainable, frozen = trainable + counts["task_attention"], frozen + counts["unet_widened"]
-    per_trainable = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer]
+    per_trainable = 4 + 4 + OPTIMIZER_STATE_BYTES.get(config.optimizer, 8)  # an unknown one: validate() names it
     per_frozen = 4 + (2 if config.mixed_precision == "bf16" else 0)
     return {"trainable": trainable, "frozen": frozen, "bytes_per_trainable": per_trainable,
             "bytes_per_frozen": per_frozen, "static_gib": (trainable * per_trainable + frozen * per_frozen) / 1024 ** 3}
