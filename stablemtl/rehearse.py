@@ -47,7 +47,6 @@ RUN_NAME = "rehearsal"
 REPORT_JSON, REPORT_MD = "rehearsal.json", "rehearsal.md"
 DEFAULTS = {"width": 0.1, "steps": 2, "images": 2, "render_scale": 4}
 PREDICT_SIZE = (576, 768)
-STAGE_KEYS = ("01", "02", "03", "04", "05", "06")
 GIB = 1024 ** 3
 SKIPPED = "kept from an earlier call"  # what a step's log says when it had nothing to do
 _SKIP_MARKS = (SKIPPED, "done, skipped (same parameters")  # the rehearsal's, and ``stablemtl run``'s
@@ -188,6 +187,7 @@ class Rehearsal:
         """Every argument and the output folder, before anything is written (``RehearsalError``)."""
         from stablemtl import devices
         from stablemtl.guard import InputError, claim
+        from stablemtl.paths import STAGES
         from stablemtl.run import RunError, _check_parameters
 
         if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not self.width > 0 \
@@ -210,19 +210,13 @@ class Rehearsal:
                 raise RehearsalError(f"-p {key}=...: the rehearsal sets {key} itself (use --steps, --images, "
                                      f"--batch-per-device, --device)")
         try:
-            _check_parameters(self._stage_names(), self.parameters)
+            _check_parameters(list(STAGES), self.parameters)
         except RunError as err:
             raise RehearsalError(str(err)) from None
         try:
             claim(self.out, "rehearsal", lambda f: (f / REPORT_JSON).is_file(), create=False)
         except InputError as err:
             raise RehearsalError(str(err)) from None
-
-    @staticmethod
-    def _stage_names() -> list[str]:
-        from stablemtl.paths import STAGES
-
-        return list(STAGES)
 
     # ----------------------------------------------------------------- settings
     def _device(self) -> str:
@@ -353,12 +347,11 @@ class Rehearsal:
                str(self.base), repr(float(self.width)), str(self.seed)]
         return self._child("base", cmd)
 
-    def step_stage(self, key: str, models=None) -> dict:
-        from stablemtl.paths import stage_name
-
-        cmd = self._python("run", "--preset", "paper", "--run-name", RUN_NAME, "--only", key,
-                           *(["--quiet"] if self.quiet else []), *self.stage_parameters(key, models))
-        return self._child(stage_name(key), cmd)
+    def step_stage(self, stage: str, models=None) -> dict:
+        """``stablemtl run --preset paper --only <stage>`` in the rehearsal's folders."""
+        cmd = self._python("run", "--preset", "paper", "--run-name", RUN_NAME, "--only", stage[:2],
+                           *(["--quiet"] if self.quiet else []), *self.stage_parameters(stage, models))
+        return self._child(stage, cmd)
 
     def step_predict(self, kind: str, model_dir: Path, assemble: bool = False) -> dict:
         frames = self.out / "predict" / "frames"
@@ -376,6 +369,7 @@ class Rehearsal:
     # ----------------------------------------------------------------- the whole
     def run(self) -> dict:
         from stablemtl.guard import claim
+        from stablemtl.paths import STAGES
 
         self.check()
         claim(self.out, "rehearsal", lambda f: (f / REPORT_JSON).is_file())
@@ -388,16 +382,13 @@ class Rehearsal:
             self._write()
             if stages[name]["status"] != "done":
                 return self._finish(start)
-        for key in STAGE_KEYS:
+        for stage in STAGES:
             models = None
-            if key == "05" and stages.get("04_train_multi_stream", {}).get("status") != "done":
+            if stage == STAGES[4] and stages.get(STAGES[3], {}).get("status") != "done":
                 models = ["trivial", "single_stream"]  # the multi stream did not train: evaluate the rest
-            from stablemtl.paths import stage_name
-
-            record = self.step_stage(key, models)
-            stages[stage_name(key)] = record
+            record = stages[stage] = self.step_stage(stage, models)
             self._write()
-            if record["status"] != "done" and key != "04":
+            if record["status"] != "done" and stage != STAGES[3]:
                 return self._finish(start)
         self._prediction(stages)
         return self._finish(start)
@@ -446,7 +437,7 @@ class Rehearsal:
                         platform.processor() or platform.machine()},
             "folders": {"raw": str(self.raw), "preprocessed": str(self.preprocessed), "base": str(self.base),
                         "outputs": str(self.outputs), "results": str(self.results / RUN_NAME)},
-            "stages": {}, "previous_runs": previous.get("previous_runs", 0) + bool(previous),
+            "stages": {},
         }
 
     def _finish(self, start: float) -> dict:
@@ -726,11 +717,10 @@ def cmd_rehearse(args) -> int:
         rehearsal = Rehearsal(args.out, width=args.width, steps=args.steps, images=args.images, device=args.device,
                               batch_per_device=args.batch_per_device, parameters=parameters,
                               render_scale=args.render_scale, quiet=args.quiet)
-        rehearsal.check()
+        report = rehearsal.run()  # checks every argument and the folder first (``check``)
     except (RehearsalError, RunError) as err:
         print(f"stablemtl rehearse: {err}", file=sys.stderr)
         return 2
-    report = rehearsal.run()
     print(format_report(report))
     print(f"report: {rehearsal.out / REPORT_MD} and {rehearsal.out / REPORT_JSON}")
     return 0 if report["ok"] else 1

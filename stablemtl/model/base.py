@@ -27,6 +27,7 @@ components' sizes at a width from the configs alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -613,22 +614,22 @@ def write_sd2_base(out_dir, width: float = 1.0, seed: int = 0, progress: bool = 
     partial folder renamed into place; ``out_dir`` is replaced only when it is the kit's, a
     non-empty folder of other files is refused (``stablemtl.guard.InputError``)."""
     width, out_dir = _check_width(width), Path(out_dir)  # a bad width is refused before any import or write
-    import shutil
+    configs = sd2_configs(width)
+    with _writing_base(out_dir) as tmp:
+        record = _write_sd2_components(tmp, configs, width, seed, progress)
+    if progress:
+        print(f"[sd2 base] {out_dir}: width {width:g}, seed {seed}, written in {record['seconds']} s", flush=True)
+    return out_dir
 
+
+def _write_sd2_components(tmp: Path, configs: dict, width: float, seed: int, progress: bool) -> dict:
+    """``write_sd2_base``'s files, into the partial folder ``tmp``; returns the random-base record."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from stablemtl.guard import claim, is_own
     from stablemtl.model.prior import make_scheduler
 
-    configs = sd2_configs(width)
-    if out_dir.exists():
-        claim(out_dir, "base", is_built_base)  # refuses a foreign folder before any work
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
-    if tmp.exists() and (is_own(tmp) or is_built_base(tmp)):  # left by a killed write
-        shutil.rmtree(tmp)
-    claim(tmp, "base")
     start = time.perf_counter()
     tokenizer = CLIPTokenizer.from_pretrained(write_sd2_tokenizer(tmp / "tokenizer"), local_files_only=True)
     configs["text_encoder"].update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -662,12 +663,7 @@ def write_sd2_base(out_dir, width: float = 1.0, seed: int = 0, progress: bool = 
               "note": "Stable Diffusion 2's architecture with random weights (write_sd2_base): for dry runs, "
                       "timing and memory, never for results"}
     (tmp / RANDOM_BASE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    if progress:
-        print(f"[sd2 base] {out_dir}: width {width:g}, seed {seed}, written in {record['seconds']} s", flush=True)
-    return out_dir
+    return record
 
 
 def random_base(configs: dict, seed: int = 0) -> Base:
@@ -740,32 +736,42 @@ def is_built_base(folder: Path) -> bool:
     return bool(names) and names <= set(COMPONENTS) | {"model_index.json", BUILD_FILE, RANDOM_BASE_FILE, "done.json"}
 
 
-def save_base(base: Base, out_dir, info: dict | None = None) -> Path:
-    """Write ``base`` in the Stable-Diffusion-2 layout, atomically (a partial folder renamed into place).
+@contextlib.contextmanager
+def _writing_base(out_dir: Path):
+    """Yield ``.<out_dir>.partial``, the kit's marked folder to write a base into, then rename it to
+    ``out_dir`` (replacing an earlier one), so a killed write never leaves a half base in place.
     ``out_dir`` is replaced only when it is the kit's (marked, or an earlier build: ``is_built_base``);
-    a non-empty folder of other files is refused (``stablemtl.guard.InputError``)."""
+    a non-empty folder of other files is refused (``stablemtl.guard.InputError``) before any work."""
     import shutil
 
     from stablemtl.guard import claim, is_own
 
-    out_dir = Path(out_dir)
     if out_dir.exists():
-        claim(out_dir, "base", is_built_base)  # refuses a foreign folder before any work is lost
+        claim(out_dir, "base", is_built_base)
     tmp = out_dir.parent / f".{out_dir.name}.partial"
-    if tmp.exists() and (is_own(tmp) or is_built_base(tmp)):  # left by a killed build
+    if tmp.exists() and (is_own(tmp) or is_built_base(tmp)):  # left by a killed write
         shutil.rmtree(tmp)
-    claim(tmp, "base")  # the marker goes in first: the built folder is the kit's
-    base.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    base.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    base.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    base.tokenizer.save_pretrained(tmp / "tokenizer")
-    base.scheduler.save_pretrained(tmp / "scheduler")
-    _write_model_index(tmp)
-    if info is not None:
-        (tmp / BUILD_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    claim(tmp, "base")  # the marker goes in first: the written folder is the kit's
+    yield tmp
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+def save_base(base: Base, out_dir, info: dict | None = None) -> Path:
+    """Write ``base`` in the Stable-Diffusion-2 layout, atomically (a partial folder renamed into place).
+    ``out_dir`` is replaced only when it is the kit's (marked, or an earlier build: ``is_built_base``);
+    a non-empty folder of other files is refused (``stablemtl.guard.InputError``)."""
+    out_dir = Path(out_dir)
+    with _writing_base(out_dir) as tmp:
+        base.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        base.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        base.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        base.tokenizer.save_pretrained(tmp / "tokenizer")
+        base.scheduler.save_pretrained(tmp / "scheduler")
+        _write_model_index(tmp)
+        if info is not None:
+            (tmp / BUILD_FILE).write_text(json.dumps(info, indent=1) + "\n")
     base.path = out_dir
     return out_dir
 
@@ -782,17 +788,11 @@ def _install_committed(committed: Path, out_dir: Path) -> Path:
     """Copy the committed base into ``out_dir`` (atomically, as ``save_base`` writes)."""
     import shutil
 
-    from stablemtl.guard import claim, is_own, write_marker
+    from stablemtl.guard import write_marker
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
-    if tmp.exists() and (is_own(tmp) or is_built_base(tmp)):
-        shutil.rmtree(tmp)
-    claim(tmp, "base")  # refuses a foreign folder there; the copy goes into the kit's marked folder
-    shutil.copytree(committed, tmp, dirs_exist_ok=True)
-    write_marker(tmp, "base")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with _writing_base(Path(out_dir)) as tmp:
+        shutil.copytree(committed, tmp, dirs_exist_ok=True)
+        write_marker(tmp, "base")  # the copy's own marker (if any) names the kit's base folder
     return out_dir
 
 
