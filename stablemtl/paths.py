@@ -36,7 +36,14 @@ RANDOM_INIT = "single_stream_random"  # the ablation: the single stream fine-tun
 SINGLE_TASK = "single_task"  # the Delta_m reference rows; their models train in single_task_<task> (stage 03)
 # a preset's ``study`` section: how many seeds, and whether stage 03 also trains the ablation and the baselines
 STUDY_DEFAULTS = {"seeds": 1, "random_init": False, "single_task": False}
+# every model row of the results, in the tables' order; the references are seed-independent (the floor and
+# the ceiling of every benchmark) and are evaluated first
+MODELS = ("trivial", SINGLE_TASK, RANDOM_INIT, KINDS[0], KINDS[1], "vae_ceiling")
+REFERENCES = ("trivial", "vae_ceiling")
 DONE_FILE = "done.json"
+METRICS_FILE = "metrics.csv"  # results/<run>/: one row per (model, seed, benchmark, metric)
+SAMPLES_FILE = "per_sample.csv"  # results/<run>/: one row per (model, seed, benchmark, image, metric)
+PIPELINE_FILE = "model_index.json"  # a diffusers folder's index: a base model or a saved StableMTL pipeline
 README_PAPER = "README.md, section 'The paper preset'"
 
 

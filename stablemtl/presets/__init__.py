@@ -14,6 +14,7 @@ from pathlib import Path
 from stablemtl.guard import InputError
 
 PRESET_DIR = Path(__file__).resolve().parent
+DEFAULT_SEED = 2024  # a preset's ``seed`` when it sets none, and every seed argument's default
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
