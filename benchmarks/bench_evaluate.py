@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from stablemtl import evaluate as E
+from stablemtl.benchmarks import BENCHMARKS
 from stablemtl.data import mini
 from stablemtl.model import base as B
 from stablemtl.model import streams as S
@@ -39,7 +40,7 @@ def main():
     for label, model in (("single_stream", single), ("multi_stream", multi), ("trivial", "trivial"),
                          ("vae_ceiling", ("vae_ceiling", single.frozen))):
         rates[label] = {}
-        for name in E.BENCHMARKS:
+        for name in BENCHMARKS:
             start = time.perf_counter()
             E.evaluate(model, [name], out / label, work / "data", model_name=label, resolution=resolution,
                        max_images=args.max_images, progress=False)

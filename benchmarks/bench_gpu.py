@@ -34,7 +34,9 @@ import time
 import torch
 
 from stablemtl import train as T
+from stablemtl.train_config import TrainConfig
 from stablemtl.model import base as B
+from stablemtl.model import sd2
 from stablemtl.model import streams as S
 from stablemtl.model.pipeline import StableMTLPipeline
 from stablemtl.tasks import TASK_NAMES
@@ -97,7 +99,7 @@ def train_step(model, device, size, batch, micro, precision: str, repeat: int, c
     originals = T.half_frozen(model) if precision == "bf16" else []  # the float32 originals stay on the CPU
     model.to(device).train()
     model.unet.enable_gradient_checkpointing() if checkpointing else model.unet.disable_gradient_checkpointing()
-    config = T.TrainConfig(optimizer=optimizer, lr=1e-5)
+    config = TrainConfig(optimizer=optimizer, lr=1e-5)
     opt = T.make_optimizer(model.trainable_parameters(), config)
     frozen = model.frozen
     images, targets = (torch.rand(batch, 3, *size, device=device) * 2 - 1 for _ in range(2))
@@ -145,7 +147,7 @@ def main() -> None:
         base, task_attention = B.random_base(B.tiny_configs(smoke["base"])), smoke["task_attention"]
         size, eval_size, train_size, batch, micro, repeat = (32, 48), (32, 48), (32, 48), 2, 2, args.repeat or 1
     else:
-        base = B.load_base(args.base) if args.base else B.random_base(B.SD2_CONFIGS)
+        base = B.load_base(args.base) if args.base else B.random_base(sd2.SD2_CONFIGS)
         task_attention = {}  # the release's: query MLP width 640, 4 heads
         size, eval_size, train_size, batch, micro, repeat = (576, 768), (384, 512), (288, 384), 16, 2, args.repeat or 5
     single, multi = models(base, task_attention)

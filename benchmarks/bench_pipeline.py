@@ -20,6 +20,7 @@ output projection is randomised so that it takes part in the comparison.
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ import torch
 from stablemtl.model import base as B
 from stablemtl.model import streams as S
 from stablemtl.tasks import TASK_NAMES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference scheme is a test helper
+from reference_model import predict_latents_reference  # noqa: E402
 
 
 def timed(fn, repeat):
@@ -76,7 +80,7 @@ def main():
 
     results = {}
     results["multistream_batched_s"], batched = timed(lambda: multi.predict_latents(z, z_next, tasks), args.repeat)
-    results["multistream_reference_s"], reference = timed(lambda: multi.predict_latents_reference(z, z_next, tasks), args.repeat)
+    results["multistream_reference_s"], reference = timed(lambda: predict_latents_reference(multi, z, z_next, tasks), args.repeat)
     results["multistream_speedup"] = round(results["multistream_reference_s"] / results["multistream_batched_s"], 2)
     results["multistream_max_abs_diff"] = float((batched - reference).abs().max())
     results["singlestream_batched_s"], s_batched = timed(lambda: single.predict_latents(z, z_next, tasks), args.repeat)
@@ -85,7 +89,7 @@ def main():
     results["singlestream_max_abs_diff"] = float((s_batched - s_seq).abs().max())
     results["unet_calls"] = {
         "multistream_batched": count_calls([multi.unet, multi.aux_unet], lambda: multi.predict_latents(z, z_next, tasks)),
-        "multistream_reference": count_calls([multi.unet, multi.aux_unet], lambda: multi.predict_latents_reference(z, z_next, tasks)),
+        "multistream_reference": count_calls([multi.unet, multi.aux_unet], lambda: predict_latents_reference(multi, z, z_next, tasks)),
         "singlestream_batched": count_calls([single.unet], lambda: single.predict_latents(z, z_next, tasks)),
     }
     results.update(batch=args.batch, image_size=list(args.size), latent_size=list(z.shape[-2:]),

@@ -21,7 +21,8 @@ from pathlib import Path
 from stablemtl.data import prepare as P
 from stablemtl.data import raw as R
 from stablemtl.data import sources as S
-from stablemtl.evaluate import BENCHMARKS
+from stablemtl.data.convert.common import RAW_META
+from stablemtl.benchmarks import BENCHMARKS
 from stablemtl.presets import load_preset
 
 
@@ -65,7 +66,7 @@ def main():
             "dataset": dataset, "size": R.REAL_SIZES[dataset], "render_scale": scale,
             "write_s": round(written - start, 2), "prepare_s": round(prepared - written, 2),
             "read_s_per_sample": round((read - prepared) / max(reads, 1), 3), "samples_read": reads,
-            "raw_geometry": json.loads((raw / P.RAW_META).read_text())["geometry"],
+            "raw_geometry": json.loads((raw / RAW_META).read_text())["geometry"],
             "loader_overrides": manifest["geometry"]}), flush=True)
 
 

@@ -5,7 +5,7 @@ real tokenizer) on the real-size miniatures, then prints one JSON line with the 
 GPU section quotes: per stage the wall seconds, peak resident memory (GiB) and status or error; the
 single- and multi-stream training's seconds per optimizer step and per micro-batch; the evaluation's
 seconds per image; the 576 x 768 seven-task prediction's seconds per image and peak memory of each
-stream; and the counted memory of each training (``stablemtl.train.memory_count``).
+stream; and the counted memory of each training (``stablemtl.train_config.memory_count``).
 
     .venv/bin/python benchmarks/bench_rehearse.py [--out outputs/rehearsal-sd2] [--width 1.0] [--steps 1]
                                                   [--images 1] [--device auto]
@@ -18,7 +18,7 @@ import argparse
 import json
 
 from stablemtl.rehearse import Rehearsal
-from stablemtl.train import TrainConfig, memory_count
+from stablemtl.train_config import TrainConfig, memory_count
 
 
 def main() -> None:

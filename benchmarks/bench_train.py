@@ -22,10 +22,13 @@ import shutil
 import time
 from pathlib import Path
 
+from stablemtl.model.pipeline import MODEL_FILE
 from stablemtl import train as T
+from stablemtl.train_config import preset_config
 from stablemtl.data import mini
 from stablemtl.model import base as B
 from stablemtl.model import streams as S
+from stablemtl.model.pipeline import save_model
 from stablemtl.tasks import TASK_NAMES
 
 
@@ -50,21 +53,21 @@ def main():
     mini.write_mini_datasets(work / "data", "demo", progress=False)
     base_dir = B.build_tiny_base(work / "base_demo", "demo", progress=False)
     init = work / "single_init"
-    if not (init / "stablemtl_model.json").is_file():
-        S.SingleStream.from_base(B.load_base(base_dir)).save_pretrained(init)
+    if not (init / MODEL_FILE).is_file():
+        save_model(S.SingleStream.from_base(B.load_base(base_dir)), init)
     common = dict(base=str(base_dir), data_root=str(work / "data"), checkpoint_every=0, backup_every=0,
                   iterations=1 + args.steps)
     runs = work / "train_runs"
     shutil.rmtree(runs, ignore_errors=True)
-    single_s, data_share = measure(T.preset_config("demo", "single_stream", output_dir=str(runs / "single"), **common),
+    single_s, data_share = measure(preset_config("demo", "single_stream", output_dir=str(runs / "single"), **common),
                                    args.steps)
     # latent caching: one micro-batch (forward + backward) with a cold cache vs a warm one (after an epoch)
-    cache_cfg = T.preset_config("demo", "single_stream", output_dir=str(runs / "cache"), cache_latents=True, **common)
+    cache_cfg = preset_config("demo", "single_stream", output_dir=str(runs / "cache"), cache_latents=True, **common)
     trainer = T.Trainer(cache_cfg, progress=False)
     timings = {}
     for task, dataset in (("depth", "hypersim"), ("semantic", "vkitti")):
         source = trainer.sources[(task, dataset)]
-        batch = T._collate([source[i] for i in range(cache_cfg.batch_per_device)], task)
+        batch = T.collate([source[i] for i in range(cache_cfg.batch_per_device)], task)
         for label in ("cold", "warm"):
             start = time.perf_counter()
             for _ in range(3):
@@ -76,7 +79,7 @@ def main():
     multi = {}
     for n in (2, 4, 7):
         tasks = list(TASK_NAMES[:n]) if n < 7 else list(TASK_NAMES)
-        cfg = T.preset_config("demo", "multi_stream", tasks=tasks, init=str(init), output_dir=str(runs / f"multi{n}"),
+        cfg = preset_config("demo", "multi_stream", tasks=tasks, init=str(init), output_dir=str(runs / f"multi{n}"),
                               **common)
         multi[n], _ = measure(cfg, args.steps)
     print(json.dumps({

@@ -34,12 +34,12 @@ def main() -> None:
     for name, spec in specs.items():
         start = time.perf_counter()
         for i in range(args.samples):
-            mini._render(name, i, spec, 2024)
+            mini.render(name, i, spec, 2024)
         seconds = (time.perf_counter() - start) / args.samples
         per_dataset[name] = {"size": spec["size"], "s_per_image": round(seconds, 4)}
         total_time += seconds * args.samples
         total_images += args.samples
-        serial_estimate += seconds * mini._count(name, spec)
+        serial_estimate += seconds * mini.sample_count(name, spec)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         roots = mini.write_mini_datasets(tmp, args.preset, progress=False)
@@ -50,7 +50,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "images_per_s": round(total_images / total_time, 2),
         "demo_write_s": round(write_s, 1),
-        "demo_images": sum(mini._count(n, s) for n, s in specs.items()),
+        "demo_images": sum(mini.sample_count(n, s) for n, s in specs.items()),
         "demo_bytes": n_bytes,
         "parallel_speedup": round(serial_estimate / write_s, 2),
         "per_dataset": per_dataset,

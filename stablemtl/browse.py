@@ -6,7 +6,7 @@
 Dropdowns choose the model and the benchmark (which fixes the task), a slider
 the sample; four PNG images show the input, the ground truth, the prediction
 and an error map, with the sample's metrics from ``per_sample.csv`` below. A model evaluated with
-several seeds is shown with its first seed's predictions (``evaluate.prediction_folder``).
+several seeds is shown with its first seed's predictions (``results.prediction_folder``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stablemtl.evaluate import BENCHMARKS, prediction_folder
-from stablemtl.report import colorize_cached
+from stablemtl.benchmarks import BENCHMARKS
+from stablemtl.figures import colorize_cached
+from stablemtl.paths import SAMPLES_FILE
+from stablemtl.results import prediction_folder
 
 
 def _png(rgb: np.ndarray, scale: int = 2) -> bytes:
@@ -79,7 +81,7 @@ class Browser:
         self._benchmarks()
 
     def _per_sample(self) -> dict:
-        path = self.root / "per_sample.csv"
+        path = self.root / SAMPLES_FILE
         table: dict = {}
         if path.is_file():
             with open(path, newline="") as f:

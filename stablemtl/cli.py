@@ -20,6 +20,12 @@ import sys
 from pathlib import Path
 
 import stablemtl
+from stablemtl import metrics
+from stablemtl.guard import InputError, StageError
+from stablemtl.presets import available_presets
+from stablemtl.rehearse import add_rehearse_parser
+
+# The commands' work is imported when a command runs (it imports torch); the parser is built without it.
 
 
 def _self_check() -> list[str]:
@@ -27,7 +33,7 @@ def _self_check() -> list[str]:
     import numpy as np
     import torch
 
-    from stablemtl import metrics, tasks
+    from stablemtl import tasks
 
     g = torch.Generator().manual_seed(0)
     h, w = 32, 48
@@ -74,7 +80,7 @@ def _self_check() -> list[str]:
 def _study(args):
     import os
 
-    from stablemtl.paths import context
+    from stablemtl.stages import context
 
     overrides = {v: str(Path(f).resolve()) for v, f in (("DATA_DIR", args.root), ("BASE_DIR", args.out)) if f}
     saved = {v: os.environ.get(v) for v in overrides}
@@ -92,7 +98,7 @@ def _study(args):
 def cmd_data(args) -> int:
     """Stage 01's work alone: write the procedural mini datasets (or check the real ones); summarise them."""
     from stablemtl import views
-    from stablemtl.data import prepare_data
+    from stablemtl.stages import prepare_data
 
     print(views.dataset_table(prepare_data(_study(args))).to_string())
     return 0
@@ -100,7 +106,8 @@ def cmd_data(args) -> int:
 
 def cmd_base(args) -> int:
     """Stage 02's work alone: build the tiny base model (or check SD2) and print its build report."""
-    from stablemtl.model.base import describe, prepare_base
+    from stablemtl.model.base import describe
+    from stablemtl.stages import prepare_base
 
     study = _study(args)
     out = prepare_base(study, progress=study.procedural, rebuild=getattr(args, "rebuild", False))  # bars, report
@@ -139,8 +146,6 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stablemtl.presets import available_presets
-
     parser = argparse.ArgumentParser(prog="stablemtl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     presets = " | ".join(available_presets())
@@ -176,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     from stablemtl.data.prepare import add_prepare_parser
     from stablemtl.model.release import add_convert_parser
     from stablemtl.predict import add_predict_parser
-    from stablemtl.rehearse import add_rehearse_parser
 
     add_prepare_parser(sub)  # raw downloads -> the layouts the loaders read
     add_convert_parser(sub)  # released StableMTL checkpoints -> pipeline folders
@@ -185,9 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="check the task encodings on synthetic annotations").set_defaults(func=cmd_check)
     sub.add_parser("info", help="versions and devices").set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
-    from stablemtl.guard import InputError
-    from stablemtl.paths import StageError
-
     try:
         return args.func(args)
     except (InputError, StageError, ValueError) as err:  # a bad input: named, no traceback, status 2

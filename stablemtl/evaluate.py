@@ -45,77 +45,34 @@ loads the next ones (``prefetch``); the files are the same with or without it.
 
 from __future__ import annotations
 
-import csv
-import hashlib
+import copy
 import json
-import math
-import re
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from stablemtl import devices, metrics, options
-from stablemtl.tasks import FLOW_TASKS, get_task, to_grey
+from stablemtl.benchmarks import Benchmark, benchmarks_of, get_benchmark
+from stablemtl.data.formats import read_json_if_present, set_aside_corrupt, write_bytes
+from stablemtl.data.sources import SOURCES
+from stablemtl.model.fingerprint import model_fingerprint, module_fingerprint
+from stablemtl.model.pipeline import StableMTLPipeline, load_model
+from stablemtl.model.vae import vae_roundtrip
+from stablemtl.paths import METRICS_FILE, SAMPLES_FILE
+from stablemtl.results import (METRIC_FIELDS, SAMPLE_FIELDS, TIMING_FILE, CsvRows, edited_results,
+                               read_or_set_aside, seed_text, value_text, write_hashes)
+from stablemtl.tasks import FLOW_TASKS, SEMANTIC_CLASSES, get_task, to_grey
 
 # bump when a change of the kit changes what a cached prediction holds (decoding, resizing, ground truth)
 PROTOCOL_VERSION = 2
 CACHE_FILE = "cache.json"
-HASH_FILE = "results.sha256.json"  # {csv name: sha256 of the file as evaluate wrote it}
-# {"model|seed|benchmark": images predicted (not read from the cache) and their seconds, device, peak memory}
-TIMING_FILE = "evaluate_timing.json"
 # what reading a truncated or corrupt .npz raises (zip, pickle-free numpy header, missing array)
 _NPZ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError)
-
-METRIC_FIELDS = ("run", "model", "seed", "benchmark", "dataset", "task", "metric", "value", "higher_is_better",
-                 "n_images")
-SAMPLE_FIELDS = ("run", "model", "seed", "benchmark", "index", "id", "metric", "value")
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    dataset: str  # stablemtl.data.sources name
-    task: str
-    resolution: tuple[int, int]  # the release's evaluation resolution
-    depth_range: tuple[float, float] | None = None
-    native_units: bool = False  # KITTI flow: flow values stay in the ground truth's full-resolution pixels
-
-    @property
-    def headline(self) -> str:
-        """The benchmark's headline metric (``metrics.HEADLINE`` of its task)."""
-        return metrics.HEADLINE[self.task]
-
-
-BENCHMARKS = {b.name: b for b in (
-    Benchmark("cityscapes_semantic", "cityscapes", "semantic", (256, 512)),
-    Benchmark("kitti_depth", "kitti_depth", "depth", (176, 608), (1e-5, 80.0)),
-    Benchmark("diode_depth", "diode", "depth", (384, 512), (0.6, 350.0)),
-    Benchmark("diode_normal", "diode", "normal", (384, 512)),
-    Benchmark("kitti_flow", "kitti_flow", "optical_flow", (176, 608), native_units=True),
-    Benchmark("kitti_scene_flow", "kitti_flow", "scene_flow", (176, 608), native_units=True),
-    Benchmark("mid_albedo", "mid", "albedo", (256, 384)),
-    Benchmark("mid_shading", "mid", "shading", (256, 384)),
-)}
-
-
-def get_benchmark(name: str) -> Benchmark:
-    try:
-        return BENCHMARKS[name]
-    except KeyError:
-        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}") from None
-
-
-def _accumulator(b: Benchmark, silog: str):
-    return {"depth": lambda: metrics.DepthAccumulator(depth_range=b.depth_range, silog=silog),
-            "normal": metrics.NormalAccumulator, "semantic": metrics.SemanticConfusion,
-            "optical_flow": metrics.FlowAccumulator, "scene_flow": metrics.SceneFlowAccumulator,
-            "albedo": metrics.IntrinsicAccumulator, "shading": metrics.IntrinsicAccumulator}[b.task]()
-
 
 def _hwc(x: torch.Tensor) -> np.ndarray:
     """``[C, H, W]`` tensor -> ``[H, W]`` (one channel) or ``[H, W, C]`` numpy."""
@@ -140,7 +97,7 @@ def _resize(pred: torch.Tensor, size, task: str) -> torch.Tensor:
     return torch.nn.functional.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def trivial_prediction(sample: dict, task: str, majority_class: int = 0, normals: str = "as_stored") -> torch.Tensor:
+def trivial_prediction(sample: dict, task: str, majority_class: int = 0, normals: str = options.DEFAULTS["normals"]) -> torch.Tensor:
     """Constant or input-derived predictions, the floor of every table: mid-grey depth (a constant,
     fitted by the alignment), fronto-parallel normals (in the ``normals`` convention: pointing away
     from the camera as stored, or facing it), the majority class, zero (scene) flow, the input image
@@ -165,91 +122,9 @@ def trivial_prediction(sample: dict, task: str, majority_class: int = 0, normals
 
 def vae_ceiling_prediction(sample: dict, task: str, frozen) -> torch.Tensor:
     """The ground truth encoded as the task's target, through the frozen VAE, decoded as a prediction."""
-    from stablemtl.model.base import vae_roundtrip
-
     t = get_task(task)
     target, _ = t.encode(sample[task][None], sample[f"{task}_valid"][None])
     return t.decode(vae_roundtrip(frozen.vae, target))
-
-
-class ResultsFileError(ValueError):
-    """A results CSV exists but cannot be read as one (wrong header, a value that is not a number)."""
-
-
-class _CsvRows:
-    def __init__(self, path: Path, fields):
-        self.path, self.fields = path, fields
-
-    def read(self) -> list[dict]:
-        """The rows (keys in the order of ``fields``); a ``ResultsFileError`` naming the file, the line and
-        the value when it is not one of the kit's CSVs (other header) or a ``value`` is not a number. A file
-        of the header before the ``seed`` column is read with an empty seed: its rows stay valid."""
-        if not self.path.is_file():
-            return []
-        before_seed = [f for f in self.fields if f != "seed"]
-        try:
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or list(reader.fieldnames) not in (list(self.fields), before_seed):
-                    raise ResultsFileError(f"{self.path}: expected the header {','.join(self.fields)} (or the same "
-                                           f"without seed), got {','.join(reader.fieldnames or ['(empty file)'])}")
-                rows, header = list(reader), reader.fieldnames
-        except (csv.Error, UnicodeDecodeError) as err:
-            raise ResultsFileError(f"{self.path}: not a readable CSV ({err})") from None
-        for line, row in enumerate(rows, 2):
-            if None in row or any(v is None for v in row.values()):
-                raise ResultsFileError(f"{self.path}: line {line} has {len(row) - (None in row)} field(s) and "
-                                       f"{len(row.get(None) or [])} extra; expected {len(header)}")
-            try:
-                float(row["value"])
-            except ValueError:
-                raise ResultsFileError(f"{self.path}: line {line}: value {row['value']!r} is not a number "
-                                       f"(write nan for a missing one)") from None
-        return [{f: row.get(f, "") for f in self.fields} for row in rows]
-
-    def write(self, rows: list[dict]) -> str:
-        """Write the rows atomically; returns the file's sha256."""
-        tmp = self.path.with_suffix(".csv.partial")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path)
-        return file_sha256(self.path)
-
-
-def file_sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def results_hashes(results_dir) -> dict[str, str]:
-    """``{csv name: sha256}`` as evaluate recorded them in ``results.sha256.json`` (``{}`` when absent,
-    e.g. results written before the kit recorded hashes; a corrupt record is named)."""
-    from stablemtl.data.formats import read_json_if_present
-
-    return read_json_if_present(Path(results_dir) / HASH_FILE)
-
-
-def edited_results(results_dir, names=("metrics.csv", "per_sample.csv")) -> list[str]:
-    """One message per results CSV of ``results_dir`` whose sha256 differs from the one evaluate
-    recorded: edited by hand (or by another tool) since it was written. Files without a record pass."""
-    from stablemtl.data.formats import FormatError
-
-    results_dir = Path(results_dir)
-    try:
-        recorded, found = results_hashes(results_dir), []
-    except FormatError as err:
-        return [f"{err}: the results cannot be checked against the hashes evaluate recorded"]
-    for name in names:
-        path = results_dir / name
-        if name in recorded and path.is_file() and file_sha256(path) != recorded[name]:
-            found.append(f"{path} was changed after evaluate wrote it (its sha256 differs from the one recorded "
-                         f"in {results_dir / HASH_FILE}): the numbers below come from the edited file")
-    return found
-
-
-def _value(v) -> str:
-    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
 
 
 def _cache_key(b: Benchmark, weights: str | None, source, size, normals: str, flow_scoring: str) -> dict:
@@ -262,8 +137,6 @@ def _cache_key(b: Benchmark, weights: str | None, source, size, normals: str, fl
 def _open_cache(cache: Path, key: dict) -> None:
     """Keep the cached predictions of ``cache`` only when they were made under ``key``; a record that is
     not JSON is set aside (its predictions cannot be trusted, so they are predicted anew)."""
-    from stablemtl.data.formats import set_aside_corrupt
-
     record = cache / CACHE_FILE
     stored = None
     if record.is_file():
@@ -285,8 +158,6 @@ class _Predictor:
 
     def __init__(self, model, model_name=None, expect_kind=None, fingerprint=None, normals=None, device=None,
                  dtype=None):
-        from stablemtl.model.streams import load_model, module_fingerprint
-
         self.model, self.tasks, self.memo, self.restore = model, None, {}, None
         self.timing = {"predicted": 0, "seconds": 0.0}  # of the benchmark being scored (``_score``)
         self.device = devices.resolve_device(device)
@@ -308,16 +179,11 @@ class _Predictor:
                 self.restore = next(model.unet.parameters()).device  # the caller's model goes back there
             self._place(model, dtype)
             normals = model.normals if normals is None else normals
-        self.normals = options.check("normals", normals or "as_stored")
+        self.normals = options.check("normals", normals or options.DEFAULTS["normals"])
         self.name = model_name or self.kind
 
     def _place(self, model, dtype) -> None:
         """The pipeline of ``model``, in ``dtype`` (a caller's model: on a copy), moved to the device once."""
-        import copy
-
-        from stablemtl.model.pipeline import StableMTLPipeline
-        from stablemtl.model.streams import model_fingerprint
-
         if dtype is not None and dtype != next(model.unet.parameters()).dtype:
             devices.check_dtype(dtype, self.device)
             if self.restore is not None:  # never cast the caller's weights in place
@@ -363,8 +229,6 @@ def _read_cached(file: Path, keys: tuple[str, ...]) -> dict | None:
     """Arrays ``keys`` of the cache entry ``file``; ``None`` when there is none, or when it cannot be read
     (truncated, corrupt, an array missing or non-finite where the kit never writes NaN: the id), in which
     case it is set aside as ``<name>.corrupt`` with a message and the image is predicted anew."""
-    from stablemtl.data.formats import set_aside_corrupt
-
     if not file.is_file():
         return None
     try:
@@ -417,9 +281,7 @@ def _score(b: Benchmark, predictor: _Predictor, source, cache: Path, n: int, sha
     """Predict (or read from ``cache``) and score the first ``n`` images of benchmark ``b``; returns the
     dataset-level metrics, the number of images scored and per-image rows (without run and model).
     ``prefetch``: how many of the images to predict are loaded ahead, in a background thread."""
-    from tqdm.auto import tqdm
-
-    acc = _accumulator(b, silog)
+    acc = b.accumulator(silog)
     rows = []
     todo = [i for i in range(n) if not _is_cached(cache / f"{i:05d}.npz", source.entries[i][0])]
     samples = _Prefetch(source, todo, prefetch)
@@ -431,8 +293,6 @@ def _score(b: Benchmark, predictor: _Predictor, source, cache: Path, n: int, sha
         samples.close()
     summary = acc.compute()
     if "iou" in summary:  # per-class IoU of the semantic benchmark, one row per class
-        from stablemtl.tasks import SEMANTIC_CLASSES
-
         summary.update({f"iou_{c.replace(' ', '_')}": v for c, v in zip(SEMANTIC_CLASSES, summary.pop("iou"))})
     return summary, acc.n_images, rows
 
@@ -453,26 +313,14 @@ def _score_one(b: Benchmark, predictor: _Predictor, source, samples, cache: Path
         np.savez_compressed(file, pred=pred, gt=gt, valid=valid, id=np.array(sample_id),
                             rgb=(sample["rgb"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     result = acc.update(pred, gt, valid)[0]
-    return [{"benchmark": b.name, "index": i, "id": sample_id, "metric": metric, "value": _value(value)}
+    return [{"benchmark": b.name, "index": i, "id": sample_id, "metric": metric, "value": value_text(value)}
             for metric, value in (result or {}).items() if not isinstance(value, (list, tuple, dict, np.ndarray))]
-
-
-def _read_or_set_aside(table: _CsvRows) -> list[dict]:
-    """The rows of a results CSV evaluate merges into; one that cannot be read is set aside with a message
-    (its rows are recomputed when their models are evaluated again) instead of failing every rerun."""
-    from stablemtl.data.formats import set_aside_corrupt
-
-    try:
-        return table.read()
-    except ResultsFileError as err:
-        set_aside_corrupt(table.path, str(err).removeprefix(f"{table.path}: "))
-        return []
 
 
 def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name: str | None = None,
              resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
-             expect_kind: str | None = None, normals: str | None = None, silog: str = "x100",
-             flow_scoring: str = "eval_resolution", fingerprint: str | None = None, device=None, dtype=None,
+             expect_kind: str | None = None, normals: str | None = None, silog: str = options.DEFAULTS["silog"],
+             flow_scoring: str = options.DEFAULTS["flow_scoring"], fingerprint: str | None = None, device=None, dtype=None,
              prefetch: int = 2, seed: int | None = None) -> Path:
     """Evaluate ``model`` (a SingleStream/MultiStream, a checkpoint directory (``expect_kind`` checks
     its kind), a reference row ``"trivial"`` / ``("vae_ceiling", frozen)``, or a function
@@ -510,21 +358,17 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
               progress: bool, silog: str, flow_scoring: str, prefetch: int, seed: str) -> None:
     """``evaluate`` with its predictor made: every benchmark predicted, scored and written (the rows of
     this run, model and seed on these benchmarks replace their earlier ones; every other row is kept)."""
-    from stablemtl.data.sources import SOURCES
-
     name = predictor.name
     benchmarks = [get_benchmark(b) if isinstance(b, str) else b for b in benchmarks]
     names = {b.name for b in benchmarks}
     mine = lambda r: (r["run"], r["model"], r["seed"]) == (run, name, seed) and r["benchmark"] in names  # noqa: E731
-    metrics_csv = _CsvRows(out_dir / "metrics.csv", METRIC_FIELDS)
-    samples_csv = _CsvRows(out_dir / "per_sample.csv", SAMPLE_FIELDS)
+    metrics_csv = CsvRows(out_dir / METRICS_FILE, METRIC_FIELDS)
+    samples_csv = CsvRows(out_dir / SAMPLES_FILE, SAMPLE_FIELDS)
     for message in edited_results(out_dir):  # the rows of other models are kept as they are now
         print(f"note: {message}; its other rows are kept and the new hash records them", flush=True)
-    metric_rows = [r for r in _read_or_set_aside(metrics_csv) if not mine(r)]
-    sample_rows = [r for r in _read_or_set_aside(samples_csv) if not mine(r)]
+    metric_rows = [r for r in read_or_set_aside(metrics_csv) if not mine(r)]
+    sample_rows = [r for r in read_or_set_aside(samples_csv) if not mine(r)]
     size_of = lambda b: tuple((resolution or {}).get(b.name, b.resolution))  # noqa: E731
-    from stablemtl.data.formats import _write_bytes, read_json_if_present
-
     timing = read_json_if_present(out_dir / TIMING_FILE)
     for b in benchmarks:
         if not predictor.predicts(b.task):
@@ -549,36 +393,11 @@ def _evaluate(predictor: _Predictor, benchmarks, out_dir: Path, data_root, run: 
         for metric, value in summary.items():
             if not isinstance(value, (list, tuple, dict, np.ndarray)):
                 metric_rows.append({"run": run, "model": name, "seed": seed, "benchmark": b.name,
-                                    "dataset": b.dataset, "task": b.task, "metric": metric, "value": _value(value),
+                                    "dataset": b.dataset, "task": b.task, "metric": metric, "value": value_text(value),
                                     "higher_is_better": metrics.HIGHER_IS_BETTER.get(metric, metric.startswith("iou_")),
                                     "n_images": n_images})
-    hashes = {"metrics.csv": metrics_csv.write(metric_rows), "per_sample.csv": samples_csv.write(sample_rows)}
-    _write_bytes(out_dir / HASH_FILE, (json.dumps(hashes, indent=1, sort_keys=True) + "\n").encode())
-    _write_bytes(out_dir / TIMING_FILE, (json.dumps(timing, indent=1, sort_keys=True) + "\n").encode())
-
-
-def drop_stale_rows(out_dir, run: str, expected: dict[str, set[str]], log=print) -> int:
-    """Remove the rows of ``run`` whose model is a key of ``expected`` but whose seed is not in its set
-    (a seed the run no longer trains, or rows written before the seed column); both CSVs and their
-    hashes are rewritten. Returns the number of metric rows removed."""
-    from stablemtl.data.formats import _write_bytes
-
-    out_dir = Path(out_dir)
-    stale = lambda r: r["run"] == run and r["model"] in expected and r["seed"] not in expected[r["model"]]  # noqa: E731
-    tables = [_CsvRows(out_dir / "metrics.csv", METRIC_FIELDS), _CsvRows(out_dir / "per_sample.csv", SAMPLE_FIELDS)]
-    rows = [_read_or_set_aside(t) for t in tables]
-    dropped = sorted({(r["model"], r["seed"] or "none") for r in rows[0] if stale(r)})
-    if not dropped:
-        return 0
-    log(f"note: {out_dir / 'metrics.csv'}: removed the rows of " + ", ".join(f"{m} (seed {s})" for m, s in dropped)
-        + f" of run {run!r}: this evaluation has no such model and seed")
-    hashes = {t.path.name: t.write([r for r in table_rows if not stale(r)]) for t, table_rows in zip(tables, rows)}
-    _write_bytes(out_dir / HASH_FILE, (json.dumps(hashes, indent=1, sort_keys=True) + "\n").encode())
-    return sum(stale(r) for r in rows[0])
-
-
-def benchmarks_of(task: str) -> list[str]:
-    return [name for name, b in BENCHMARKS.items() if b.task == task]
+    write_hashes(out_dir, {METRICS_FILE: metrics_csv.write(metric_rows), SAMPLES_FILE: samples_csv.write(sample_rows)})
+    write_bytes(out_dir / TIMING_FILE, (json.dumps(timing, indent=1, sort_keys=True) + "\n").encode())
 
 
 def evaluate_single_task(models: dict, out_dir, data_root, run: str = "run", seed: int | None = None,
@@ -589,113 +408,3 @@ def evaluate_single_task(models: dict, out_dir, data_root, run: str = "run", see
         evaluate(model, benchmarks_of(task), out_dir, data_root, run=run, model_name="single_task",
                  expect_kind=None if not isinstance(model, (str, Path)) else "single_stream", seed=seed, **kwargs)
     return Path(out_dir)
-
-
-def seed_text(seed) -> str:
-    """The ``seed`` column's text of a training seed: ``""`` for None (a seed-independent row)."""
-    if seed is None or seed == "":
-        return ""
-    if not isinstance(seed, bool) and isinstance(seed, (int, np.integer, str)) and re.fullmatch(r"-?\d+", str(seed)):
-        return str(int(seed))
-    raise ValueError(f"seed {seed!r} is not an integer (or None for a seed-independent row)")
-
-
-def prediction_folder(results_dir, model: str) -> tuple[Path, str]:
-    """The folder of ``model``'s cached predictions that readers show, holding ``<benchmark>/NNNNN.npz``,
-    and its seed: the first (lowest) seed's ``predictions/<model>/seed<seed>`` when the model was
-    evaluated with seeds, else ``predictions/<model>`` and ``""``."""
-    folder = Path(results_dir) / "predictions" / model
-    seeds = sorted(int(p.name[4:]) for p in folder.glob("seed*") if p.is_dir() and re.fullmatch(r"seed-?\d+", p.name))
-    return (folder / f"seed{seeds[0]}", str(seeds[0])) if seeds else (folder, "")
-
-
-# the rows of a run's evaluation (stage 05): the references, then the trained models of stage 03 and 04
-MODELS = ("trivial", "vae_ceiling", "single_task", "single_stream_random", "single_stream", "multi_stream")
-
-
-def trained_models(study, seeds: list[int]) -> dict[tuple[str, int], Path]:
-    """(model row, seed) -> model folder, for every model of ``MODELS`` the run has trained for ``seeds``
-    (a single-task baseline ``single_task_<task>`` is a ``single_task`` row)."""
-    from stablemtl.model.streams import MODEL_FILE
-    from stablemtl.tasks import TASK_NAMES
-
-    found = {}
-    for seed in seeds:
-        for name in MODELS[3:]:
-            if (study.model_dir(name, seed) / MODEL_FILE).is_file():
-                found[(name, seed)] = study.model_dir(name, seed)
-        for task in TASK_NAMES:
-            folder = study.model_dir(f"single_task_{task}", seed)
-            if (folder / MODEL_FILE).is_file():
-                found[(f"single_task_{task}", seed)] = folder
-    return found
-
-
-def evaluate_run(study, models=None, benchmarks=None, max_images=None, progress: bool = True,
-                 silog: str | None = None, flow_scoring: str | None = None, device=None, dtype=None,
-                 seeds: int | None = None, seed: int | None = None) -> Path:
-    """Stage 05: evaluate ``models`` (names of ``MODELS``; None: the reference rows and every model the
-    run trained) for every seed of ``study.seeds(seeds, seed)`` on its benchmarks into ``results/<run>``.
-
-    ``trivial`` and ``vae_ceiling`` (the ground truth through the frozen VAE: the best a latent
-    prediction can be) do not depend on a seed; ``single_task`` gathers the single-task baselines.
-    A model trained on fewer tasks meets only their benchmarks; ``max_images`` limits each benchmark;
-    ``silog`` and ``flow_scoring`` (None: the release's) choose the protocol options of
-    ``stablemtl.options``. Cached predictions are reused only when they come from the same weights,
-    data and protocol (``evaluate``). ``device`` (None: the GPU when there is one) and ``dtype`` (e.g.
-    ``torch.bfloat16``; None: float32) as in ``evaluate``.
-    """
-    from stablemtl.model.base import load_base
-    from stablemtl.model.streams import MODEL_FILE
-    from stablemtl.paths import StageError, require
-
-    unknown = set(models or ()) - set(MODELS)
-    if unknown:
-        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
-    require(study, "01")
-    seed_list = study.seeds(seeds, seed)
-    trained = trained_models(study, seed_list)
-    row = lambda folder: "single_task" if folder.startswith("single_task_") else folder  # noqa: E731
-    if models is None:
-        models = [m for m in MODELS[:2] if study.procedural or m == "trivial"]
-        models += [m for m in MODELS[2:] if any(row(name) == m for name, _ in trained)]
-    for name in models:
-        missing = [s for s in seed_list if name in MODELS[3:] and (name, s) not in trained]
-        if missing:
-            raise StageError(f"{study.model_dir(name, missing[0])} is not a trained model: run notebooks 03 and 04 "
-                             f"(or `stablemtl run --only 03,04`) with the same preset, run name and seeds first")
-    benchmarks = [get_benchmark(b).name for b in (benchmarks or BENCHMARKS)]
-    resolution = (study.preset.get("evaluate") or {}).get("resolution")
-    common = dict(resolution=resolution, max_images=max_images, progress=progress, device=device, dtype=dtype,
-                  **{k: v for k, v in (("silog", silog), ("flow_scoring", flow_scoring)) if v is not None})
-    study.results_dir.mkdir(parents=True, exist_ok=True)
-    expected = {name: {""} if name in MODELS[:2] else
-                {seed_text(s) for folder, s in trained if row(folder) == name} for name in models}
-    drop_stale_rows(study.results_dir, study.run, expected)
-    for name in models:
-        if name in MODELS[:2]:
-            source = "trivial" if name == "trivial" else ("vae_ceiling", load_base(study.base_dir))
-            evaluate(source, benchmarks, study.results_dir, study.data_root, run=study.run, model_name=name,
-                     **common)
-            continue
-        for (folder_name, seed_value), folder in trained.items():
-            if row(folder_name) != name:
-                continue
-            tasks = json.loads((folder / MODEL_FILE).read_text()).get("tasks") or []
-            chosen = [b for b in benchmarks if BENCHMARKS[b].task in tasks]
-            if not chosen:
-                print(f"{folder_name}: trained on {tasks}, none of the benchmarks {benchmarks}; skipped")
-                continue
-            evaluate(folder, chosen, study.results_dir, study.data_root, run=study.run, model_name=name,
-                     seed=seed_value, expect_kind="multi_stream" if name == "multi_stream" else "single_stream",
-                     **common)
-    return study.results_dir
-
-
-def read_metrics(results_dir) -> list[dict]:
-    """The rows of ``<results_dir>/metrics.csv``; a clear error when there is none or it cannot be read
-    (``ResultsFileError`` naming the file, the line and the value)."""
-    path = Path(results_dir) / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics in this results folder (run stablemtl.evaluate.evaluate first)")
-    return _CsvRows(path, METRIC_FIELDS).read()

@@ -26,9 +26,15 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import stablemtl
+
 MARKER = ".stablemtl"
 LOCK = ".stablemtl.lock"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+class StageError(RuntimeError):
+    """A stage's input is missing or unusable; the message says what and how to make it."""
 
 
 class InputError(ValueError):
@@ -60,8 +66,6 @@ def marker(folder: Path) -> dict | None:
 
 def write_marker(folder: Path, kind: str) -> None:
     """Mark ``folder`` as written by the kit (``kind``: data, base, training, results)."""
-    import stablemtl
-
     record = {"kind": kind, "written_by": f"stablemtl {stablemtl.__version__}", "pid": os.getpid(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (Path(folder) / MARKER).write_text(json.dumps(record, indent=1) + "\n")

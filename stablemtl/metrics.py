@@ -112,7 +112,7 @@ def align_depth_least_squares(pred, gt, valid, space: str = "depth", depth_range
     return (aligned, float(scale), float(shift)) if return_params else aligned
 
 
-def depth_metrics(pred, gt, valid, silog: str = "x100") -> dict[str, float]:
+def depth_metrics(pred, gt, valid, silog: str = options.DEFAULTS["silog"]) -> dict[str, float]:
     """AbsRel, SqRel, RMSE, RMSE-log, log10, delta1..3 (strict <), iRMSE (1/m), SILog.
 
     ``pred`` is metric depth (aligned and clipped); GT <= 0 is invalid. SILog is
@@ -505,7 +505,7 @@ class DepthAccumulator(_Accumulator):
     ``depth_range`` (min, max) in metres (KITTI 1e-5..80, DIODE 0.6..350), metrics; mean over images.
     ``silog``: "x100" (the release) or "fraction"."""
 
-    def __init__(self, depth_range: tuple[float, float], align: str | None = "depth", silog: str = "x100"):
+    def __init__(self, depth_range: tuple[float, float], align: str | None = "depth", silog: str = options.DEFAULTS["silog"]):
         super().__init__()
         self.align, self.depth_range, self.silog = align, depth_range, options.check("silog", silog)
 

@@ -61,6 +61,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stablemtl import devices
+from stablemtl.data import formats
+from stablemtl.data.formats import incomplete, write_bytes
+from stablemtl.model.pipeline import StableMTLPipeline
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -114,8 +118,6 @@ def load_image(path) -> tuple[np.ndarray, list[str]]:
     """An image file as float32 RGB ``[H, W, 3]`` in [0, 1] and the notes on its conversion
     (module docstring); an ``ImageError`` naming the file when it cannot be used."""
     from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-
-    from stablemtl.data.formats import incomplete
 
     path = Path(path)
     if not path.is_file():
@@ -235,8 +237,6 @@ def write_contact_sheet(path, panels: dict[str, np.ndarray], title: str) -> Path
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from stablemtl.data.formats import _write_bytes
-
     h, w = next(iter(panels.values())).shape[:2]
     width, height = contact_sheet_size(h, w, len(panels))
     columns = min(COLUMNS, len(panels))
@@ -255,7 +255,7 @@ def write_contact_sheet(path, panels: dict[str, np.ndarray], title: str) -> Path
     fig.figimage(canvas, origin="upper", zorder=0)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return _write_bytes(path, buffer.getvalue())
+    return write_bytes(path, buffer.getvalue())
 
 
 def _channels_last(output: torch.Tensor) -> np.ndarray:
@@ -264,8 +264,6 @@ def _channels_last(output: torch.Tensor) -> np.ndarray:
 
 
 def _write_outputs(folder: Path, rgb: np.ndarray, outputs: dict[str, torch.Tensor], title: str) -> dict[str, Path]:
-    from stablemtl.data import formats
-
     files: dict[str, Path] = {}
     panels = {"input": rgb}
     for task, output in outputs.items():
@@ -275,7 +273,7 @@ def _write_outputs(folder: Path, rgb: np.ndarray, outputs: dict[str, torch.Tenso
         files[f"{task}.png"] = formats.write_rgb(folder / f"{task}.png", colour)
         panels[task] = colour
         if task == "depth":
-            files[DEPTH_16BIT] = formats._write_png(folder / DEPTH_16BIT, depth_to_16bit(array))
+            files[DEPTH_16BIT] = formats.write_png(folder / DEPTH_16BIT, depth_to_16bit(array))
     files[CONTACT_SHEET] = write_contact_sheet(folder / CONTACT_SHEET, panels, title)
     return files
 
@@ -300,9 +298,6 @@ def _quiet_loading():
 
 
 def _load(model, device, dtype):
-    from stablemtl import devices
-    from stablemtl.model.pipeline import StableMTLPipeline
-
     try:
         dev = devices.resolve_device(None if device in (None, "auto") else device)
     except ValueError as err:

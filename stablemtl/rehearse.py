@@ -9,7 +9,7 @@ Before anyone downloads a terabyte of data and rents GPUs, one command runs what
    user runs on the downloads;
 3. **base**: a folder in the diffusers layout of ``stabilityai/stable-diffusion-2`` with SD2's configs
    at a width factor (``--width``; 1.0 is SD2's exact size), random weights and the real SD2 (CLIP)
-   tokenizer (``stablemtl.model.base.write_sd2_base``);
+   tokenizer (``stablemtl.model.sd2.write_sd2_base``);
 4. **stages 01 to 06**: ``stablemtl run --preset paper`` against those folders (``PREPROCESSED_DIR``,
    ``BASE_CKPT_DIR``, ``OUTPUT_DIR``, ``RESULTS_DIR``), one stage per call, with the paper's
    resolutions, crops, mixing, effective batch and evaluation protocol, only ``--steps`` optimizer
@@ -25,6 +25,11 @@ per image of the evaluation (``evaluate_timing.json``) and of the prediction. A 
 the machine's memory is stopped by a watchdog and reported with the memory it reached, never left to
 the OOM killer. Each stage is resumable (the runner's ``done.json``, ``prepare``'s journal), so an
 interrupted rehearsal continues where it stopped.
+
+``stablemtl.watch`` watches each child (peak memory, the watchdog), ``stablemtl.rehearse_report`` makes the
+figures and ``rehearsal.md``. Importing this module imports no torch (the command line imports it to build
+its parser, each step's child process to run its work): the modules that do are imported by the functions
+that use them.
 """
 
 from __future__ import annotations
@@ -36,18 +41,23 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import stablemtl
+from stablemtl.data import formats
+from stablemtl.data.convert.common import RAW_META
+from stablemtl.guard import InputError, claim, die_with_parent
+from stablemtl.paths import KINDS, PIPELINE_FILE
+from stablemtl.presets import DEFAULT_SEED, load_preset
+from stablemtl.rehearse_report import collect_figures, format_report
+from stablemtl.watch import GIB, Watch, folder_bytes, memory_reserve
 
 RUN_NAME = "rehearsal"
 REPORT_JSON, REPORT_MD = "rehearsal.json", "rehearsal.md"
 DEFAULTS = {"width": 0.1, "steps": 2, "images": 2, "render_scale": 4}
-PREDICT_SIZE = (576, 768)
-GIB = 1024 ** 3
+PREDICT_SIZE = (576, 768)  # the frame pair of the prediction step
 SKIPPED = "kept from an earlier call"  # what a step's log says when it had nothing to do
 _SKIP_MARKS = (SKIPPED, "done, skipped (same parameters")  # the rehearsal's, and ``stablemtl run``'s
 
@@ -56,98 +66,10 @@ class RehearsalError(ValueError):
     """A bad argument or folder, found before anything is written (exit status 2)."""
 
 
-# --------------------------------------------------------------------------- memory and processes
-
-def _tree(pid: int) -> list:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        return [root] + root.children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _high_water(proc) -> int:
-    """A process's peak resident set in bytes (Linux ``VmHWM``), else its current one."""
-    try:
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return proc.memory_info().rss
-    except Exception:  # noqa: BLE001 - the process ended between the listing and the read
-        return 0
-
-
-class Watch:
-    """Polls a child process tree while it runs: the peak resident set (the largest single process's
-    high-water mark, and the largest sum over the tree seen), and stops the tree with a clear record when
-    the machine's available memory falls below ``reserve`` bytes (instead of the OOM killer)."""
-
-    def __init__(self, pid: int, reserve: int, interval: float = 0.2, on_poll=None):
-        self.pid, self.reserve, self.interval, self.on_poll = pid, reserve, interval, on_poll
-        self.peak_process = self.peak_tree = 0
-        self.killed: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stablemtl-rehearse-watch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            procs = _tree(self.pid)
-            if procs:
-                marks = [_high_water(p) for p in procs]
-                rss = 0
-                for p in procs:
-                    try:
-                        rss += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak_process = max(self.peak_process, *marks)
-                self.peak_tree = max(self.peak_tree, rss)
-                available = psutil.virtual_memory().available
-                if available < self.reserve and self.killed is None:
-                    self.killed = (f"stopped by the rehearsal's memory watchdog: the machine had "
-                                   f"{available / GIB:.2f} GiB available (reserve {self.reserve / GIB:.2f} GiB) "
-                                   f"while this stage's processes held {rss / GIB:.2f} GiB")
-                    for p in reversed(procs):
-                        try:
-                            p.send_signal(signal.SIGKILL)
-                        except psutil.Error:
-                            pass
-            if self.on_poll is not None:
-                self.on_poll()
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _memory_reserve() -> int:
-    """What the watchdog keeps free: 3 % of the machine's memory, at least 0.75 GiB."""
-    import psutil
-
-    return max(int(0.75 * GIB), int(0.03 * psutil.virtual_memory().total))
-
-
-def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):  # links are not followed: a checked dataset is counted once
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
+# --------------------------------------------------------------------------- a step's log
 
 def _last_line(path: Path) -> str:
+    """The last line of a step's log (its end, no warning), for the progress bar."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -160,6 +82,23 @@ def _last_line(path: Path) -> str:
     return lines[-1][-70:] if lines else ""
 
 
+def _error_of(log: Path) -> str:
+    """The last error line of a step's log (``stablemtl run: ...``, an exception line), for the report."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    except OSError:
+        return f"see {log}"
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i]
+        if line.startswith("stablemtl ") or "Error" in line.split(":")[0] or line.startswith("Killed"):
+            return " ".join(lines[i:i + 3])[:600] + f" (log: {log})"
+    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"
+
+
+def _project() -> Path:
+    return Path(stablemtl.__file__).resolve().parents[1]
+
+
 # --------------------------------------------------------------------------- the rehearsal
 
 class Rehearsal:
@@ -168,7 +107,7 @@ class Rehearsal:
     def __init__(self, out, width: float = DEFAULTS["width"], steps: int = DEFAULTS["steps"],
                  images: int = DEFAULTS["images"], device: str = "auto", batch_per_device: int | None = None,
                  parameters: dict | None = None, render_scale: int = DEFAULTS["render_scale"],
-                 quiet: bool = False, seed: int = 2024):
+                 quiet: bool = False, seed: int = DEFAULT_SEED):
         self.out = Path(out).resolve()
         self.width, self.steps, self.images = width, steps, images
         self.device, self.batch_per_device = device, batch_per_device
@@ -186,9 +125,8 @@ class Rehearsal:
     def check(self) -> None:
         """Every argument and the output folder, before anything is written (``RehearsalError``)."""
         from stablemtl import devices
-        from stablemtl.guard import InputError, claim
-        from stablemtl.paths import STAGES
-        from stablemtl.run import RunError, _check_parameters
+        from stablemtl.run import RunError, check_run_parameters
+        from stablemtl.stages import STAGES
 
         if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not self.width > 0 \
                 or self.width > 4:
@@ -210,7 +148,7 @@ class Rehearsal:
                 raise RehearsalError(f"-p {key}=...: the rehearsal sets {key} itself (use --steps, --images, "
                                      f"--batch-per-device, --device)")
         try:
-            _check_parameters(list(STAGES), self.parameters)
+            check_run_parameters(list(STAGES), self.parameters)
         except RunError as err:
             raise RehearsalError(str(err)) from None
         try:
@@ -246,8 +184,8 @@ class Rehearsal:
     def stage_parameters(self, key: str, models=None) -> list[str]:
         """``-p`` arguments of ``stablemtl run --only <key>``: the rehearsal's and the user's own that the
         stage's notebook declares."""
-        from stablemtl.paths import stage_name
         from stablemtl.run import declared_parameters, notebook_dir
+        from stablemtl.stages import stage_name
 
         declared = declared_parameters(notebook_dir() / f"{stage_name(key)}.ipynb")
         values = dict(self.parameters)
@@ -267,11 +205,9 @@ class Rehearsal:
         step's record (status, wall time, peak memory, disk written, error)."""
         from tqdm.auto import tqdm
 
-        from stablemtl.guard import die_with_parent
-
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name.replace(' ', '_')}.log"
-        before = _folder_bytes(self.out)
+        before = folder_bytes(self.out)
         bar = tqdm(total=1, desc=f"rehearse: {name}", disable=self.quiet, leave=True,
                    bar_format="{desc} [{elapsed}]{postfix}")
         parent = os.getpid()
@@ -281,7 +217,7 @@ class Rehearsal:
             handle.flush()
             proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.environment(),
                                     cwd=str(_project()), preexec_fn=lambda: die_with_parent(parent))
-            watch = Watch(proc.pid, _memory_reserve(), on_poll=lambda: bar.set_postfix_str(_last_line(log)))
+            watch = Watch(proc.pid, memory_reserve(), on_poll=lambda: bar.set_postfix_str(_last_line(log)))
             try:
                 code = proc.wait()
             except KeyboardInterrupt:
@@ -300,7 +236,7 @@ class Rehearsal:
         record = {"status": "done" if code == 0 else "failed", "wall_s": round(wall, 1),
                   "peak_rss_gib": round(watch.peak_process / GIB, 3),
                   "peak_rss_tree_gib": round(watch.peak_tree / GIB, 3),
-                  "disk_written_gib": round((_folder_bytes(self.out) - before) / GIB, 4), "log": str(log)}
+                  "disk_written_gib": round((folder_bytes(self.out) - before) / GIB, 4), "log": str(log)}
         if code != 0:
             record["exit"] = code
             record["error"] = watch.killed or _error_of(log)
@@ -368,8 +304,7 @@ class Rehearsal:
 
     # ----------------------------------------------------------------- the whole
     def run(self) -> dict:
-        from stablemtl.guard import claim
-        from stablemtl.paths import STAGES
+        from stablemtl.stages import STAGES
 
         self.check()
         claim(self.out, "rehearsal", lambda f: (f / REPORT_JSON).is_file())
@@ -396,14 +331,14 @@ class Rehearsal:
     def _prediction(self, stages: dict) -> None:
         """Both streams on one 576 x 768 frame pair, all seven tasks (the multi stream assembled from the
         trained single stream when its training did not run)."""
-        from stablemtl.paths import KINDS
+        from stablemtl.model.pipeline import MODEL_FILE
 
         frames = self.out / "predict" / "frames"
         write_frames(self.preprocessed, frames)
         trained = self.outputs / RUN_NAME
         for kind in KINDS:
             model, assemble = trained / kind / "model", False
-            if kind == "multi_stream" and not (model / "stablemtl_model.json").is_file():
+            if kind == "multi_stream" and not (model / MODEL_FILE).is_file():
                 model, assemble = trained / "single_stream" / "model", True
                 stages.setdefault("notes", []).append(
                     "predict multi_stream: the multi stream did not train, so its prediction was timed with a "
@@ -449,21 +384,19 @@ class Rehearsal:
         return self.report
 
     def _write(self) -> None:
-        from stablemtl.data.formats import _write_bytes
-
-        _write_bytes(self.out / REPORT_JSON, (json.dumps(self.report, indent=1, default=str) + "\n").encode())
-        _write_bytes(self.out / REPORT_MD, format_report(self.report).encode())
+        formats.write_bytes(self.out / REPORT_JSON, (json.dumps(self.report, indent=1, default=str) + "\n").encode())
+        formats.write_bytes(self.out / REPORT_MD, format_report(self.report).encode())
 
 
 # --------------------------------------------------------------------------- the steps' own work (child processes)
 
-def write_raw(root, images: int, render_scale: int, seed: int = 2024) -> Path:
+def write_raw(root, images: int, render_scale: int, seed: int = DEFAULT_SEED) -> Path:
     """Raw miniatures of the eight datasets at the real resolutions under ``root/<dataset>``; a dataset
     already written (its ``stablemtl_raw.json`` present) is kept, a partial one written again."""
     from tqdm.auto import tqdm
 
     from stablemtl.data import raw
-    from stablemtl.data.prepare import DATASETS, RAW_META
+    from stablemtl.data.prepare import DATASETS
 
     root = Path(root)
     kept = 0
@@ -486,12 +419,12 @@ def write_raw(root, images: int, render_scale: int, seed: int = 2024) -> Path:
 
 def write_base(folder, width: float, seed: int = 0) -> Path:
     """The SD2-layout base at ``width`` (kept when it was written with the same width and seed)."""
-    from stablemtl.model.base import write_sd2_base
+    from stablemtl.model.sd2 import write_sd2_base
 
     folder = Path(folder)
     record = folder.parent / "rehearsal_base.json"
     wanted = {"width": width, "seed": seed}
-    if (folder / "model_index.json").is_file() and record.is_file() and json.loads(record.read_text()) == wanted:
+    if (folder / PIPELINE_FILE).is_file() and record.is_file() and json.loads(record.read_text()) == wanted:
         print(f"{folder}: {SKIPPED} (written earlier with width {width} and seed {seed})")
         return folder
     write_sd2_base(folder, width=width, seed=seed)
@@ -503,7 +436,6 @@ def write_frames(preprocessed: Path, folder: Path) -> list[Path]:
     """A 576 x 768 frame pair (the prepared FlyingThings3D frames 0 and 1, resized) for the prediction."""
     import cv2
 
-    from stablemtl.data import formats
     from stablemtl.data.sources import SOURCES
 
     source = preprocessed / SOURCES["flying_things_3d"].root_hint / "train" / "image_clean"
@@ -524,13 +456,13 @@ def measure_prediction(model_dir, frames, out, device, assemble: bool = False) -
     the paper preset's task attention, in memory; no files)."""
     import torch
 
-    from stablemtl.data import formats
     from stablemtl.devices import resolve_device
-    from stablemtl.model.pipeline import StableMTLPipeline
+    from stablemtl.model.pipeline import MODEL_FILE, StableMTLPipeline, load_model
+    from stablemtl.model.streams import MultiStream
     from stablemtl.predict import load_image
 
     dev = resolve_device(device)
-    record = Path(model_dir) / "stablemtl_model.json"
+    record = Path(model_dir) / MODEL_FILE
     made = {"model": str(Path(model_dir).resolve()), "model_written": record.stat().st_mtime_ns, "device": str(dev),
             "assembled": bool(assemble)}
     earlier = Path(out) / "timing.json"
@@ -539,9 +471,6 @@ def measure_prediction(model_dir, frames, out, device, assemble: bool = False) -
         return json.loads(earlier.read_text())
     start = time.perf_counter()
     if assemble:
-        from stablemtl.model.streams import MultiStream, load_model
-        from stablemtl.presets import load_preset
-
         single = load_model(model_dir, expect="single_stream")
         multi = MultiStream.from_single_stream(single, **load_preset("paper")["model"]["task_attention"])
         del single
@@ -572,145 +501,10 @@ def measure_prediction(model_dir, frames, out, device, assemble: bool = False) -
     return timing
 
 
-# --------------------------------------------------------------------------- the report
-
-def collect_figures(outputs: Path, results: Path) -> dict:
-    """Training s/step and s/micro-batch (``train_log.csv``), evaluation s/image (``evaluate_timing.json``)
-    and the benchmarks scored (``metrics.csv``) of the rehearsal's run."""
-    import csv
-
-    from stablemtl.evaluate import TIMING_FILE
-    from stablemtl.paths import KINDS
-    from stablemtl.train import STATS_FILE
-
-    training = {}
-    for kind in KINDS:
-        log = outputs / kind / "train_log.csv"
-        if not log.is_file():
-            continue
-        with open(log, newline="") as f:
-            rows = list(csv.DictReader(f))
-        step_s = [float(r["step_s"]) for r in rows]
-        data_s = [float(r["data_s"]) for r in rows]
-        config = outputs / kind / "checkpoint" / "latest" / "state.json"
-        micro = None
-        if config.is_file():
-            c = json.loads(config.read_text())["config"]
-            micro = c["effective_batch"] // c["batch_per_device"]
-        latest = outputs / kind / "checkpoint" / "latest"
-        stats = outputs / kind / STATS_FILE
-        training[kind] = {"steps": len(rows), "s_per_step": round(sum(step_s) / len(step_s), 2) if rows else None,
-                          "first_step_s": step_s[0] if rows else None,
-                          "micro_batches_per_step": micro,
-                          "s_per_micro_batch": round(sum(step_s) / len(step_s) / micro, 3) if rows and micro else None,
-                          "data_wait_share": round(sum(data_s) / max(1e-9, sum(step_s)), 3) if rows else None,
-                          "checkpoint_gib": round(_folder_bytes(latest) / GIB, 3) if latest.is_dir() else None,
-                          **(json.loads(stats.read_text()) if stats.is_file() else {})}
-    evaluation, scored = {}, {}
-    timing = results / TIMING_FILE
-    if timing.is_file():
-        for key, entry in json.loads(timing.read_text()).items():
-            model = key.split("|")[0]
-            agg = evaluation.setdefault(model, {"images": 0, "seconds": 0.0, "cuda_peak_gib": None})
-            agg["images"] += entry["predicted"]
-            agg["seconds"] += entry["seconds"]
-            if entry.get("cuda_peak_gib") is not None:
-                agg["cuda_peak_gib"] = max(agg["cuda_peak_gib"] or 0, entry["cuda_peak_gib"])
-        for agg in evaluation.values():
-            agg["s_per_image"] = round(agg["seconds"] / agg["images"], 3) if agg["images"] else None
-            agg["seconds"] = round(agg["seconds"], 2)
-    metrics = results / "metrics.csv"
-    if metrics.is_file():
-        from stablemtl.evaluate import BENCHMARKS, read_metrics
-
-        for row in read_metrics(results):
-            b = BENCHMARKS.get(row["benchmark"])
-            if b is None or row["metric"] != b.headline:
-                continue
-            entry = scored.setdefault(row["benchmark"], {"resolution": list(b.resolution), "metric": row["metric"],
-                                                         "models": {}})
-            entry["models"][row["model"]] = {"value": float(row["value"]), "n_images": int(row["n_images"])}
-    return {"training": training, "evaluation": evaluation, "benchmarks": scored}
-
-
-def format_report(report: dict) -> str:
-    s = report.get("settings", {})
-    lines = ["# Rehearsal of the paper preset", "",
-             f"`{report.get('command') or 'stablemtl rehearse'}`: width {s.get('width')} of SD2, {s.get('steps')} "
-             f"step(s) per stream, {s.get('images')} image(s) per dataset, effective batch "
-             f"{s.get('effective_batch')} in micro-batches of {s.get('batch_per_device')}, device {s.get('device')}, "
-             f"raw frames rendered at 1/{s.get('render_scale')} and upsampled to the real sizes.", "",
-             f"Machine: {report.get('machine', {}).get('cpus')} CPUs, {report.get('machine', {}).get('memory_gib')} "
-             f"GiB, {report.get('machine', {}).get('device_name')}; torch {report.get('machine', {}).get('torch')}.", "",
-             "| stage | status | wall s | peak RSS GiB | disk written GiB | error |", "|---|---|---|---|---|---|"]
-    for name, r in report.get("stages", {}).items():
-        if name == "notes":
-            continue
-        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:800]
-        disk = r.get("disk_written_gib")
-        lines.append(f"| {name} | {r.get('status')}{' (earlier call)' if r.get('kept') else ''} | {r.get('wall_s')} | "
-                     f"{r.get('peak_rss_gib')} | {max(0.0, disk) if disk is not None else None} | {error} |")
-    for note in report.get("stages", {}).get("notes", []):
-        lines += ["", f"Note: {note}"]
-    if report.get("training"):
-        lines += ["", "| training | steps | s/step | micro-batches per step | s/micro-batch | data wait share | "
-                      "checkpoint GiB | peak CUDA GiB |", "|---|---|---|---|---|---|---|---|"]
-        for kind, t in report["training"].items():
-            lines.append(f"| {kind} | {t.get('steps')} | {t.get('s_per_step')} | {t.get('micro_batches_per_step')} | "
-                         f"{t.get('s_per_micro_batch')} | {t.get('data_wait_share')} | {t.get('checkpoint_gib')} | "
-                         f"{t.get('cuda_peak_gib')} |")
-    if report.get("evaluation"):
-        lines += ["", "| evaluation | images predicted | s/image | peak CUDA GiB |", "|---|---|---|---|"]
-        for model, e in report["evaluation"].items():
-            if not e["images"]:
-                continue  # the trivial row: no model call to time
-            lines.append(f"| {model} | {e['images']} | {e['s_per_image']} | {e['cuda_peak_gib']} |")
-    predictions = {k: v for k, v in report.get("stages", {}).items() if k.startswith("predict ") and "s_per_image" in v}
-    if predictions:
-        lines += ["", "| prediction | size | tasks | s/image | peak RSS GiB | peak CUDA GiB |", "|---|---|---|---|---|---|"]
-        for name, p in predictions.items():
-            lines.append(f"| {name.removeprefix('predict ')} | {p['size'][0]}x{p['size'][1]} | {len(p['tasks'])} | "
-                         f"{p['s_per_image']} | {p['peak_rss_gib']} | {p.get('cuda_peak_gib')} |")
-    if report.get("benchmarks"):
-        lines += ["", "| benchmark | resolution | metric | " + " | ".join(_models(report)) + " |",
-                  "|---|---|---|" + "---|" * len(_models(report))]
-        for name, b in report["benchmarks"].items():
-            cells = [f"{b['models'][m]['value']:.4g} (n={b['models'][m]['n_images']})" if m in b["models"] else "-"
-                     for m in _models(report)]
-            lines.append(f"| {name} | {b['resolution'][0]}x{b['resolution'][1]} | {b['metric']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Total {report.get('wall_s')} s; {'every stage done' if report.get('ok') else 'NOT every stage done'}."
-              " Random weights: the numbers check the code path, not the method."]
-    return "\n".join(lines) + "\n"
-
-
-def _models(report: dict) -> list[str]:
-    names = []
-    for b in report.get("benchmarks", {}).values():
-        names += [m for m in b["models"] if m not in names]
-    return names
-
-
-def _error_of(log: Path) -> str:
-    """The last error line of a step's log (``stablemtl run: ...``, an exception line), for the report."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
-    except OSError:
-        return f"see {log}"
-    for i in range(len(lines) - 1, -1, -1):
-        line = lines[i]
-        if line.startswith("stablemtl ") or "Error" in line.split(":")[0] or line.startswith("Killed"):
-            return " ".join(lines[i:i + 3])[:600] + f" (log: {log})"
-    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"
-
-
-def _project() -> Path:
-    return Path(stablemtl.__file__).resolve().parents[1]
-
-
 # --------------------------------------------------------------------------- the command line
 
 def cmd_rehearse(args) -> int:
-    from stablemtl.run import parse_parameters, RunError
+    from stablemtl.run import RunError, parse_parameters
 
     try:
         parameters = parse_parameters(args.parameter)

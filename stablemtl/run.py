@@ -3,7 +3,7 @@
 Each stage is a notebook of ``notebooks/``; each writes its outputs into its folder
 (``Study.stage_dir``) and, once it finished, a ``done.json`` there holding the stage's hash:
 the sha256 of its parameters (the notebook's knobs, the preset sections and folders it uses)
-and of the ``done.json`` files of the stages it reads (``READS``). One rule decides:
+and of the ``done.json`` files of the stages it reads (``stablemtl.stages.GRAPH``). One rule decides:
 
 - a stage whose ``done.json`` holds its current hash is skipped (``force`` runs it anyway);
 - any other stage runs; its new ``done.json`` changes the hash of every stage that reads it, so
@@ -39,15 +39,22 @@ from pathlib import Path
 
 import stablemtl
 from stablemtl import options
-from stablemtl.guard import InputError, RunLock, claim
-from stablemtl.paths import (DONE_FILE, KINDS, README_PAPER, STAGES, StageError, Study, context, project_root, require,
-                             stage_name)
+from stablemtl.data.mini import WORLD_VERSION, is_mini_root
+from stablemtl.data.sources import META_FILE, SOURCES
+from stablemtl.evaluate import PROTOCOL_VERSION
+from stablemtl.guard import InputError, RunLock, StageError, claim
+from stablemtl.model.base import BUILD_VERSION, is_built_base
+from stablemtl.paths import DONE_FILE, KINDS, METRICS_FILE, PIPELINE_FILE, README_PAPER, project_root
 from stablemtl.presets import yaml_numbers
+from stablemtl.report import format_target_check, target_check
+from stablemtl.results import read_metrics
+from stablemtl.schema import check_parameters
+from stablemtl.stages import (STAGES, Study, context, inputs, is_training_folder, require, stage_name,
+                              train_config)
+from stablemtl.train_config import SAME_RESULT, TrainConfig
 
 MANIFEST = "manifest.json"
 RUNNER_PARAMETERS = ("preset", "run_name")  # set with --preset / --run-name, not -p
-# the stages whose done.json each stage's hash includes (05: only those of the models it evaluates)
-READS = {"01": (), "02": (), "03": ("01", "02"), "04": ("01", "02", "03"), "05": ("01", "03", "04"), "06": ("05",)}
 
 
 class RunError(RuntimeError):
@@ -118,16 +125,9 @@ def select_stages(only) -> list[str]:
 # --------------------------------------------------------------------------- the stage hash
 
 def reads(stage: str, knobs: dict) -> tuple[str, ...]:
-    """The stages whose ``done.json`` enter ``stage``'s hash."""
-    key = stage[:2]
-    if key == "05":
-        models = knobs.get("models")
-        if models is None:  # every model the run trained, and the VAE ceiling of its base
-            return ("01", "02", "03", "04")
-        needs = {"02": ("vae_ceiling",), "03": ("single_stream", "single_stream_random", "single_task"),
-                 "04": ("multi_stream",)}
-        return ("01",) + tuple(k for k, names in needs.items() if set(names) & set(models))
-    return READS[key]
+    """The stages whose ``done.json`` enter ``stage``'s hash: those it reads (``stages.inputs``; stage 05
+    reads those that make the models its ``models`` knob names)."""
+    return inputs(stage, knobs.get("models"))
 
 
 def stage_key(study: Study, stage: str, knobs: dict) -> dict:
@@ -138,16 +138,10 @@ def stage_key(study: Study, stage: str, knobs: dict) -> dict:
     if key in ("03", "04", "05"):  # which seeds, ablation and baselines the stages train and evaluate
         out["study"] = preset.get("study")
     if key == "01":
-        from stablemtl.data.mini import WORLD_VERSION
-
         out.update(data=preset.get("data"), root=str(study.data_root), world=WORLD_VERSION)
     elif key == "02":
-        from stablemtl.model.base import BUILD_VERSION
-
         out.update(base=(preset.get("model") or {}).get("base"), dir=str(study.base_dir), build=BUILD_VERSION)
     elif key in ("03", "04"):
-        from stablemtl.train import SAME_RESULT, TrainConfig, train_config
-
         names = {f.name for f in fields(TrainConfig)}
         try:
             config = train_config(study, "single_stream" if key == "03" else "multi_stream",
@@ -156,8 +150,6 @@ def stage_key(study: Study, stage: str, knobs: dict) -> dict:
         except (ValueError, TypeError) as err:  # the notebook reports it, with its cell
             out["config"] = f"invalid: {err}"
     elif key == "05":
-        from stablemtl.evaluate import PROTOCOL_VERSION
-
         out.update(resolution=(preset.get("evaluate") or {}).get("resolution"), data=str(study.data_root),
                    protocol=PROTOCOL_VERSION)
     return out
@@ -192,12 +184,10 @@ def write_done(study: Study, stage: str, digest: str, knobs: dict) -> Path:
 
 # --------------------------------------------------------------------------- before and around the stages
 
-def _check_parameters(stages: list[str], parameters: dict) -> tuple[dict, dict]:
+def check_run_parameters(stages: list[str], parameters: dict) -> tuple[dict, dict]:
     """Each ``-p`` key must be a knob of a selected notebook (``declared_parameters``) and its value one
     that ``stablemtl.schema.SPECS`` allows; returns the notebooks' declared knobs and defaults per stage
     and the parameters, normalised (``tasks=depth`` -> ``["depth"]``)."""
-    from stablemtl.schema import check_parameters
-
     nb_dir = notebook_dir()
     declared = {s: declared_parameters(nb_dir / f"{s}.ipynb") for s in stages}
     for key, value in parameters.items():
@@ -221,10 +211,6 @@ def is_results_folder(folder: Path) -> bool:
 def _check_folders(study: Study, stages: list[str]) -> None:
     """The folders the selected stages write must be new, empty or the kit's (``guard.claim``), checked
     before any stage starts; ``--force`` does not change this."""
-    from stablemtl.data.mini import is_mini_root
-    from stablemtl.model.base import is_built_base
-    from stablemtl.train import is_training_folder
-
     folders = [(study.results_dir, "results", is_results_folder)]
     keys = {s[:2] for s in stages}
     if study.procedural and "01" in keys:
@@ -245,8 +231,6 @@ def _check_folders(study: Study, stages: list[str]) -> None:
 
 def _check_inputs(study: Study, stages: list[str], knobs: dict) -> None:
     """Inputs made by stages outside the selection must exist now, not after an hour of work."""
-    from stablemtl.train import TrainConfig, train_config
-
     names = {f.name for f in fields(TrainConfig)}
     for stage in stages:
         if stage[:2] in ("03", "04"):  # the batch split: a bad one fails now, not in the notebook
@@ -273,7 +257,7 @@ class Manifest:
         self.path = study.results_dir / MANIFEST
         study.results_dir.mkdir(parents=True, exist_ok=True)
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.data.update({"run": study.run, "preset_name": study.name, "preset": study.preset,
+        self.data.update({"run": study.run_name, "preset_name": study.name, "preset": study.preset,
                           "seed": parameters.get("seed", study.preset.get("seed")),
                           "git_commit": _git_commit(project_root()), "versions": _versions(),
                           "platform": platform.platform(),
@@ -344,13 +328,11 @@ def _versions() -> dict:
 
 def split_hashes(study: Study) -> dict:
     """sha256 (16 hex) of each dataset's split lists and generation record, the data a run saw."""
-    from stablemtl.data.sources import SOURCES
-
     out = {}
     for name, cls in SOURCES.items():
         root = study.data_root / cls.root_hint
         files = sorted((root / "data_split").glob("*")) if (root / "data_split").is_dir() else []
-        files += [root / "stablemtl_dataset.json"] if (root / "stablemtl_dataset.json").is_file() else []
+        files += [root / META_FILE] if (root / META_FILE).is_file() else []
         if files:
             h = hashlib.sha256()
             for f in files:
@@ -371,12 +353,12 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
     """Execute the selected stages' notebooks; returns the run's ``Study``. Raises ``RunError`` with the
     failing notebook and cell."""
     stages = select_stages(only)
-    declared, parameters = _check_parameters(stages, dict(parameters or {}))
+    declared, parameters = check_run_parameters(stages, dict(parameters or {}))
     try:
         study = context(preset, run_name)
     except (ValueError, StageError) as err:
         raise BadInput(str(err)) from err
-    given = {**parameters, "preset": preset if isinstance(preset, str) else study.name, "run_name": study.run}
+    given = {**parameters, "preset": preset if isinstance(preset, str) else study.name, "run_name": study.run_name}
     knobs = {s: {**declared[s], **{k: v for k, v in given.items() if k in declared[s]}} for s in stages}
     _check_folders(study, stages)
     _check_inputs(study, stages, knobs)
@@ -426,8 +408,8 @@ def _check_paper_inputs(study: Study, stages: list[str]) -> None:
     missing = []
     if not study.data_root.is_dir():
         missing.append(f"datasets: {study.data_root} does not exist (PREPROCESSED_DIR)")
-    if not (study.base_dir / "model_index.json").is_file():
-        missing.append(f"Stable Diffusion 2 weights: {study.base_dir}/model_index.json is missing (BASE_CKPT_DIR)")
+    if not (study.base_dir / PIPELINE_FILE).is_file():
+        missing.append(f"Stable Diffusion 2 weights: {study.base_dir / PIPELINE_FILE} is missing (BASE_CKPT_DIR)")
     if missing:
         raise BadInput("the paper preset needs real data and weights:\n  " + "\n  ".join(missing)
                        + f"\nsee {README_PAPER}")
@@ -435,15 +417,12 @@ def _check_paper_inputs(study: Study, stages: list[str]) -> None:
 
 def summary(study: Study) -> str:
     """The end-of-run summary: where the results are and the target check of the run's metrics."""
-    from stablemtl.evaluate import read_metrics
-    from stablemtl.report import format_target_check, target_check
-
-    lines = [f"results of run {study.run!r} (preset {study.name}): {study.results_dir}"]
+    lines = [f"results of run {study.run_name!r} (preset {study.name}): {study.results_dir}"]
     for name in ("tables/main.md", "figures", "notebooks", MANIFEST, "summary.md"):
         if (study.results_dir / name).exists():
             lines.append(f"  {study.results_dir / name}")
-    if (study.results_dir / "metrics.csv").is_file():
-        rows = [r for r in read_metrics(study.results_dir) if r["run"] == study.run]
+    if (study.results_dir / METRICS_FILE).is_file():
+        rows = [r for r in read_metrics(study.results_dir) if r["run"] == study.run_name]
         lines += ["", format_target_check(*target_check(rows))]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ parameter, the value, what is allowed and where it came from (``-p``, or the pre
 
 - The notebook knobs are those the notebooks' ``parameters`` cells declare (``run.declared_parameters``,
   which also give the defaults); ``SPECS`` holds only their types, ranges and allowed values.
-- The preset's ``train`` section takes the fields of ``stablemtl.train.TrainConfig``: the type of a
+- The preset's ``train`` section takes the fields of ``stablemtl.train_config.TrainConfig``: the type of a
   field without an entry in ``SPECS`` is that of its dataclass default (no second copy of defaults).
 - A single name is accepted for a list of names (``-p tasks=depth`` -> ``["depth"]``).
 """
@@ -16,7 +16,14 @@ import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 
+from stablemtl import options
+from stablemtl.benchmarks import BENCHMARKS
 from stablemtl.guard import InputError, check_name
+from stablemtl.paths import KINDS, MODELS
+from stablemtl.presets import preset_lines, preset_path
+
+# Importing this module imports no torch (``stablemtl run`` checks every input before any stage starts):
+# the three names below come from modules that do, imported when a value is checked against them.
 
 
 def _tasks() -> tuple:
@@ -25,27 +32,19 @@ def _tasks() -> tuple:
     return tuple(TASK_NAMES)
 
 
-def _models() -> tuple:
-    from stablemtl.evaluate import MODELS
-
-    return tuple(MODELS)
-
-
-def _benchmarks() -> tuple:
-    from stablemtl.evaluate import BENCHMARKS
-
-    return tuple(BENCHMARKS)
-
-
 def _optimizers() -> tuple:
-    from stablemtl.train import OPTIMIZERS
+    from stablemtl.train_config import OPTIMIZERS
 
     return tuple(OPTIMIZERS)
 
 
-def _option(name: str) -> Callable[[], tuple]:
-    from stablemtl import options
+def _datasets() -> tuple:
+    from stablemtl.data.mini import MINI_SCENES
 
+    return tuple(MINI_SCENES)
+
+
+def _option(name: str) -> Callable[[], tuple]:
     return lambda: tuple(options.OPTIONS[name])
 
 
@@ -135,8 +134,8 @@ SPECS: dict[str, Spec] = {
     "gradient_checkpointing": Spec("bool"),
     "batch_per_device": Spec("int", low=1),
     "optimizer": Spec("str", choices=_optimizers),
-    "models": Spec("names", choices=_models),
-    "benchmarks": Spec("names", choices=_benchmarks),
+    "models": Spec("names", choices=MODELS),
+    "benchmarks": Spec("names", choices=tuple(BENCHMARKS)),
     "max_images": Spec("int", low=1),
     "device": Spec("str", pattern=r"cpu|mps|cuda(:\d+)?"),
     "raw_dirs": Spec("dict"),
@@ -177,7 +176,7 @@ def check_parameters(values: dict, declared: dict[str, dict], runner: tuple = ()
 
 def train_specs() -> dict[str, Spec]:
     """The preset ``train`` fields: ``TrainConfig``'s, typed by ``SPECS`` or by their defaults."""
-    from stablemtl.train import TrainConfig
+    from stablemtl.train_config import TrainConfig
 
     out = {}
     for f in fields(TrainConfig):
@@ -200,8 +199,6 @@ _TOP = ("name", "seed", "study", "data", "model", "train", "evaluate")
 def check_preset(config: dict, preset=None) -> dict:
     """Check a preset's fields; returns it normalised (a single task name -> a list). ``preset``: the
     name or path it was read from (for the file and line of a bad field)."""
-    from stablemtl.presets import preset_lines, preset_path
-
     if isinstance(preset, dict) or preset is None:
         file, lines = "the preset", {}
     else:
@@ -234,11 +231,10 @@ def check_preset(config: dict, preset=None) -> dict:
         _STUDY[field].check(f"preset field study.{field}", value, where("study", field))
     data = config.get("data")
     if isinstance(data, dict):
-        from stablemtl.data.mini import MINI_SCENES
-
+        datasets = _datasets()
         for name, spec in data.items():
-            if name not in MINI_SCENES:
-                raise unknown(("data",), name, MINI_SCENES)
+            if name not in datasets:
+                raise unknown(("data",), name, datasets)
             for field, value in mapping(spec, "data", name).items():
                 if field not in _DATA_FIELDS:
                     raise unknown(("data", name), field, _DATA_FIELDS)
@@ -262,7 +258,7 @@ def check_preset(config: dict, preset=None) -> dict:
         else:
             raise unknown(("model",), key, ("base", "task_attention"))
     train = dict(mapping(config.get("train", {}), "train"))
-    kinds = [k for k in ("single_stream", "multi_stream") if k in train]
+    kinds = [k for k in KINDS if k in train]
     for k in kinds:
         train[k] = dict(mapping(train[k], "train", k))
     specs = train_specs()
@@ -271,7 +267,7 @@ def check_preset(config: dict, preset=None) -> dict:
             if keys == ("train",) and field in kinds:
                 continue
             if field not in specs:
-                raise unknown(keys, field, set(specs) | {"single_stream", "multi_stream"})
+                raise unknown(keys, field, set(specs) | set(KINDS))
             section[field] = specs[field].check(f"preset field {'.'.join(keys + (field,))}", section[field],
                                                 where(*keys, field))
     if train:
@@ -282,7 +278,7 @@ def check_preset(config: dict, preset=None) -> dict:
             raise unknown(("evaluate",), key, ("resolution",))
     resolution = mapping(evaluate.get("resolution", {}), "evaluate", "resolution")
     if resolution:
-        names = _benchmarks()
+        names = tuple(BENCHMARKS)
         for bench, size in resolution.items():
             if bench not in names:
                 raise unknown(("evaluate", "resolution"), bench, names)

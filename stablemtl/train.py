@@ -44,34 +44,26 @@ import contextlib
 import copy
 import csv
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from stablemtl import options
-from stablemtl.data.mixing import TASK_DATASET_PROBS, TaskMixingSampler, micro_batch_loader
-from stablemtl.paths import KINDS, StageError, Study, require
-from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
+from stablemtl.data.formats import set_aside_corrupt, write_bytes
+from stablemtl.data.mixing import TaskMixingSampler, micro_batch_loader
+from stablemtl.data.sources import SOURCES
+from stablemtl.devices import peak_memory
+from stablemtl.model.base import load_base
+from stablemtl.model.pipeline import load_model, save_model
+from stablemtl.model.streams import MultiStream, SingleStream
+from stablemtl.paths import STATS_FILE
+from stablemtl.tasks import FLOW_TASKS
+from stablemtl.train_config import TrainConfig, training_identity
 
-# what may change between a checkpoint and its resumption: the length and bookkeeping of the run,
-# where files live (the base and init weights themselves are compared by fingerprint), and how the data
-# is read and the activations are kept: num_workers and prefetch_factor give the very same micro-batches,
-# gradient checkpointing recomputes the same forward (same RNG draws; equal up to float rounding)
-RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "backup_every", "keep_backups", "output_dir", "tensorboard",
-                     "base", "init", "data_root", "num_workers", "prefetch_factor", "gradient_checkpointing")
-# how the data is read and the run is watched: never a bit of the trained model (``stablemtl run`` leaves
-# them out of the training stage's hash, so changing them does not retrain)
-SAME_RESULT = ("num_workers", "prefetch_factor", "tensorboard", "keep_backups")
-OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
-STATS_FILE = "train_stats.json"  # the device and the process's peak memory of the last training call
-
-
 class CheckpointMismatch(ValueError):
     """The checkpoint in a training folder was written by other settings; it is never continued."""
 
@@ -81,125 +73,6 @@ class CheckpointError(RuntimeError):
 
 
 CHECKPOINT_FILES = ("state.json", "weights.safetensors", "optimizer.pt", "states.pt", "sampler.json")
-
-
-@dataclass
-class TrainConfig:
-    """Every number of a training run; defaults are the release's (the ``paper`` preset)."""
-
-    kind: str = "single_stream"  # or "multi_stream"; a single-task baseline is single_stream with one task
-    tasks: list = field(default_factory=lambda: list(TASK_NAMES))
-    base: str = ""  # base model directory (SD2 layout)
-    init: str | None = None  # multi_stream: the trained single-stream checkpoint it starts from
-    unet_init: str = "base"  # single_stream: "base" (the pretrained UNet) or "random" (re-initialised: the ablation)
-    data_root: str = ""  # $PREPROCESSED_DIR: the dataset directories below it
-    resolution: dict = field(default_factory=lambda: {"hypersim": [288, 384], "vkitti": [187, 621],
-                                                      "flying_things_3d": [268, 480]})
-    probabilities: dict = field(default_factory=lambda: {t: dict(p) for t, p in TASK_DATASET_PROBS.items()})
-    effective_batch: int = 32
-    batch_per_device: int = 16
-    iterations: int = 20000
-    lr: float = 1e-4
-    warmup: int = 100
-    decay_steps: int = 25000
-    decay_to: float = 0.01
-    grad_clip: float = 5.0
-    seed: int = 2024
-    mixed_precision: str = "no"  # "no" (fp32, the release), "fp16", "bf16"
-    checkpoint_every: int = 500
-    backup_every: int = 1000
-    # how many iter_* backups stay (the oldest beyond are deleted); None: all. At SD2's size one checkpoint
-    # (weights and Adam state) is 10 GB for the single stream and 15 GB for the multi stream
-    keep_backups: int | None = None
-    output_dir: str = "outputs/run/single_stream"
-    augment: bool = True
-    loss: str = "latent"  # the release's latent MSE; "pixel" = per-task pixel-space losses (loss ablation)
-    cache_latents: bool = False  # keep frozen-VAE latents of targets (and of un-jittered images) in memory
-    normals: str = "as_stored"  # the release; "facing": negated to face the camera (stablemtl.options)
-    target_order: str = "normalise_then_resize"  # the release; or "resize_then_normalise"
-    invalid_targets: str = "keep"  # the release; or "fill"
-    tensorboard: bool = False
-    task_attention: dict = field(default_factory=lambda: {"query_hidden": 640, "heads": 4, "mask_prob": 0.4})
-    num_workers: int = 0  # DataLoader worker processes; 0: samples read in the training loop (same batches)
-    prefetch_factor: int = 2  # micro-batches in flight per worker (num_workers > 0)
-    gradient_checkpointing: bool = False  # recompute the trainable UNet's activations in the backward pass
-    optimizer: str = "adam"  # the release; "adam_fused" (CUDA), "adam8bit" (bitsandbytes)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
-
-    def accumulation(self, num_processes: int = 1) -> int:
-        per_step = self.batch_per_device * num_processes
-        if self.effective_batch % per_step:
-            raise ValueError(f"effective batch {self.effective_batch} is not a multiple of {self.batch_per_device} "
-                             f"per device x {num_processes} process(es) = {per_step}; choose a batch_per_device "
-                             f"or a process count that divides it")
-        return self.effective_batch // per_step
-
-    def validate(self, num_processes: int = 1) -> None:
-        """Fail before any work starts, naming the bad value."""
-        from stablemtl.data.sources import SOURCES
-
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown model kind {self.kind!r}; valid: {', '.join(KINDS)}")
-        if not self.tasks:
-            raise ValueError("no task to train")
-        if self.unet_init not in ("base", "random") or (self.unet_init == "random" and self.kind != "single_stream"):
-            raise ValueError(f"unet_init={self.unet_init!r}: expected 'base', or 'random' for a single stream "
-                             f"(a multi stream starts from a trained single stream)")
-        for task in self.tasks:
-            get_task(task)  # an unknown name: a ValueError listing the valid ones
-            if task not in self.probabilities:
-                raise ValueError(f"no dataset probabilities for task {task!r}")
-            for dataset in self.probabilities[task]:
-                if dataset not in SOURCES:
-                    raise ValueError(f"unknown dataset {dataset!r} for task {task!r}; valid: {', '.join(SOURCES)}")
-                if task not in SOURCES[dataset].tasks_provided:
-                    raise ValueError(f"dataset {dataset!r} does not annotate {task!r}")
-        if self.kind == "multi_stream" and len(self.tasks) < 2:
-            raise ValueError("a multi-stream model needs at least 2 tasks")
-        self.accumulation(num_processes)
-        if self.loss not in ("latent", "pixel"):
-            raise ValueError(f"loss must be 'latent' (the release) or 'pixel', got {self.loss!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        self._validate_memory_and_data()
-        for name in ("normals", "target_order", "invalid_targets"):
-            options.check(name, getattr(self, name))
-        if not self.base or not Path(self.base).is_dir():
-            raise FileNotFoundError(f"base model directory {self.base!r} does not exist; build the tiny one with "
-                                    f"stablemtl.model.base.build_tiny_base or set BASE_CKPT_DIR for SD2")
-        if self.kind == "multi_stream":
-            if not self.init or not (Path(self.init) / "stablemtl_model.json").is_file():
-                raise FileNotFoundError(f"a multi-stream run starts from a trained single-stream checkpoint; "
-                                        f"init={self.init!r} is not one (train the single stream first)")
-        if not self.data_root or not Path(self.data_root).is_dir():
-            raise FileNotFoundError(f"data root {self.data_root!r} does not exist (write the mini datasets with "
-                                    f"stablemtl.data.mini.write_mini_datasets or set PREPROCESSED_DIR)")
-
-    def _validate_memory_and_data(self) -> None:
-        for name, low in (("num_workers", 0), ("prefetch_factor", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {self.optimizer!r}")
-        if self.optimizer == "adam_fused" and not torch.cuda.is_available():
-            raise ValueError("optimizer 'adam_fused' (torch.optim.Adam(fused=True)) needs a CUDA device; none is "
-                             "available here: use optimizer 'adam'")
-        if self.optimizer == "adam8bit":
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ValueError("optimizer 'adam8bit' needs the bitsandbytes package (pip install bitsandbytes), "
-                                 "which is not installed; or use optimizer 'adam'")
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -294,45 +167,34 @@ def pixel_loss(decoded: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return (decoded - target).abs()[mask].mean() if mask.any() else decoded.sum() * 0
 
 
-def training_identity(config: TrainConfig) -> dict:
-    """What a checkpoint must share with a training to be resumed by it (JSON-normalised)."""
-    from stablemtl.model.base import weights_fingerprint
-
-    values = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
-    values["base_weights"] = weights_fingerprint(config.base)
-    values["init_weights"] = weights_fingerprint(config.init) if config.init else None
-    if config.kind == "multi_stream":
-        from stablemtl.model.streams import TASK_ATTENTION_LAYOUT
-
-        values["task_attention_layout"] = TASK_ATTENTION_LAYOUT
-    return json.loads(json.dumps(values))
+def accelerate_precision(mixed_precision: str) -> str:
+    """The precision accelerate manages for ``TrainConfig.mixed_precision``: ``"fp16"`` (autocast and its
+    gradient scaler); bf16 needs no scaler and runs under the trainer's own ``torch.autocast``, so that one
+    process (a notebook's kernel) can train in float32 and in bfloat16 one after the other: accelerate
+    keeps one precision per process."""
+    return "fp16" if mixed_precision == "fp16" else "no"
 
 
-def finished_training(folder: Path, config: TrainConfig) -> bool:
-    """``folder`` holds this very training, finished: its model, and a last checkpoint of the same
-    identity at ``config.iterations`` steps."""
-    state = Path(folder) / "checkpoint" / "latest" / "state.json"
-    if not (Path(folder) / "model" / "stablemtl_model.json").is_file() or not state.is_file():
-        return False
+def _accelerator(mixed_precision: str):
+    """The Accelerator of a training in this process; a clear error when the process already trained in a
+    precision that accelerate cannot change (fp16 after float32 or bf16, or the reverse)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
     try:
-        saved = json.loads(state.read_text())
-    except (OSError, ValueError):
-        return False
-    return saved.get("step") == config.iterations and saved.get("identity") == training_identity(config)
+        return Accelerator(cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched without GPUs
+                           mixed_precision=accelerate_precision(mixed_precision),
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    except ValueError as err:
+        if "mixed_precision" not in str(err):
+            raise
+        raise RuntimeError(f"mixed_precision={mixed_precision!r}: this process already trained in another precision "
+                           f"and accelerate keeps one per process (fp16 uses its gradient scaler); restart the "
+                           f"kernel (or run the training in its own process: python -m stablemtl.train --config)") from None
 
 
-def _allow_precision(mixed_precision: str) -> None:
-    """accelerate keeps one process-wide state and refuses an Accelerator of another mixed precision
-    (a notebook that trains in fp32, then in bf16); in a single process nothing else shares that
-    state, so it is cleared for the new precision. A launched (multi-process) run has one config."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-
-
-def _collate(samples: list[dict], task: str) -> dict:
+def collate(samples: list[dict], task: str) -> dict:
+    """Stack the samples of one micro-batch (its task's tensors) and keep each one's augmentation key."""
     keys = ["rgb", f"{task}_target", f"{task}_valid"] + (["rgb_next"] if task in FLOW_TASKS else [])
     batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
     # what makes a sample's rasters: the image and its augmentation (the latent cache's key)
@@ -344,19 +206,9 @@ class Trainer:
     """Builds the model, data, optimizer and schedule of a ``TrainConfig`` and runs or resumes it."""
 
     def __init__(self, config: TrainConfig, accelerator=None, progress: bool = True):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        from stablemtl.data.sources import SOURCES
-        from stablemtl.model.base import load_base
-        from stablemtl.model.streams import MultiStream, SingleStream, load_model
-
-        if accelerator is None:
-            _allow_precision(config.mixed_precision)
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched without GPUs
-            mixed_precision=config.mixed_precision,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.accelerator = accelerator or _accelerator(config.mixed_precision)
+        # bf16 runs under the trainer's own autocast (``loss``), as accelerate would run the prepared model
+        self.autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
         config.validate(self.accelerator.num_processes)
         self.config, self.progress = config, progress
         self.out = Path(config.output_dir)
@@ -457,7 +309,7 @@ class Trainer:
                          key=lambda p: int(p.name[len("iter_"):]), reverse=True)
         return [p for p in (root / "latest", root / ".latest.previous", *backups) if (p / "state.json").is_file()]
 
-    def _checkpoint_dir(self) -> Path | None:
+    def checkpoint_dir(self) -> Path | None:
         """The first checkpoint folder to try (``_checkpoint_dirs``), ``None`` when there is none."""
         found = self._checkpoint_dirs()
         return found[0] if found else None
@@ -494,8 +346,6 @@ class Trainer:
         then the newest ``iter_*`` backup). When checkpoints exist but none can be read, a
         ``CheckpointError`` names each file and says how to train anew: a training never restarts
         from scratch on its own while it has checkpoints."""
-        from stablemtl.data.formats import set_aside_corrupt
-
         failures: list[tuple[Path, str]] = []
         for path in self._checkpoint_dirs():
             try:
@@ -565,7 +415,7 @@ class Trainer:
         their stream (a new draw every epoch, the same draw after a resume)."""
         mb = self.sampler.next()
         source = self.sources[(mb.task, mb.dataset)]
-        return mb, _collate([source[(i, mb.epoch)] for i in mb.indices], mb.task)
+        return mb, collate([source[(i, mb.epoch)] for i in mb.indices], mb.task)
 
     def _batches(self, stop: int):
         """The micro-batches up to step ``stop``, in the sampler's order: read here (``num_workers=0``) or
@@ -575,7 +425,7 @@ class Trainer:
         if not cfg.num_workers:
             while True:
                 yield self.next_batch()
-        loader = micro_batch_loader(self.sampler, self.sources, _collate, cfg.num_workers, cfg.prefetch_factor,
+        loader = micro_batch_loader(self.sampler, self.sources, collate, cfg.num_workers, cfg.prefetch_factor,
                                     limit=stop * self.accumulation, pin_memory=torch.cuda.is_available())
         for mb, batch in loader:
             expected = self.sampler.next()
@@ -595,7 +445,11 @@ class Trainer:
         z_next = encode_frozen(frozen, batch["rgb_next"].to(device) * 2 - 1) if task in FLOW_TASKS else None
         target, valid = batch[f"{task}_target"].to(device), batch[f"{task}_valid"].to(device)
         target_keys = [(task, dataset, *k) for k in batch["keys"]] if cache else None
-        pred = self.ddp_model(z, z_next, [task])[0]
+        autocast = (torch.autocast(device.type, dtype=self.autocast) if self.autocast is not None else
+                    contextlib.nullcontext())
+        with autocast:
+            pred = self.ddp_model(z, z_next, [task])[0]
+        pred = pred.float()  # as accelerate returns a prepared model's outputs
         if self.config.loss == "pixel":
             vae = frozen.vae
             decoded = vae.decode((pred / vae.config.scaling_factor).to(vae.dtype)).sample.float()
@@ -653,10 +507,7 @@ class Trainer:
         self._append_log(rows)
         bar.close()
         if self.accelerator.is_main_process:
-            from stablemtl.data.formats import _write_bytes
-            from stablemtl.devices import peak_memory
-
-            _write_bytes(self.out / STATS_FILE, (json.dumps({"device": str(self.accelerator.device),
+            write_bytes(self.out / STATS_FILE, (json.dumps({"device": str(self.accelerator.device),
                                                              **peak_memory(self.accelerator.device)}) + "\n").encode())
         return {"step": self.step, "losses": losses}
 
@@ -674,7 +525,7 @@ class Trainer:
             with context:
                 loss = self.loss(batch, mb.task, mb.dataset)
                 if not torch.isfinite(loss):
-                    last = self._checkpoint_dir()
+                    last = self.checkpoint_dir()
                     raise FloatingPointError(
                         f"non-finite loss {loss.item()} at step {self.step}, task {mb.task!r}, dataset "
                         f"{mb.dataset!r}; stopped; the last good checkpoint is {last or 'none (none written yet)'}")
@@ -709,25 +560,9 @@ class Trainer:
         path = Path(path) if path is not None else self.out / "model"
         if self.accelerator.is_main_process:
             with restore_frozen(self.full_precision):  # the float32 frozen parts, never their bf16 copies
-                self.model.save_pretrained(path)
+                save_model(self.model, path)
         self.accelerator.wait_for_everyone()
         return path
-
-
-def preset_config(preset, kind: str = "single_stream", **overrides) -> TrainConfig:
-    """The ``TrainConfig`` of a preset's ``train`` section for ``kind``, with ``overrides`` on top."""
-    from stablemtl.presets import load_preset
-
-    config = load_preset(preset)
-    section = dict(config.get("train") or {})
-    if not section:
-        raise ValueError(f"preset {config.get('name', preset)!r} has no train section")
-    per_kind = {k: section.pop(k, {}) for k in KINDS}
-    values = {**section, **per_kind.get(kind, {}), "kind": kind, "seed": int(config.get("seed", 2024))}
-    if kind == "multi_stream" and "task_attention" in config.get("model", {}):
-        values["task_attention"] = dict(config["model"]["task_attention"])
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
 
 
 def train(config: TrainConfig | dict, until: int | None = None, progress: bool = True) -> Trainer:
@@ -736,225 +571,6 @@ def train(config: TrainConfig | dict, until: int | None = None, progress: bool =
     trainer = Trainer(config, progress=progress)
     trainer.train(until)
     return trainer
-
-
-def train_config(study: Study, kind: str, name: str | None = None, **overrides) -> TrainConfig:
-    """The preset's ``TrainConfig`` for ``kind`` in this run's folder ``name`` (default: the kind) of its
-    seed (``Study.train_dir``); ``None`` overrides are ignored. A multi stream starts from the single
-    stream of its seed and learns the normals in that model's convention."""
-    from stablemtl.model.streams import MODEL_FILE, saved_normals
-
-    values = {k: v for k, v in overrides.items() if v is not None}
-    seed = values.get("seed")
-    values.setdefault("base", str(study.base_dir))
-    values.setdefault("data_root", str(study.data_root))
-    values.setdefault("output_dir", str(study.train_dir(name or kind, seed)))
-    if kind == "multi_stream":
-        values.setdefault("init", str(study.model_dir("single_stream", seed)))
-        record = Path(values["init"]) / MODEL_FILE
-        if "normals" not in values and record.is_file():
-            values["normals"] = saved_normals(json.loads(record.read_text()))
-    return preset_config(study.preset, kind, **values)
-
-
-OPTIMIZER_STATE_BYTES = {"adam": 8, "adam_fused": 8, "adam8bit": 2}  # per trainable parameter: Adam's two moments
-
-
-def memory_count(config: TrainConfig) -> dict:
-    """The memory a training needs before any activation, counted from the base's component configs
-    (modules built on the meta device: nothing allocated), in GiB: the trainable UNet (and the multi
-    stream's task attention) in float32 with its gradients and optimizer state, and the frozen VAE,
-    text encoder (and the multi stream's auxiliary UNet) in float32, plus their bfloat16 copies with
-    ``mixed_precision="bf16"``. Keys: ``trainable`` and ``frozen`` (parameters), ``static_gib``."""
-    from stablemtl.model.base import base_configs, count_parameters
-
-    ta = config.task_attention
-    counts = count_parameters(configs=base_configs(config.base), tasks=config.tasks,
-                              query_hidden=ta.get("query_hidden", 640), heads=ta.get("heads", 4))
-    trainable, frozen = counts["unet_widened"], counts["vae"] + counts["text_encoder"]
-    if config.kind == "multi_stream":  # the task attention trains with the main UNet; the auxiliary UNet is frozen
-        trainable, frozen = trainable + counts["task_attention"], frozen + counts["unet_widened"]
-    per_trainable = 4 + 4 + OPTIMIZER_STATE_BYTES.get(config.optimizer, 8)  # an unknown one: validate() names it
-    per_frozen = 4 + (2 if config.mixed_precision == "bf16" else 0)
-    return {"trainable": trainable, "frozen": frozen, "bytes_per_trainable": per_trainable,
-            "bytes_per_frozen": per_frozen, "static_gib": (trainable * per_trainable + frozen * per_frozen) / 1024 ** 3}
-
-
-def check_cpu_memory(config: TrainConfig, available: int | None = None) -> dict:
-    """On the CPU, refuse a training whose counted memory (``memory_count``) exceeds the memory this
-    machine has available, with the numbers and what would fit, instead of meeting the OOM killer
-    hours in; returns the count. ``available``: bytes (default: psutil's available memory)."""
-    import psutil
-
-    count = memory_count(config)
-    available = psutil.virtual_memory().available if available is None else available
-    if count["static_gib"] * 1024 ** 3 <= available:
-        return count
-    adam8 = (count["trainable"] * (8 + OPTIMIZER_STATE_BYTES["adam8bit"]) + count["frozen"] * 4) / 1024 ** 3
-    raise StageError(
-        f"{config.kind} training does not fit in this machine's memory: it needs {count['static_gib']:.1f} GiB before "
-        f"any activation (counted from {config.base}: {count['trainable'] / 1e6:,.0f} M trainable parameters x "
-        f"{count['bytes_per_trainable']} bytes for the float32 weights, gradients and {config.optimizer} state, "
-        f"{count['frozen'] / 1e6:,.0f} M frozen parameters x {count['bytes_per_frozen']} bytes) and "
-        f"{available / 1024 ** 3:.1f} GiB is available. gradient_checkpointing and a smaller batch_per_device only "
-        f"reduce the activations on top of this; optimizer='adam8bit' (bitsandbytes) counts {adam8:.1f} GiB; "
-        f"otherwise train on a machine (or GPU) with more memory")
-
-
-def is_training_folder(folder: Path) -> bool:
-    """An earlier kit training folder without a ``.stablemtl`` marker: a checkpoint and a log, or a model."""
-    return ((folder / "checkpoint").is_dir() and (folder / "train_log.csv").is_file()) or \
-        (folder / "model" / "stablemtl_model.json").is_file()
-
-
-def _older(folder: Path) -> list[Path]:
-    """The generations set aside before ``<folder>.previous`` and kept until a new first checkpoint."""
-    return sorted(folder.parent.glob(f"{folder.name}.previous.older*"))
-
-
-def drop_older_when_checkpointed(folder) -> list[Path]:
-    """Delete the older generations (``<folder>.previous.older*``, the kit's only) once ``folder`` holds a
-    checkpoint of its own; returns what was deleted."""
-    from stablemtl.guard import is_own
-
-    folder = Path(folder)
-    if not (folder / "checkpoint" / "latest" / "state.json").is_file():
-        return []
-    gone = [p for p in _older(folder) if is_own(p) or is_training_folder(p)]
-    for path in gone:
-        shutil.rmtree(path)
-    return gone
-
-
-def set_aside(folder) -> Path | None:
-    """Move a training folder to ``<folder>.previous`` so that a new training starts from scratch; returns
-    the new place, or ``None`` when there was nothing. Nothing is deleted here: an earlier ``.previous``
-    becomes ``.previous.older`` and stays until the new training has written its first checkpoint
-    (``drop_older_when_checkpointed``). Folders the kit did not write are refused (``InputError``)."""
-    from stablemtl.guard import claim
-
-    folder = Path(folder)
-    if not folder.exists():
-        return None
-    claim(folder, "training", is_training_folder)
-    drop_older_when_checkpointed(folder)  # a training killed after its first checkpoint
-    previous = folder.with_name(folder.name + ".previous")
-    if previous.exists():
-        claim(previous, "training", is_training_folder)
-        older, n = folder.with_name(folder.name + ".previous.older"), 1
-        while older.exists():
-            older, n = folder.with_name(f"{folder.name}.previous.older-{n}"), n + 1
-        previous.rename(older)
-    folder.rename(previous)
-    return previous
-
-
-def train_stage(study: Study, kind: str, progress: bool = True, name: str | None = None, **overrides) -> Path:
-    """Stages 03 and 04: train ``kind`` and save ``<output>/<kind>/model``; returns that folder.
-
-    A training folder is continued only when it holds an unfinished training of the same settings
-    (it resumes from its last checkpoint); one that finished (it has ``model/``) or whose checkpoint
-    has other settings is moved to ``<kind>.previous`` and training starts from scratch; the generation
-    before it is deleted only once the new training has written its first checkpoint. The folder
-    carries the kit's marker; a foreign non-empty one is refused. Ctrl-C stops with the last checkpoint
-    kept (rerun to resume). With several GPUs the run goes through ``accelerate launch``.
-    """
-    import subprocess
-    import sys
-
-    from stablemtl.guard import claim
-
-    require(study, "01", "02")
-    config = train_config(study, kind, name, **overrides)
-    if kind == "multi_stream" and not (Path(config.init) / "stablemtl_model.json").is_file():
-        raise StageError(f"the multi stream starts from {config.init}, which is not a trained single stream; "
-                         f"run notebooks/03_train_single_stream.ipynb (or `stablemtl run --only 03`) with the "
-                         f"same preset, run name and seeds first")
-    out = claim(config.output_dir, "training", is_training_folder)
-    drop_older_when_checkpointed(out)
-    if finished_training(out, config):
-        print(f"{out} holds this training, finished; kept", flush=True)
-        return out / "model"
-    if (out / "model").exists():
-        print(f"{out} holds a finished training; moved to {set_aside(out)}", flush=True)
-        claim(out, "training")
-    gpus = torch.cuda.device_count()
-    if not gpus:
-        check_cpu_memory(config)  # a clear refusal with the counted numbers, not the OOM killer
-    if gpus > 1:
-        config.validate(gpus)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
-        # every launch setting given: a user's accelerate config file (~/.cache/huggingface/accelerate) must not
-        # change the precision or add a compiler, and accelerate then does not stop to warn about defaults
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-               "--num_machines", "1", "--mixed_precision", config.mixed_precision, "--dynamo_backend", "no",
-               "-m", "stablemtl.train", "--config", str(out / "config.json")]
-        print("launching:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        drop_older_when_checkpointed(out)
-        return out / "model"
-    try:
-        trainer = Trainer(config, progress=progress)
-    except CheckpointMismatch as err:
-        print(f"{err.args[0].split(' and ')[0]}; moved to {set_aside(out)}", flush=True)
-        claim(out, "training")
-        trainer = Trainer(config, progress=progress)
-    if trainer.resumed_from:
-        print(f"resuming from {trainer.resumed_from} at step {trainer.step}", flush=True)
-    try:
-        if _older(out) and trainer.resumed_from is None:  # to the first checkpoint, then drop the older ones
-            every = config.checkpoint_every
-            trainer.train(until=min(config.iterations, (trainer.step // every + 1) * every if every else
-                                    config.iterations))
-            drop_older_when_checkpointed(out)
-        trainer.train()
-    except KeyboardInterrupt:
-        last = trainer._checkpoint_dir()
-        print(f"interrupted at step {trainer.step}; the last checkpoint is kept ({last or 'none written yet'}); "
-              f"run the stage again to resume from it", flush=True)
-        raise
-    return trainer.save_model()
-
-
-def stage_jobs(study: Study, kind: str, seeds: int | None = None, random_init: bool | None = None,
-               single_task: bool | None = None, **knobs) -> list[tuple[str, dict]]:
-    """The trainings of stage 03 (``kind="single_stream"``) or 04 (``"multi_stream"``): (folder name,
-    overrides) for every seed of ``study.seeds(seeds, knobs["seed"])``. Stage 03 also trains, as
-    ``random_init`` and ``single_task`` say (None: the preset's ``study`` section), the ablation
-    ``single_stream_random`` (the same training from a random UNet: the generative prior's effect)
-    per seed, and with the first seed one single-task baseline per task (``single_task_<task>``: the
-    same recipe for the steps the task gets in the joint run, which gives each optimizer step to one
-    task in turn)."""
-    from stablemtl.paths import RANDOM_INIT, SINGLE_TASK
-
-    options, all_seeds = study.options, study.seeds(seeds, knobs.get("seed"))
-    options.update({k: v for k, v in (("random_init", random_init), ("single_task", single_task)) if v is not None})
-    knobs = {k: v for k, v in knobs.items() if v is not None and k != "seed"}
-    jobs = []
-    for seed in all_seeds:
-        jobs.append((kind, {**knobs, "seed": seed}))
-        if kind == "single_stream" and options["random_init"]:
-            jobs.append((RANDOM_INIT, {**knobs, "seed": seed, "unet_init": "random"}))
-    if kind == "single_stream" and options["single_task"]:
-        joint = train_config(study, kind, **knobs)
-        steps = math.ceil(joint.iterations / len(joint.tasks))
-        for task in joint.tasks:
-            jobs.append((f"{SINGLE_TASK}_{task}", {**knobs, "seed": all_seeds[0], "tasks": [task],
-                                                    "iterations": steps}))
-    return jobs
-
-
-def train_stage_all(study: Study, kind: str, seeds: int | None = None, progress: bool = True,
-                    random_init: bool | None = None, single_task: bool | None = None,
-                    **knobs) -> dict[tuple[str, int], Path]:
-    """Stage 03 or 04: every training of ``stage_jobs``, in order; returns (name, seed) -> model folder.
-    Each one resumes or skips as ``train_stage`` does, so a killed stage goes on where it stopped."""
-    out = {}
-    jobs = stage_jobs(study, kind, seeds, random_init, single_task, **knobs)
-    for i, (name, overrides) in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {name}, seed {overrides['seed']}", flush=True)
-        out[(name, overrides["seed"])] = train_stage(study, kind, progress, name, **overrides)
-    return out
 
 
 def main(argv=None) -> int:

@@ -1,19 +1,32 @@
 """What the notebooks show: tables and figures of a run's data, base model, training and results.
 
 Plotting and display only: the work of every stage lives in the module that owns it
-(``stablemtl.data``, ``model.base``, ``train``, ``evaluate``, ``report``; directories in ``paths``).
+(``stablemtl.data``, ``model.base``, ``train``, ``evaluate``, ``report``, ``figures``; a run's folders and
+its stages in ``stages``).
 """
 
 from __future__ import annotations
 
-from stablemtl.paths import Study
+from stablemtl import figures
+from stablemtl.benchmarks import BENCHMARKS
+from stablemtl.data import synthetic
+from stablemtl.data.mixing import TASK_DATASET_PROBS
+from stablemtl.data.sources import SOURCES
+from stablemtl.guard import StageError
+from stablemtl.model import prior
+from stablemtl.model.base import base_configs, build_report, load_base
+from stablemtl.model.sd2 import count_parameters
+from stablemtl.model.streams import TASK_ATTENTION
+from stablemtl.model.vae import vae_roundtrip
+from stablemtl.report import main_table
+from stablemtl.results import read_metrics
+from stablemtl.stages import Study, require
+from stablemtl.tasks import TASK_NAMES, get_task, to_grey
 
 
 def dataset_table(roots: dict):
     """One row per dataset: loader class, images of the study's split, annotated tasks, folder."""
     import pandas as pd
-
-    from stablemtl.data.sources import SOURCES
 
     rows = []
     for name, root in roots.items():
@@ -26,11 +39,6 @@ def dataset_table(roots: dict):
 def annotation_matrix():
     """Task x dataset: the training sampling probability (the release's) or 'eval' for the zero-shot benchmarks."""
     import pandas as pd
-
-    from stablemtl.data.mixing import TASK_DATASET_PROBS
-    from stablemtl.data.sources import SOURCES
-    from stablemtl.evaluate import BENCHMARKS
-    from stablemtl.tasks import TASK_NAMES
 
     table = pd.DataFrame("", index=list(TASK_NAMES), columns=list(SOURCES))
     for task, probs in TASK_DATASET_PROBS.items():
@@ -46,8 +54,6 @@ def annotation_matrix():
 
 
 def _sample_panels(sample: dict, tasks) -> list[tuple[str, object]]:
-    from stablemtl.tasks import get_task, to_grey
-
     panels = [("rgb", sample["rgb"].permute(1, 2, 0).numpy())]
     for task in tasks:
         if task in sample:
@@ -67,8 +73,6 @@ def _sample_panels(sample: dict, tasks) -> list[tuple[str, object]]:
 def plot_dataset_samples(roots: dict, index: int = 0):
     """One row per dataset: the input and every annotation it has, colourised (black = invalid)."""
     import matplotlib.pyplot as plt
-
-    from stablemtl.data.sources import SOURCES
 
     rows = []
     for name, root in roots.items():
@@ -94,11 +98,6 @@ def plot_prior_samples(study: Study, per_prompt: int = 3, steps: int = 30, guida
     """Images the base's generative prior draws for each scene prompt (``stablemtl.model.prior.sample``),
     beside a render of the world for the same prompt."""
     import matplotlib.pyplot as plt
-
-    from stablemtl.data import synthetic
-    from stablemtl.model import prior
-    from stablemtl.model.base import build_report, load_base
-    from stablemtl.paths import require
 
     require(study, "02")
     if not study.procedural:
@@ -129,16 +128,10 @@ def plot_prior_samples(study: Study, per_prompt: int = 3, steps: int = 30, guida
 def plot_vae_roundtrips(study: Study, index: int = 0):
     """Each task's target encoding of one training sample and its reconstruction through the frozen VAE."""
     import matplotlib.pyplot as plt
-
-    from stablemtl.paths import require
+    from diffusers import AutoencoderKL
 
     require(study, "01", "02")
     roots = study.dataset_roots()
-    from stablemtl.data.sources import SOURCES
-    from stablemtl.model.base import vae_roundtrip
-    from stablemtl.tasks import TASK_NAMES, get_task
-
-    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(study.base_dir, subfolder="vae", local_files_only=True).eval()
     resolution = (study.preset.get("train") or {}).get("resolution") or {}
@@ -175,13 +168,11 @@ def parameter_table(study: Study):
     """Parameters of the base's components and of what each model kind trains."""
     import pandas as pd
 
-    from stablemtl.model.base import base_configs, count_parameters
-    from stablemtl.tasks import TASK_NAMES
-
     ta = dict((study.preset.get("model") or {}).get("task_attention") or {})
     # counted from the configs on the meta device: SD2's models are never materialised for a table
-    n = count_parameters(configs=base_configs(study.base_dir), tasks=TASK_NAMES, query_hidden=ta.get("query_hidden", 640),
-                         heads=ta.get("heads", 4))
+    n = count_parameters(configs=base_configs(study.base_dir), tasks=TASK_NAMES,
+                         query_hidden=ta.get("query_hidden", TASK_ATTENTION["query_hidden"]),
+                         heads=ta.get("heads", TASK_ATTENTION["heads"]))
     rows = [{"component": c, "parameters": n[c], "trained": False} for c in ("unet", "vae", "text_encoder")]
     rows.append({"component": "single stream (widened UNet)", "parameters": n["unet_widened"], "trained": True})
     rows.append({"component": "multi stream: main UNet + task attention",
@@ -192,24 +183,18 @@ def parameter_table(study: Study):
 
 def plot_training_curves(study: Study, kinds=("single_stream", "multi_stream"), smooth: int = 10):
     """The loss per task against the step of each trained kind (a PNG next to the last kind's log)."""
-    from stablemtl.report import plot_training_curves as plot
-
-    from stablemtl.paths import StageError
-
     logs = {k: v for k, v in study.training_logs().items() if k in kinds}
     if not logs:
         raise StageError(f"no training log under {study.output_dir} for {list(kinds)}; train first")
-    return plot(logs, study.output_dir / list(logs)[-1] / "training_curves.png", smooth=smooth)
+    out_file = study.output_dir / list(logs)[-1] / "training_curves.png"
+    return figures.plot_training_curves(logs, out_file, smooth=smooth)
 
 
 def metrics_table(study: Study):
     """The main table (headline metric per task, Delta_m when single-task rows exist) as a DataFrame."""
     import pandas as pd
 
-    from stablemtl.evaluate import read_metrics
-    from stablemtl.report import main_table
-
-    rows = [r for r in read_metrics(study.results_dir) if r["run"] == study.run]
+    rows = [r for r in read_metrics(study.results_dir) if r["run"] == study.run_name]
     header, body = main_table(rows, paper=False)
     return pd.DataFrame(body, columns=header).set_index("model")
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from stablemtl import evaluate as E
+from stablemtl import results
 from stablemtl import report
+from stablemtl.data import annotations as A
 from stablemtl.data import formats as F
 from stablemtl.data import mini
 from stablemtl.data.sources import DIODE, Cityscapes
@@ -65,10 +67,10 @@ def test_truncated_jpeg_and_png_are_refused_naming_the_file(tmp_path, suffix):
 
 def test_truncated_16bit_kitti_flow_png_is_refused(tmp_path):
     flow = np.zeros((8, 12, 2), np.float32)
-    path = F.write_kitti_flow(tmp_path / "flow.png", flow, np.ones((8, 12), bool))
+    path = A.write_kitti_flow(tmp_path / "flow.png", flow, np.ones((8, 12), bool))
     _truncate(path, 0.9)
     with pytest.raises(F.FormatError, match=rf"{path}: cannot decode the image \(truncated PNG.*KITTI 16-bit"):
-        F.read_kitti_flow(path)
+        A.read_kitti_flow(path)
 
 
 def test_a_jpeg_padded_after_its_end_marker_still_reads(tmp_path):
@@ -155,9 +157,9 @@ def test_a_label_half_the_size_of_its_image_names_both_files_and_sizes(tree):
     source = Cityscapes(tree / "cityscapes")
     image = tree / "cityscapes" / source.entries[0][0]
     label = tree / "cityscapes" / Cityscapes.label_path(source.entries[0][0])
-    ids = F.read_cityscapes_label_ids(label)
+    ids = A.read_cityscapes_label_ids(label)
     h, w = ids.shape
-    F.write_cityscapes_label_ids(label, ids[::2, ::2])
+    A.write_cityscapes_label_ids(label, ids[::2, ::2])
     with pytest.raises(F.FormatError, match=rf"{label} is {h // 2}x{w // 2} but its image {image} is {h}x{w}"):
         source[0]
     assert Cityscapes(tree / "cityscapes", resolution=(32, 64))[1]["semantic"].shape == (1, 32, 64)  # others load
@@ -172,14 +174,14 @@ def test_a_declared_annotation_scale_is_accepted_and_then_required(tree):
     label = root / Cityscapes.label_path(source.entries[0][0])
     with pytest.raises(F.FormatError, match=r"declared scale 0.5"):  # same size now contradicts the declaration
         source[0]
-    F.write_cityscapes_label_ids(label, F.read_cityscapes_label_ids(label)[::2, ::2])
+    A.write_cityscapes_label_ids(label, A.read_cityscapes_label_ids(label)[::2, ::2])
     assert source[0]["semantic"].shape[-2:] == tuple(s // 2 for s in source[0]["rgb"].shape[-2:])
 
 
 def test_a_depth_mask_of_another_size_names_both_files(tree):
     source = DIODE(tree / "diode" / "diode_val", tasks=["depth"])
     mask = tree / "diode" / "diode_val" / source.entries[0][2]
-    F.write_diode_mask(mask, F.read_diode_mask(mask)[:-2])
+    A.write_diode_mask(mask, A.read_diode_mask(mask)[:-2])
     depth = tree / "diode" / "diode_val" / source.entries[0][1]
     with pytest.raises(F.FormatError, match=rf"{mask} is \d+x\d+ but {depth} is \d+x\d+"):
         source[0]
@@ -222,7 +224,7 @@ def test_pipeline_refuses_wrongly_shaped_images_naming_the_shape(pipe, shape, me
 
 
 def test_a_model_folder_with_a_corrupt_json_record_is_named(pipe, tmp_path):
-    from stablemtl.model.streams import ModelFileError, load_model
+    from stablemtl.model.pipeline import ModelFileError, load_model
 
     pipe.save_pretrained(tmp_path / "model")
     record = _truncate(tmp_path / "model" / "model_index.json", 0.5)
@@ -270,32 +272,32 @@ def test_evaluate_records_the_sha256_of_its_csvs(data, tmp_path):
     import hashlib
 
     out = _evaluate(data, tmp_path / "out")
-    recorded = json.loads((out / E.HASH_FILE).read_text())
+    recorded = json.loads((out / results.HASH_FILE).read_text())
     for name in ("metrics.csv", "per_sample.csv"):
         assert recorded[name] == hashlib.sha256((out / name).read_bytes()).hexdigest()
-    assert E.edited_results(out) == []
+    assert results.edited_results(out) == []
 
 
 def test_a_corrupt_metrics_csv_is_named_by_report_and_set_aside_by_evaluate(data, tmp_path, capsys):
     out = _evaluate(data, tmp_path / "out")
     metrics = out / "metrics.csv"
     lines = metrics.read_text().splitlines()
-    lines[3] = lines[3].replace(lines[3].split(",")[E.METRIC_FIELDS.index("value")], "0.1x")
+    lines[3] = lines[3].replace(lines[3].split(",")[results.METRIC_FIELDS.index("value")], "0.1x")
     metrics.write_text("\n".join(lines) + "\n")
-    with pytest.raises(E.ResultsFileError, match=rf"{metrics}: line 4: value '0.1x' is not a number"):
+    with pytest.raises(results.ResultsFileError, match=rf"{metrics}: line 4: value '0.1x' is not a number"):
         report.write_tables(out)
     capsys.readouterr()
     _evaluate(data, out, ("mid_albedo", "mid_shading"))
     assert f"{metrics}: cannot be read" in capsys.readouterr().out
     assert (out / "metrics.csv.corrupt").is_file()
-    assert {r["benchmark"] for r in E.read_metrics(out)} == {"mid_albedo", "mid_shading"}
+    assert {r["benchmark"] for r in results.read_metrics(out)} == {"mid_albedo", "mid_shading"}
 
 
-METRIC_VALUE = E.METRIC_FIELDS.index("value")
+METRIC_VALUE = results.METRIC_FIELDS.index("value")
 
 
 def test_tables_from_an_edited_metrics_csv_carry_a_warning(tmp_path, capsys):
-    for name in ("metrics.csv", E.HASH_FILE):
+    for name in ("metrics.csv", results.HASH_FILE):
         shutil.copy(DEMO / name, tmp_path / name)
     written = report.write_tables(tmp_path, run="demo")  # unedited: byte-identical to the committed tables
     assert capsys.readouterr().out == ""

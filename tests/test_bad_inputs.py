@@ -122,7 +122,7 @@ def test_data_replaces_only_its_own_outputs(project, capsys):
 @pytest.mark.parametrize("kind, files, recognise", [
     ("data", ["hypersim/train/stablemtl_dataset.json"], "stablemtl.data.mini:is_mini_root"),
     ("base", ["model_index.json", "stablemtl_base.json", "unet/config.json"], "stablemtl.model.base:is_built_base"),
-    ("training", ["checkpoint/latest/state.json", "train_log.csv"], "stablemtl.train:is_training_folder"),
+    ("training", ["checkpoint/latest/state.json", "train_log.csv"], "stablemtl.stages:is_training_folder"),
     ("results", ["manifest.json", "metrics.csv"], "stablemtl.run:is_results_folder"),
 ])
 def test_earlier_kit_outputs_without_a_marker_are_adopted(tmp_path, kind, files, recognise):
@@ -162,7 +162,7 @@ def _training(folder: Path, tag: str, finished: bool = True) -> Path:
 
 
 def test_set_aside_keeps_the_older_generation_until_a_new_first_checkpoint(tmp_path):
-    from stablemtl.train import drop_older_when_checkpointed, set_aside
+    from stablemtl.stages import drop_older_when_checkpointed, set_aside
 
     out = tmp_path / "single_stream"
     set_aside(_training(out, "A"))
@@ -179,7 +179,7 @@ def test_set_aside_keeps_the_older_generation_until_a_new_first_checkpoint(tmp_p
 
 
 def test_set_aside_refuses_a_foreign_previous_folder(tmp_path):
-    from stablemtl.train import set_aside
+    from stablemtl.stages import set_aside
 
     (tmp_path / "single_stream.previous").mkdir()
     (tmp_path / "single_stream.previous" / "mine.txt").write_text("x")
@@ -200,7 +200,7 @@ def test_iterations_abc_is_named_before_any_stage(project, capsys):
 def test_a_single_task_name_is_a_one_item_list():
     declared = {"03_train_single_stream": run.declared_parameters(ROOT / "notebooks" / "03_train_single_stream.ipynb")}
     assert check_parameters({"tasks": "depth"}, declared) == {"tasks": ["depth"]}
-    _, given = run._check_parameters(["05_evaluate"], {"models": "trivial", "benchmarks": "kitti_depth"})
+    _, given = run.check_run_parameters(["05_evaluate"], {"models": "trivial", "benchmarks": "kitti_depth"})
     assert given == {"models": ["trivial"], "benchmarks": ["kitti_depth"]}
 
 
@@ -294,8 +294,8 @@ def test_ctrl_c_records_the_stage_and_releases_the_lock(project, monkeypatch):
 
 _POOL = """
 import sys, time
-from stablemtl.data import mini
-pool = mini.worker_pool(2)
+from stablemtl.data import jobs
+pool = jobs.worker_pool(2)
 futures = [pool.submit(time.sleep, 60) for _ in range(2)]
 time.sleep(1.0)
 print(" ".join(str(p) for p in pool._processes), flush=True)

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from stablemtl import evaluate as E
+from stablemtl import stages
+from stablemtl.benchmarks import BENCHMARKS
+from stablemtl.results import read_metrics
 from stablemtl.data import mini
 from stablemtl.data.sources import DatasetLayoutError
 
@@ -40,8 +43,8 @@ def metric(rows, model, benchmark, name):
 
 
 def test_ground_truth_as_prediction_scores_perfectly(data, tmp_path):
-    E.evaluate(from_gt(), list(E.BENCHMARKS), tmp_path, data, model_name="oracle", resolution=RES, progress=False)
-    rows = E.read_metrics(tmp_path)
+    E.evaluate(from_gt(), list(BENCHMARKS), tmp_path, data, model_name="oracle", resolution=RES, progress=False)
+    rows = read_metrics(tmp_path)
     for benchmark, (name, best) in HEADLINE.items():
         value, n = metric(rows, "oracle", benchmark, name)
         assert value == pytest.approx(best, abs=1e-5), benchmark
@@ -64,7 +67,7 @@ def test_alignment_invariances_and_a_known_error(data, tmp_path):
         return gt
     benchmarks = ["kitti_depth", "diode_depth", "diode_normal", "kitti_flow", "kitti_scene_flow", "mid_albedo"]
     E.evaluate(from_gt(transform), benchmarks, tmp_path, data, model_name="warped", resolution=RES, progress=False)
-    rows = E.read_metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert metric(rows, "warped", "kitti_depth", "abs_rel")[0] < 1e-4
     assert metric(rows, "warped", "kitti_flow", "epe")[0] < 1e-4
     assert metric(rows, "warped", "kitti_scene_flow", "epe3d")[0] < 1e-4
@@ -98,9 +101,9 @@ def test_resuming_gives_the_files_of_an_uninterrupted_run(data, tmp_path):
 
 
 def test_trivial_rows_are_the_floor(data, tmp_path):
-    E.evaluate(from_gt(), list(E.BENCHMARKS), tmp_path, data, model_name="oracle", resolution=RES, progress=False)
-    E.evaluate("trivial", list(E.BENCHMARKS), tmp_path, data, resolution=RES, progress=False)
-    rows = E.read_metrics(tmp_path)
+    E.evaluate(from_gt(), list(BENCHMARKS), tmp_path, data, model_name="oracle", resolution=RES, progress=False)
+    E.evaluate("trivial", list(BENCHMARKS), tmp_path, data, resolution=RES, progress=False)
+    rows = read_metrics(tmp_path)
     for benchmark, (name, best) in HEADLINE.items():
         trivial = metric(rows, "trivial", benchmark, name)[0]
         oracle = metric(rows, "oracle", benchmark, name)[0]
@@ -110,7 +113,7 @@ def test_trivial_rows_are_the_floor(data, tmp_path):
 
 def test_bad_input_is_named(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics in this results folder"):
-        E.read_metrics(tmp_path)
+        read_metrics(tmp_path)
     with pytest.raises(DatasetLayoutError, match="does not exist"):
         E.evaluate("trivial", ["mid_albedo"], tmp_path, tmp_path / "nowhere", progress=False)
     with pytest.raises(ValueError, match="unknown benchmark 'nyu_depth'"):
@@ -126,9 +129,9 @@ def results(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     noisy = lambda scale: (lambda gt, task: gt + scale * torch.sin(torch.arange(gt.numel()).reshape(gt.shape).float())  # noqa: E731
                            if task not in ("semantic",) else gt)
-    E.evaluate("trivial", list(E.BENCHMARKS), out, data, resolution=RES, progress=False, run="demo")
+    E.evaluate("trivial", list(BENCHMARKS), out, data, resolution=RES, progress=False, run="demo")
     for name, scale in (("single_task", 0.05), ("single_stream", 0.08), ("multi_stream", 0.03)):
-        E.evaluate(from_gt(noisy(scale)), list(E.BENCHMARKS), out, data, model_name=name, resolution=RES,
+        E.evaluate(from_gt(noisy(scale)), list(BENCHMARKS), out, data, model_name=name, resolution=RES,
                    progress=False, run="demo")
     return out
 
@@ -149,32 +152,32 @@ def test_tables_regenerate_byte_identically(results, tmp_path):
 
 
 def test_delta_m_matches_a_hand_computation(results):
-    from stablemtl import report
+    from stablemtl import comparisons
 
-    rows = [r for r in E.read_metrics(results) if r["run"] == "demo"]
+    rows = [r for r in read_metrics(results) if r["run"] == "demo"]
     value = {(r["model"], r["benchmark"], r["metric"]): float(r["value"]) for r in rows}
     terms = []
-    for benchmark, name in report.DELTA_M_METRICS:
+    for benchmark, name in comparisons.DELTA_M_METRICS:
         m, b = value[("multi_stream", benchmark, name)], value[("single_task", benchmark, name)]
         sign = 1 if name == "miou" else -1
         terms.append(sign * (m - b) / b * 100)
-    total, per_metric = report.delta_m_terms(rows, "multi_stream")
+    total, per_metric = comparisons.delta_m_terms(rows, "multi_stream")
     assert total == pytest.approx(sum(terms) / len(terms))
     assert len(per_metric) == 8
-    assert report.delta_m_terms(rows, "single_task")[0] == 0.0
-    assert report.delta_m_terms([r for r in rows if r["model"] != "single_task"], "multi_stream") is None
+    assert comparisons.delta_m_terms(rows, "single_task")[0] == 0.0
+    assert comparisons.delta_m_terms([r for r in rows if r["model"] != "single_task"], "multi_stream") is None
 
 
 def test_figures_are_written(results, tmp_path):
-    from stablemtl import report
+    from stablemtl import figures
 
-    rows = [r for r in E.read_metrics(results) if r["run"] == "demo"]
+    rows = [r for r in read_metrics(results) if r["run"] == "demo"]
     log = tmp_path / "train_log.csv"
     log.write_text("step,task,dataset,loss,lr,step_s,data_s\n" + "".join(
         f"{s},{t},hypersim,{1.0 / (s + 1)},0.0001,0.5,0.01\n" for s, t in enumerate(["depth", "normal"] * 10)))
-    for path in (report.plot_training_curves({"single_stream": log}, tmp_path / "curves.png"),
-                 report.plot_delta_m(rows, tmp_path / "delta_m.png"),
-                 report.plot_qualitative(results, tmp_path / "grid.png")):
+    for path in (figures.plot_training_curves({"single_stream": log}, tmp_path / "curves.png"),
+                 figures.plot_delta_m(rows, tmp_path / "delta_m.png"),
+                 figures.plot_qualitative(results, tmp_path / "grid.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
@@ -210,7 +213,7 @@ def test_single_task_rows_and_the_full_report(data, results, tmp_path):
     from stablemtl import report
 
     E.evaluate_single_task({"depth": from_gt(), "semantic": from_gt()}, tmp_path, data, resolution=RES, progress=False)
-    rows = E.read_metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert {(r["model"], r["benchmark"]) for r in rows} == {("single_task", "kitti_depth"), ("single_task", "diode_depth"),
                                                             ("single_task", "cityscapes_semantic")}
     written = report.write_report(results, training_logs=None)
@@ -222,40 +225,41 @@ def test_images_without_valid_ground_truth_are_skipped_and_counted(data, tmp_pat
 
     import numpy as np
 
-    from stablemtl.data import formats
+    from stablemtl.data import annotations
     from stablemtl.data.sources import Cityscapes
 
     copy = tmp_path / "data"
     shutil.copytree(data / "cityscapes", copy / "cityscapes")
     source = Cityscapes(copy / "cityscapes")
     label = copy / "cityscapes" / Cityscapes.label_path(source.entries[1][0])
-    formats.write_cityscapes_label_ids(label, np.zeros_like(formats.read_cityscapes_label_ids(label)))  # all "unlabeled"
+    annotations.write_cityscapes_label_ids(label, np.zeros_like(annotations.read_cityscapes_label_ids(label)))  # all "unlabeled"
     E.evaluate("trivial", ["cityscapes_semantic"], tmp_path / "out", copy, resolution=RES, progress=False)
-    (row,) = [r for r in E.read_metrics(tmp_path / "out") if r["metric"] == "miou"]
+    (row,) = [r for r in read_metrics(tmp_path / "out") if r["metric"] == "miou"]
     assert row["n_images"] == str(len(source) - 1) and math.isfinite(float(row["value"]))
 
 
 def test_a_checkpoint_of_the_wrong_kind_is_named(data, tmp_path, tiny_base):
     from stablemtl.model import streams as S
+    from stablemtl.model.pipeline import save_model
 
-    path = S.SingleStream.from_base(tiny_base).save_pretrained(tmp_path / "single")
+    path = save_model(S.SingleStream.from_base(tiny_base), tmp_path / "single")
     with pytest.raises(ValueError, match="holds a 'single_stream' model, not a 'multi_stream' one"):
         E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, expect_kind="multi_stream", progress=False)
     E.evaluate(path, ["mid_albedo"], tmp_path / "out", data, resolution=RES, expect_kind="single_stream", progress=False)
-    assert {r["model"] for r in E.read_metrics(tmp_path / "out")} == {"single_stream"}
+    assert {r["model"] for r in read_metrics(tmp_path / "out")} == {"single_stream"}
 
 
 def test_benchmarks_on_the_same_images_share_one_pipeline_call(data, tmp_path, monkeypatch, tiny_base):
     import numpy as np
 
     from stablemtl.model import streams as S
-    from stablemtl.model.pipeline import StableMTLPipeline
+    from stablemtl.model.pipeline import StableMTLPipeline, save_model
 
     torch.manual_seed(0)
     multi = S.MultiStream.from_single_stream(S.SingleStream.from_base(tiny_base), query_hidden=16, heads=2)
     for p in multi.task_attention.parameters():  # away from the identity initialisation
         p.data.add_(0.05 * torch.randn_like(p))
-    path = multi.save_pretrained(tmp_path / "multi")
+    path = save_model(multi, tmp_path / "multi")
 
     calls = []
     call = StableMTLPipeline.__call__
@@ -279,12 +283,13 @@ def test_another_model_of_the_same_name_never_scores_stale_predictions(data, tmp
     import numpy as np
 
     from stablemtl.model import streams as S
+    from stablemtl.model.fingerprint import model_fingerprint
 
     first = S.SingleStream.from_base(tiny_base, ["albedo", "shading"])
     second = S.SingleStream.from_base(tiny_base, ["albedo", "shading"])
     with torch.no_grad():
         second.unet.conv_out.bias.add_(0.3)  # other weights, same name and tasks
-    assert S.model_fingerprint(first) != S.model_fingerprint(second)
+    assert model_fingerprint(first) != model_fingerprint(second)
     kw = dict(resolution=RES, max_images=2, progress=False)
     E.evaluate(first, ["mid_albedo"], tmp_path / "shared", data, **kw)
     E.evaluate(second, ["mid_albedo"], tmp_path / "shared", data, **kw)  # same model name: single_stream
@@ -293,10 +298,10 @@ def test_another_model_of_the_same_name_never_scores_stale_predictions(data, tmp
         with np.load(tmp_path / f"shared/predictions/single_stream/mid_albedo/{i:05d}.npz") as a, \
                 np.load(tmp_path / f"fresh/predictions/single_stream/mid_albedo/{i:05d}.npz") as b:
             np.testing.assert_array_equal(a["pred"], b["pred"])
-    shared, fresh = E.read_metrics(tmp_path / "shared"), E.read_metrics(tmp_path / "fresh")
+    shared, fresh = read_metrics(tmp_path / "shared"), read_metrics(tmp_path / "fresh")
     assert [(r["metric"], r["value"]) for r in shared] == [(r["metric"], r["value"]) for r in fresh]
     record = json.loads((tmp_path / "shared/predictions/single_stream/mid_albedo/cache.json").read_text())
-    assert record["weights"] == S.model_fingerprint(second) and record["protocol"] == E.PROTOCOL_VERSION
+    assert record["weights"] == model_fingerprint(second) and record["protocol"] == E.PROTOCOL_VERSION
     # the same weights again: the cache is used, nothing is predicted anew
     stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "fresh/predictions/single_stream/mid_albedo").glob("*.npz"))]
     E.evaluate(second, ["mid_albedo"], tmp_path / "fresh", data, **kw)
@@ -309,10 +314,11 @@ def test_another_model_of_the_same_name_never_scores_stale_predictions(data, tmp
 def intrinsics_model(tiny_base, tmp_path_factory):
     """A small single-stream checkpoint (albedo and shading: one pipeline call per MID image)."""
     from stablemtl.model import streams as S
+    from stablemtl.model.pipeline import save_model
 
     torch.manual_seed(0)
-    return S.SingleStream.from_base(tiny_base, ["albedo", "shading"]).save_pretrained(
-        tmp_path_factory.mktemp("model") / "single")
+    return save_model(S.SingleStream.from_base(tiny_base, ["albedo", "shading"]),
+                      tmp_path_factory.mktemp("model") / "single")
 
 
 @pytest.mark.slow
@@ -320,8 +326,7 @@ def test_evaluation_uses_the_gpu_when_there_is_one(data, tmp_path, monkeypatch, 
     """A fake GPU: the default device is ``cuda:0``; the pipeline is moved there once (recorded, not
     moved: this machine has none), and a caller's model is put back where it came from."""
     from stablemtl import devices
-    from stablemtl.model import streams as S
-    from stablemtl.model.pipeline import StableMTLPipeline
+    from stablemtl.model.pipeline import StableMTLPipeline, load_model
 
     monkeypatch.setattr(devices, "default_device", lambda: torch.device("cuda:0"))
     monkeypatch.setattr(devices, "available_devices", lambda: ["cpu", "cuda:0"])
@@ -331,7 +336,7 @@ def test_evaluation_uses_the_gpu_when_there_is_one(data, tmp_path, monkeypatch, 
     E.evaluate(intrinsics_model, ["mid_albedo", "mid_shading"], tmp_path / "a", data, **kw)
     assert moves == [(torch.device("cuda:0"),)]
     moves.clear()
-    model = S.load_model(intrinsics_model)
+    model = load_model(intrinsics_model)
     E.evaluate(model, ["mid_albedo"], tmp_path / "b", data, **kw)
     assert moves == [(torch.device("cuda:0"),), (torch.device("cpu"),)]
     moves.clear()
@@ -339,7 +344,7 @@ def test_evaluation_uses_the_gpu_when_there_is_one(data, tmp_path, monkeypatch, 
     assert moves == []  # already there
     import inspect
 
-    assert {"device", "dtype"} <= set(inspect.signature(E.evaluate_run).parameters)  # passed on to evaluate
+    assert {"device", "dtype"} <= set(inspect.signature(stages.evaluate_models).parameters)  # passed on to evaluate
 
 
 def test_a_device_that_does_not_exist_is_named(data, tmp_path):
@@ -384,17 +389,18 @@ def test_prefetching_and_resuming_give_the_same_files(data, tmp_path, monkeypatc
 def test_bfloat16_evaluation_casts_a_copy_and_caches_apart(data, tmp_path, intrinsics_model):
     import json
 
-    from stablemtl.model import streams as S
+    from stablemtl.model.fingerprint import model_fingerprint
+    from stablemtl.model.pipeline import load_model
 
-    model = S.load_model(intrinsics_model)
+    model = load_model(intrinsics_model)
     kw = dict(resolution=RES, max_images=2, progress=False)
     E.evaluate(model, ["mid_albedo"], tmp_path, data, **kw)
-    full = E.read_metrics(tmp_path)
+    full = read_metrics(tmp_path)
     E.evaluate(model, ["mid_albedo"], tmp_path, data, dtype=torch.bfloat16, **kw)
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the caller's weights are untouched
     record = json.loads((tmp_path / "predictions/single_stream/mid_albedo/cache.json").read_text())
-    assert record["weights"] != S.model_fingerprint(model)  # bf16 predictions are cached apart
-    half = E.read_metrics(tmp_path)
+    assert record["weights"] != model_fingerprint(model)  # bf16 predictions are cached apart
+    half = read_metrics(tmp_path)
     (a,), (b,) = ([float(r["value"]) for r in rows if r["metric"] == "rmse"] for rows in (full, half))
     assert b == pytest.approx(a, abs=0.02)
     with pytest.raises(ValueError, match="float16 is not supported on the CPU"):

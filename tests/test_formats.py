@@ -8,6 +8,7 @@ import numpy as np
 import png  # pypng: a pure-Python PNG decoder, independent of OpenCV
 import pytest
 
+from stablemtl.data import annotations as A
 from stablemtl.data import formats as F
 
 
@@ -24,13 +25,13 @@ def png_pixels(path):
 def test_kitti_flow_png_encoding(tmp_path):
     flow = np.array([[[1.5, -2.25], [0.0, 0.0]], [[-511.0, 300.3], [7.0, 7.0]]])
     valid = np.array([[True, False], [True, True]])
-    path = F.write_kitti_flow(tmp_path / "000000_10.png", flow, valid)
+    path = A.write_kitti_flow(tmp_path / "000000_10.png", flow, valid)
     raw, depth = png_pixels(path)
     assert depth == 16 and raw.shape == (2, 2, 3)
     assert raw[0, 0].tolist() == [math.floor(1.5 * 64 + 32768), math.floor(-2.25 * 64 + 32768), 1]
     assert raw[1, 0].tolist() == [math.floor(-511 * 64 + 32768), math.floor(300.3 * 64 + 32768), 1]
     assert raw[0, 1].tolist() == [32768, 32768, 0]  # invalid: zero flow, B = 0, as KITTI / FT3D store it
-    back, back_valid = F.read_kitti_flow(path)
+    back, back_valid = A.read_kitti_flow(path)
     assert back[0, 1].tolist() == [0.0, 0.0]
     assert back.dtype == np.float32 and np.array_equal(back_valid, valid)
     assert np.allclose(back[valid], flow[valid], atol=1 / 64)
@@ -39,12 +40,12 @@ def test_kitti_flow_png_encoding(tmp_path):
 
 def test_kitti_depth_and_disparity_encoding(tmp_path):
     depth = np.array([[12.3456, 0.0], [np.nan, 80.0]])
-    path = F.write_kitti_depth(tmp_path / "depth.png", depth)
+    path = A.write_kitti_depth(tmp_path / "depth.png", depth)
     raw, bits = png_pixels(path)
     assert bits == 16 and raw[..., 0].tolist() == [[math.floor(12.3456 * 256), 0], [0, 80 * 256]]
-    back = F.read_kitti_depth(path)
+    back = A.read_kitti_depth(path)
     assert back[0, 0] == np.float32(math.floor(12.3456 * 256) / 256) and back[1, 0] == 0 and back[1, 1] == 80
-    disp, valid = F.read_kitti_disparity(F.write_kitti_disparity(tmp_path / "disp.png", np.array([[3.5, 9.0]]),
+    disp, valid = A.read_kitti_disparity(A.write_kitti_disparity(tmp_path / "disp.png", np.array([[3.5, 9.0]]),
                                                                  valid=np.array([[True, False]])))
     assert disp.tolist() == [[3.5, 0.0]] and valid.tolist() == [[True, False]]
 
@@ -56,23 +57,23 @@ def test_kitti_calib_parses_the_devkit_text(tmp_path):
             "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
     path = tmp_path / "000000.txt"
     path.write_text(text)
-    calib = F.read_kitti_calib(path)
+    calib = A.read_kitti_calib(path)
     assert calib["calib_time"] == "09-Jan-2012 13:57:47"
     p = calib["P_rect_02"].reshape(3, 4)
     assert (p[0, 0], p[0, 2], p[1, 2]) == (721.5377, 609.5593, 172.854)
-    again = F.read_kitti_calib(F.write_kitti_calib(tmp_path / "copy.txt", calib))
+    again = A.read_kitti_calib(A.write_kitti_calib(tmp_path / "copy.txt", calib))
     assert again["calib_time"] == calib["calib_time"] and np.array_equal(again["P_rect_02"], calib["P_rect_02"])
-    assert F.write_kitti_calib(tmp_path / "c2.txt", {"P_rect_02": p}).read_text().startswith(
+    assert A.write_kitti_calib(tmp_path / "c2.txt", {"P_rect_02": p}).read_text().startswith(
         "P_rect_02: 7.215377e+02 0.000000e+00 6.095593e+02")
 
 
 # ----------------------------------------------------------------------------- Virtual KITTI 2
 
 def test_vkitti_depth_cm_and_sky_code(tmp_path):
-    path = F.write_vkitti_depth(tmp_path / "depth_00000.png", np.array([[12.345, np.inf, np.nan]]))
+    path = A.write_vkitti_depth(tmp_path / "depth_00000.png", np.array([[12.345, np.inf, np.nan]]))
     raw, bits = png_pixels(path)
     assert bits == 16 and raw[0, :, 0].tolist() == [math.floor(1234.5), 65535, 0]
-    assert np.allclose(F.read_vkitti_depth(path), [[12.34, 655.35, 0.0]])
+    assert np.allclose(A.read_vkitti_depth(path), [[12.34, 655.35, 0.0]])
 
 
 def test_vkitti_flow_encoding(tmp_path):
@@ -82,14 +83,14 @@ def test_vkitti_flow_encoding(tmp_path):
     flow[1, 1] = [-5.0, 4.0]  # the extremes: -(W-1), +(H-1)
     valid = np.ones((h, w), bool)
     valid[2, 2] = False
-    path = F.write_vkitti_flow(tmp_path / "flow_00000.png", flow, valid)
+    path = A.write_vkitti_flow(tmp_path / "flow_00000.png", flow, valid)
     raw, bits = png_pixels(path)
     assert bits == 16
     code = lambda x, size: math.floor((x / size + 1) / 2 * 65535)  # noqa: E731
     assert raw[0, 0].tolist() == [code(2.0, w - 1), code(-1.0, h - 1), 65535]
     assert raw[1, 1].tolist() == [0, 65535, 65535]
     assert raw[2, 2].tolist() == [0, 0, 0]
-    back, back_valid = F.read_vkitti_flow(path)
+    back, back_valid = A.read_vkitti_flow(path)
     assert np.array_equal(back_valid, valid) and np.all(back[~valid] == 0)
     assert np.abs(back - flow)[valid].max() <= 2 / 65535 * (w - 1) + 1e-6
     assert back[1, 1].tolist() == [-5.0, 4.0]
@@ -97,55 +98,55 @@ def test_vkitti_flow_encoding(tmp_path):
 
 def test_vkitti_scene_flow_encoding(tmp_path):
     sf = np.array([[[1.0, -2.5, 0.0], [10.0, -10.0, np.nan]]])
-    path = F.write_vkitti_scene_flow(tmp_path / "sceneFlow_00000.png", sf)
+    path = A.write_vkitti_scene_flow(tmp_path / "sceneFlow_00000.png", sf)
     raw, _ = png_pixels(path)
     code = lambda x: math.floor((x / 10 + 1) / 2 * 65535)  # noqa: E731
     assert raw[0, 0].tolist() == [code(1.0), code(-2.5), code(0.0)]
     assert raw[0, 1].tolist() == [65535, 0, code(0.0)]
-    back, valid = F.read_vkitti_scene_flow(path)
+    back, valid = A.read_vkitti_scene_flow(path)
     assert valid.all() and np.abs(back[0, 0] - sf[0, 0]).max() <= 20 / 65535
     assert back[0, 1, :2].tolist() == [10.0, -10.0]
 
 
 def test_vkitti_semantic_colours_and_class_map(tmp_path):
     names = np.array([["Road", "Car", "Van", "Terrain"], ["Sky", "Tree", "Vegetation", "Undefined"]])
-    path = F.write_vkitti_semantic(tmp_path / "classgt_00000.png", names)
+    path = A.write_vkitti_semantic(tmp_path / "classgt_00000.png", names)
     raw, bits = png_pixels(path)
     assert bits == 8 and raw[0, 0].tolist() == [100, 60, 100] and raw[0, 1].tolist() == [255, 127, 80]
-    assert F.read_vkitti_semantic(path).tolist() == [[0, 7, 7, 250], [6, 5, 5, 250]]
+    assert A.read_vkitti_semantic(path).tolist() == [[0, 7, 7, 250], [6, 5, 5, 250]]
     F.write_rgb(tmp_path / "odd.png", np.full((1, 1, 3), 17, np.uint8))
     with pytest.raises(F.FormatError, match=r"odd.png: colours \[\(17, 17, 17\)\] are not vKITTI 2 categories"):
-        F.read_vkitti_semantic(tmp_path / "odd.png")
+        A.read_vkitti_semantic(tmp_path / "odd.png")
 
 
 # ----------------------------------------------------------------------------- Hypersim, npy, DIODE, HDF5
 
 def test_hypersim_depth_mm(tmp_path):
-    path = F.write_hypersim_depth(tmp_path / "depth_plane_cam_00_fr0000.png", np.array([[3.2105, np.nan, 65.0]]))
+    path = A.write_hypersim_depth(tmp_path / "depth_plane_cam_00_fr0000.png", np.array([[3.2105, np.nan, 65.0]]))
     raw, bits = png_pixels(path)
     assert bits == 16 and raw[0, :, 0].tolist() == [3210, 0, 65000]
-    assert np.allclose(F.read_hypersim_depth(path), [[3.21, 0.0, 65.0]])
+    assert np.allclose(A.read_hypersim_depth(path), [[3.21, 0.0, 65.0]])
 
 
 def test_npy_normals_masks_and_diode(tmp_path):
     n = np.random.default_rng(0).normal(size=(4, 5, 3)).astype(np.float32)
-    assert np.array_equal(F.read_normal_npy(F.write_npy(tmp_path / "normal.npy", n)), n)
+    assert np.array_equal(A.read_normal_npy(F.write_npy(tmp_path / "normal.npy", n)), n)
     mask = np.eye(4, 5, dtype=bool)
-    assert np.array_equal(F.read_mask_npy(F.write_npy(tmp_path / "mask.npy", mask)), mask)
+    assert np.array_equal(A.read_mask_npy(F.write_npy(tmp_path / "mask.npy", mask)), mask)
 
     depth = np.arange(20, dtype=np.float32).reshape(4, 5)
-    p = F.write_diode_depth(tmp_path / "00019_00183_indoors_000_010_depth.npy", depth)
+    p = A.write_diode_depth(tmp_path / "00019_00183_indoors_000_010_depth.npy", depth)
     assert np.load(p).shape == (4, 5, 1)  # DIODE stores [H, W, 1]
-    assert np.array_equal(F.read_diode_depth(p), depth)
-    m = F.write_diode_mask(tmp_path / "x_depth_mask.npy", mask)
-    assert np.load(m).dtype == np.float32 and np.array_equal(F.read_diode_mask(m), mask)
+    assert np.array_equal(A.read_diode_depth(p), depth)
+    m = A.write_diode_mask(tmp_path / "x_depth_mask.npy", mask)
+    assert np.load(m).dtype == np.float32 and np.array_equal(A.read_diode_mask(m), mask)
 
     normal = np.zeros((1, 3, 3), np.float32)
     normal[0, 0] = [0.6, 0.0, 0.8]
     normal[0, 1] = [0.1, 0.1, 0.1]  # length 0.17: invalid
-    p = F.write_diode_normal(tmp_path / "x_normal.npy", normal)
+    p = A.write_diode_normal(tmp_path / "x_normal.npy", normal)
     assert np.load(p)[0, 0].tolist() == pytest.approx([-0.6, 0.0, 0.8])  # stored in DIODE's convention
-    back, valid = F.read_diode_normal(p)
+    back, valid = A.read_diode_normal(p)
     assert np.array_equal(back, normal) and valid.tolist() == [[True, False, False]]
 
 
@@ -186,10 +187,10 @@ def test_flo_bytes_and_round_trip(tmp_path):
 
 def test_cityscapes_label_ids_to_classes(tmp_path):
     ids = np.array([[7, 11, 17, 19, 20], [21, 23, 26, 28, 24]], np.uint8)
-    path = F.write_cityscapes_label_ids(tmp_path / "x_gtFine_labelIds.png", ids)
+    path = A.write_cityscapes_label_ids(tmp_path / "x_gtFine_labelIds.png", ids)
     raw, bits = png_pixels(path)
     assert bits == 8 and np.array_equal(raw[..., 0], ids)
-    assert F.read_cityscapes_labels(path).tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 7, 250]]
+    assert A.read_cityscapes_labels(path).tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 7, 250]]
 
 
 def test_rgb_png_jpg_and_mask(tmp_path):
@@ -223,13 +224,13 @@ def test_exr_round_trip_and_channel_order(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 def test_corrupt_and_truncated_files_name_the_file(tmp_path):
-    path = F.write_kitti_depth(tmp_path / "good.png", np.ones((64, 64)))
+    path = A.write_kitti_depth(tmp_path / "good.png", np.ones((64, 64)))
     data = path.read_bytes()
     (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(F.FormatError, match=r"trunc.png: cannot decode the image.*KITTI 16-bit depth"):
-        F.read_kitti_depth(tmp_path / "trunc.png")
+        A.read_kitti_depth(tmp_path / "trunc.png")
     with pytest.raises(FileNotFoundError, match="missing.png: no such file"):
-        F.read_kitti_depth(tmp_path / "missing.png")
+        A.read_kitti_depth(tmp_path / "missing.png")
 
     F.write_pfm(tmp_path / "a.pfm", np.ones((4, 4), np.float32))
     (tmp_path / "t.pfm").write_bytes((tmp_path / "a.pfm").read_bytes()[:-5])
@@ -250,7 +251,7 @@ def test_corrupt_and_truncated_files_name_the_file(tmp_path):
     F.write_npy(tmp_path / "a.npy", np.ones((8, 8, 3), np.float32))
     (tmp_path / "t.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-10])
     with pytest.raises(F.FormatError, match="t.npy: cannot read as .npy"):
-        F.read_normal_npy(tmp_path / "t.npy")
+        A.read_normal_npy(tmp_path / "t.npy")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(F.FormatError, match="obj.npy: cannot read as .npy"):
         F.read_npy(tmp_path / "obj.npy")  # never unpickles
@@ -268,23 +269,23 @@ def test_wrong_bit_depth_or_channels_are_explained(tmp_path):
     F.write_rgb(tmp_path / "rgb.png", np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(F.FormatError, match=r"rgb.png: expected a KITTI 16-bit depth PNG .*16-bit, 1 channel.*"
                                             r"got 8-bit with 3 channel"):
-        F.read_kitti_depth(tmp_path / "rgb.png")
-    F.write_kitti_depth(tmp_path / "grey16.png", np.ones((2, 2)))
+        A.read_kitti_depth(tmp_path / "rgb.png")
+    A.write_kitti_depth(tmp_path / "grey16.png", np.ones((2, 2)))
     with pytest.raises(F.FormatError, match=r"grey16.png: expected a KITTI 16-bit RGB flow PNG.*got 16-bit with 1"):
-        F.read_kitti_flow(tmp_path / "grey16.png")
+        A.read_kitti_flow(tmp_path / "grey16.png")
     with pytest.raises(F.FormatError, match="expected 3 channel"):
-        F.read_normal_npy(F.write_npy(tmp_path / "n2.npy", np.ones((2, 2, 2))))
+        A.read_normal_npy(F.write_npy(tmp_path / "n2.npy", np.ones((2, 2, 2))))
 
 
 def test_writers_reject_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"depth \(m\) 70 is outside .*65.535.*mark farther pixels invalid"):
-        F.write_hypersim_depth(tmp_path / "d.png", np.array([[70.0]]))
+        A.write_hypersim_depth(tmp_path / "d.png", np.array([[70.0]]))
     with pytest.raises(ValueError, match="must not be negative"):
-        F.write_kitti_depth(tmp_path / "d.png", np.array([[-1.0]]))
+        A.write_kitti_depth(tmp_path / "d.png", np.array([[-1.0]]))
     with pytest.raises(ValueError, match=r"flow component 600 is outside"):
-        F.write_kitti_flow(tmp_path / "f.png", np.full((1, 1, 2), 600.0), np.ones((1, 1), bool))
+        A.write_kitti_flow(tmp_path / "f.png", np.full((1, 1, 2), 600.0), np.ones((1, 1), bool))
     with pytest.raises(ValueError, match=r"scene-flow component \(m\) -12 is outside \+-10"):
-        F.write_vkitti_scene_flow(tmp_path / "s.png", np.full((1, 1, 3), -12.0))
+        A.write_vkitti_scene_flow(tmp_path / "s.png", np.full((1, 1, 3), -12.0))
     with pytest.raises(ValueError, match=r"optical flow must be \[H, W, 2\], got shape \(2, 2, 3\)"):
         F.write_flo(tmp_path / "f.flo", np.ones((2, 2, 3)))
     assert not list(tmp_path.iterdir())  # nothing half-written
@@ -292,12 +293,12 @@ def test_writers_reject_what_the_format_cannot_hold(tmp_path):
 
 def test_nan_flow_is_written_invalid(tmp_path):
     flow = np.array([[[np.nan, 1.0], [2.0, 2.0]]])
-    _, valid = F.read_kitti_flow(F.write_kitti_flow(tmp_path / "f.png", flow, np.ones((1, 2), bool)))
+    _, valid = A.read_kitti_flow(A.write_kitti_flow(tmp_path / "f.png", flow, np.ones((1, 2), bool)))
     assert valid.tolist() == [[False, True]]
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
-    path = F.write_kitti_depth(tmp_path / "d.png", np.ones((2, 2)))
+    path = A.write_kitti_depth(tmp_path / "d.png", np.ones((2, 2)))
     before = path.read_bytes()
 
     def dies_halfway(tmp):
@@ -306,5 +307,5 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        F._atomic_write(path, dies_halfway)
+        F.atomic_write(path, dies_halfway)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]

@@ -7,10 +7,14 @@ import torch
 from diffusers.utils import BaseOutput
 
 from stablemtl.model import base as B
+from stablemtl.model import pipeline as P
 from stablemtl.model import streams as S
+from stablemtl.model.fingerprint import model_fingerprint
 from stablemtl.model.pipeline import StableMTLPipeline
 from stablemtl.presets import load_preset
 from stablemtl.tasks import TASK_NAMES
+
+from reference_model import predict_latents_reference  # tests/reference_model.py: the release's scheme
 
 H, W = 32, 48
 
@@ -82,7 +86,7 @@ def test_batched_pipeline_equals_task_by_task(single, kind):
     if kind == "multi":  # the reference scheme (6 aux passes per main task) gives the same latents
         z = model.frozen.encode(torch.cat([images, nxt]) * 2 - 1)
         with torch.no_grad():
-            ref = model.predict_latents_reference(*z.chunk(2), list(TASK_NAMES))
+            ref = predict_latents_reference(model, *z.chunk(2), list(TASK_NAMES))
         for i, task in enumerate(TASK_NAMES):
             assert (ref[i] - together.latents[task]).abs().max() <= 1e-5
         plain = StableMTLPipeline.from_model(single)(images, next_images=nxt, return_latents=True)
@@ -166,7 +170,7 @@ def _assert_same_outputs(a, b):
 
 
 def test_save_and_load_reproduce_outputs_bit_for_bit(base_dir, tmp_path):
-    """``save_pretrained`` writes one self-contained folder: moved elsewhere, with the base it was
+    """``save_model`` writes one self-contained folder: moved elsewhere, with the base it was
     built from deleted, it loads (``from_pretrained``, ``load_model``) to the same bits."""
     import shutil
 
@@ -183,7 +187,7 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(base_dir, tmp_path):
     for kind, model in models.items():
         path = tmp_path / "b" / kind
         multi = kind == "multi_stream"
-        layout = {"model_index.json", S.MODEL_FILE, "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+        layout = {"model_index.json", P.MODEL_FILE, "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
         assert {p.name for p in path.iterdir()} == layout | ({"aux_unet", "task_attention"} if multi else set())
         assert sorted(p.name for p in (path / "unet").iterdir()) == \
             ["config.json", "diffusion_pytorch_model.safetensors"]
@@ -193,7 +197,7 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(base_dir, tmp_path):
             assert str(tmp_path) not in file.read_text() and "name_or_path" not in file.read_text(), file
         settings = {"query_hidden": 32, "heads": 4, "mask_prob": 0.4} if multi else {}
         record = {"kind": kind, "tasks": list(TASK_NAMES), **settings, "normals": "as_stored"}
-        assert json.loads((path / S.MODEL_FILE).read_text()) == record
+        assert json.loads((path / P.MODEL_FILE).read_text()) == record
         assert {k: v for k, v in json.loads((path / "model_index.json").read_text()).items() if k in record} == record
         if multi:  # the task attention keeps its state-dict names: <site_key>.<parameter>
             from safetensors import safe_open
@@ -208,115 +212,63 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(base_dir, tmp_path):
         if multi:  # the sites in the UNet's module order, as built
             assert list(pipe.task_attention.keys()) == list(model.task_attention.keys())
         _assert_same_outputs(before[kind], pipe(images, next_images=nxt, return_latents=True))
-        assert S.model_fingerprint(pipe.model) == S.model_fingerprint(model)  # prediction caches stay valid
-        loaded = S.load_model(path)
+        assert model_fingerprint(pipe.model) == model_fingerprint(model)  # prediction caches stay valid
+        loaded = P.load_model(path)
         assert type(loaded) is type(model)
         assert torch.equal(_outputs(loaded, images, nxt).latents["depth"], before[kind].latents["depth"])
     with pytest.raises(ValueError, match="holds a 'single_stream' model"):
-        S.MultiStream.from_pretrained(tmp_path / "b/single_stream")
+        P.load_model(tmp_path / "b/single_stream", expect="multi_stream")
 
 
-def _save_kit_checkpoint(model, path, base_dir):
-    """A checkpoint as the kit wrote it before the pipeline folder: trained weights, the base's path."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True)
-    model.unet.save_pretrained(path / "unet", safe_serialization=True)
-    record = {"kind": model.kind, "tasks": model.tasks}
-    if model.kind == "multi_stream":
-        model.aux_unet.save_pretrained(path / "aux_unet", safe_serialization=True)
-        save_file({k: v.contiguous() for k, v in model.task_attention.state_dict().items()},
-                  str(path / "task_attention.safetensors"))
-        record.update(model.settings)
-    S.make_scheduler().save_pretrained(path / "scheduler")
-    (path / S.MODEL_FILE).write_text(json.dumps({**record, "normals": model.normals, "base": str(base_dir)}))
-    return path
-
-
-def test_checkpoints_of_the_older_layout_still_load(single, base, base_dir, tmp_path):
-    multi = _perturbed_multi(single)
-    images, nxt = _images(5)
-    for model in (single, multi):
-        path = _save_kit_checkpoint(model, tmp_path / model.kind, base_dir)
-        assert S.checkpoint_layout(path) == "kit"
-        before = _outputs(model, images, nxt)
-        loaded = S.load_model(path, expect=model.kind)
-        assert type(loaded) is type(model)
-        _assert_same_outputs(before, _outputs(loaded, images, nxt))
-        pipe = StableMTLPipeline.from_pretrained(path)
-        assert type(pipe.model) is type(model) and pipe.config.kind == model.kind
-        _assert_same_outputs(before, pipe(images, next_images=nxt, return_latents=True))
-    # the recorded base directory is gone: the error names the checkpoint, the base and the fix
-    record = json.loads((path / S.MODEL_FILE).read_text())
-    record["base"] = str(tmp_path / "gone/base")
-    (path / S.MODEL_FILE).write_text(json.dumps(record))
-    for load in (S.load_model, StableMTLPipeline.from_pretrained):
-        with pytest.raises(FileNotFoundError) as err:
-            load(path)
-        for part in (str(path), str(tmp_path / "gone/base"), "base=", "save_pretrained"):
-            assert part in str(err.value)
-    loaded = S.load_model(path, base=base)  # a Base, or a directory
-    assert loaded.frozen.vae is base.vae
-    pipe = StableMTLPipeline.from_pretrained(path, base=base_dir, torch_dtype=torch.float64)
-    assert pipe.unet.dtype == pipe.task_attention.dtype == pipe.text_encoder.dtype == torch.float64
-    # re-saved: a self-contained folder that no longer needs the base
-    resaved = loaded.save_pretrained(tmp_path / "resaved")
-    assert S.checkpoint_layout(resaved) == "pipeline" and "base" not in json.loads((resaved / S.MODEL_FILE).read_text())
-    assert torch.equal(_outputs(S.load_model(resaved), images, nxt).latents["depth"], before.latents["depth"])
-
-
-def test_task_attention_of_the_first_layout_loads_unchanged_in_function(single, tmp_path):
-    """The kit's first task attention shared one LayerNorm between a task's keys and values and one
-    query LayerNorm across tasks; its checkpoints (both folder layouts) load into the release's
-    separate norms with the same outputs."""
+def test_models_of_earlier_formats_are_refused_naming_the_folder_and_the_fix(single, tmp_path):
+    """This version reads the self-contained pipeline folder only: the kit's older layout (trained
+    weights over a recorded base directory), the first task-attention layout (shared norms) and a
+    record without its normal convention are each refused, naming the folder, what was found and
+    what to do; a task attention that does not fit is never filled at random."""
     from safetensors.torch import load_file, save_file
 
+    old = tmp_path / "older_layout"  # as the kit wrote it before the pipeline folder
+    single.unet.save_pretrained(old / "unet", safe_serialization=True)
+    (old / P.MODEL_FILE).write_text(json.dumps({"kind": single.kind, "tasks": single.tasks, "base": str(tmp_path)}))
+    for load in (P.load_model, StableMTLPipeline.from_pretrained):
+        with pytest.raises(P.ModelFormatError) as err:
+            load(old)
+        for part in (str(old), "older layout", "unet/", "re-train", "save it again"):
+            assert part in str(err.value), part
+
     multi = _perturbed_multi(single)
-    g = torch.Generator().manual_seed(3)
-    for module in multi.task_attention.values():  # what the first layout can hold, away from the init
-        shared_q = (torch.randn(module.out.in_features, generator=g), torch.randn(module.out.in_features, generator=g))
-        for t in module.tasks:
-            kv = (torch.randn(module.out.in_features, generator=g), torch.randn(module.out.in_features, generator=g))
-            for norm, (weight, bias) in ((module.norm_k[t], kv), (module.norm_v[t], kv), (module.norm_q[t], shared_q)):
-                norm.weight.data.copy_(weight), norm.bias.data.copy_(bias)
-
-    def first_layout(state: dict) -> dict:
-        out = {}
-        for key, value in state.items():
-            site, part, *rest = key.split(".")
-            if part == "norm_k":
-                out[".".join([site, "kv_norm", *rest])] = value
-            elif part == "norm_q" and rest[0] == multi.tasks[0]:
-                out[".".join([site, "query_norm", *rest[1:]])] = value
-            elif part not in ("norm_v", "norm_q"):
-                out[key] = value
-        return out
-
-    images, nxt = _images(6)
-    before = _outputs(multi, images, nxt)
-    folder = multi.save_pretrained(tmp_path / "pipeline")
+    folder = P.save_model(multi, tmp_path / "first_layout")
     weights = next((folder / "task_attention").glob("*.safetensors"))
-    old = first_layout(load_file(str(weights)))
-    assert any(".kv_norm." in k for k in old) and not any(".norm_v." in k for k in old)
-    save_file(old, str(weights))
-    _assert_same_outputs(before, _outputs(S.load_model(folder), images, nxt))
     state = load_file(str(weights))
-    save_file({k: v for k, v in state.items() if ".query_norm." not in k}, str(weights))
+    first = {}  # one LayerNorm for a task's keys and values, one query LayerNorm for all tasks
+    for key, value in state.items():
+        site, part, *rest = key.split(".")
+        if part == "norm_k":
+            first[".".join([site, "kv_norm", *rest])] = value
+        elif part == "norm_q" and rest[0] == multi.tasks[0]:
+            first[".".join([site, "query_norm", *rest[1:]])] = value
+        elif part not in ("norm_v", "norm_q"):
+            first[key] = value
+    save_file(first, str(weights))
+    with pytest.raises(P.ModelFormatError) as err:
+        P.load_model(folder)
+    for part in (str(weights), "first layout", "kv_norm", str(folder), "re-train"):
+        assert part in str(err.value), part
+    save_file({k: v for k, v in state.items() if ".norm_q." not in k}, str(weights))
     with pytest.raises(ValueError, match=r"does not fit the task attention.*missing key\(s\) \['[a-z_0-9]+\.norm_q\."):
-        S.load_model(folder)  # never filled at random
-    module = next(iter(multi.task_attention.values()))
-    fresh = S.TaskAttention(module.out.in_features, multi.tasks, query_hidden=32)
-    fresh.load_state_dict({k[2:]: v for k, v in first_layout({f"s.{k}": v for k, v in module.state_dict().items()}).items()})
-    for t in multi.tasks:
-        assert torch.equal(fresh.norm_v[t].weight, module.norm_v[t].weight)
-        assert torch.equal(fresh.norm_q[t].bias, module.norm_q[t].bias)
+        P.load_model(folder)  # never filled at random
+
+    record = json.loads((folder / P.MODEL_FILE).read_text())
+    assert P.saved_normals(record) == "as_stored"
+    with pytest.raises(P.ModelFormatError, match=f"{folder}.*no normal convention.*re-train"):
+        P.saved_normals({k: v for k, v in record.items() if k != "normals"}, folder / P.MODEL_FILE)
 
 
 def test_from_pretrained_casts_every_component_to_torch_dtype(single, tmp_path):
     import warnings
 
     multi = _perturbed_multi(single)
-    path = multi.save_pretrained(tmp_path / "multi")
+    path = P.save_model(multi, tmp_path / "multi")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = StableMTLPipeline.from_pretrained(path, torch_dtype=torch.float64)
@@ -512,7 +464,7 @@ def test_bfloat16_inference_agrees_with_float32(single, tmp_path):
     multi = _perturbed_multi(single)
     images, nxt = _images(7)
     for model in (single, multi):
-        path = model.save_pretrained(tmp_path / model.kind)
+        path = P.save_model(model, tmp_path / model.kind)
         reference = StableMTLPipeline.from_pretrained(path)(images, next_images=nxt, return_latents=True)
         pipe = StableMTLPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
         seen = set()
@@ -534,7 +486,7 @@ def test_bfloat16_inference_agrees_with_float32(single, tmp_path):
 def test_float16_on_the_cpu_is_refused_clearly(single, tmp_path, monkeypatch):
     from stablemtl import devices
 
-    path = single.save_pretrained(tmp_path / "single")
+    path = P.save_model(single, tmp_path / "single")
     monkeypatch.setattr(devices, "available_devices", lambda: ["cpu"])
     with pytest.raises(ValueError, match="float16 is not supported on the CPU.*bfloat16.*float32"):
         StableMTLPipeline.from_pretrained(path, torch_dtype=torch.float16)

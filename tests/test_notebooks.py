@@ -15,8 +15,11 @@ import nbformat
 import pytest
 import torch
 
-from stablemtl import paths
-from stablemtl.evaluate import BENCHMARKS, MODELS
+from stablemtl.model.pipeline import MODEL_FILE
+from stablemtl import paths, stages
+from stablemtl.benchmarks import BENCHMARKS
+from stablemtl.guard import StageError
+from stablemtl.paths import MODELS
 from stablemtl.run import RunError, declared_parameters, notebook_dir, parse_parameters, run_study, select_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +34,7 @@ def in_project(monkeypatch, smoke_study):
     return project
 
 
-@pytest.mark.parametrize("stage", paths.STAGES)
+@pytest.mark.parametrize("stage", stages.STAGES)
 def test_notebooks_are_committed_stripped_with_one_parameters_cell(stage):
     path = ROOT / "notebooks" / f"{stage}.ipynb"
     nb = nbformat.read(str(path), as_version=4)
@@ -51,10 +54,10 @@ def test_notebooks_are_committed_stripped_with_one_parameters_cell(stage):
 def test_smoke_study_runs_every_notebook(smoke_study):
     study, project, lines = smoke_study
     manifest = json.loads((study.results_dir / "manifest.json").read_text())
-    assert [manifest["stages"][s]["status"] for s in paths.STAGES] == ["done"] * len(paths.STAGES)
+    assert [manifest["stages"][s]["status"] for s in stages.STAGES] == ["done"] * len(stages.STAGES)
     assert manifest["seed"] == 2024 and manifest["preset_name"] == "smoke"
     assert set(manifest["data_split_hashes"]) >= {"hypersim", "vkitti", "mid"}
-    for stage in paths.STAGES:
+    for stage in stages.STAGES:
         executed = nbformat.read(str(study.results_dir / "notebooks" / f"{stage}.ipynb"), as_version=4)
         code = [c for c in executed.cells if c.cell_type == "code"]
         assert all(c.execution_count is not None for c in code)  # every cell ran
@@ -64,7 +67,7 @@ def test_smoke_study_runs_every_notebook(smoke_study):
     # the notebooks wrote into the project: data, base model, checkpoints, results
     assert (project / "data" / "smoke" / "hypersim" / "train" / "stablemtl_dataset.json").is_file()
     assert (project / "outputs" / "smoke" / "base" / "model_index.json").is_file()
-    assert (project / "outputs" / "smoke" / "multi_stream" / "model" / "stablemtl_model.json").is_file()
+    assert (project / "outputs" / "smoke" / "multi_stream" / "model" / MODEL_FILE).is_file()
     with open(study.results_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     got = {(r["model"], r["benchmark"]) for r in rows}
@@ -87,18 +90,18 @@ def _ran(lines: list[str]) -> list[str]:
 def test_a_second_run_skips_every_stage_and_a_changed_parameter_reruns_its_stage_and_the_later_ones(
         smoke_study, in_project):
     study, _, _ = smoke_study
-    done = {s: (study.stage_dir(s) / paths.DONE_FILE).read_text() for s in paths.STAGES}
+    done = {s: (study.stage_dir(s) / paths.DONE_FILE).read_text() for s in stages.STAGES}
     lines: list[str] = []
     run_study("smoke", progress=False, log=lines.append)
-    assert sum("done, skipped" in line for line in lines) == len(paths.STAGES) and _ran(lines) == []
-    assert {s: (study.stage_dir(s) / paths.DONE_FILE).read_text() for s in paths.STAGES} == done
+    assert sum("done, skipped" in line for line in lines) == len(stages.STAGES) and _ran(lines) == []
+    assert {s: (study.stage_dir(s) / paths.DONE_FILE).read_text() for s in stages.STAGES} == done
     # a knob of stage 05 only: 05 and 06 (which reads 05) run, nothing before them
     lines.clear()
     run_study("smoke", parameters={"max_images": 2}, progress=False, log=lines.append)
     assert _ran(lines) == ["05_evaluate", "06_results"]
     with open(study.results_dir / "metrics.csv", newline="") as f:
         assert {int(r["n_images"]) for r in csv.DictReader(f)} == {2}
-    for stage in paths.STAGES[:4]:  # untouched: same done.json, same trained model
+    for stage in stages.STAGES[:4]:  # untouched: same done.json, same trained model
         assert (study.stage_dir(stage) / paths.DONE_FILE).read_text() == done[stage]
     # --force of one stage alone: the stages that read it run on the next call, and only them
     run_study("smoke", only="05", force=True, parameters={"max_images": 2}, progress=False, log=lambda *_: None)
@@ -115,29 +118,30 @@ def test_a_second_run_skips_every_stage_and_a_changed_parameter_reruns_its_stage
 
 @pytest.mark.slow
 def test_the_stage_hash_covers_knobs_preset_sections_and_what_a_stage_reads(smoke_study, in_project):
-    from stablemtl.run import READS, reads, stage_hash
+    from stablemtl.run import reads, stage_hash
 
     study, _, _ = smoke_study
     knobs = {"preset": "smoke", "run_name": None, "models": list(MODELS)}
-    base = {s: stage_hash(study, s, knobs) for s in paths.STAGES}
-    assert len(set(base.values())) == len(paths.STAGES)
+    base = {s: stage_hash(study, s, knobs) for s in stages.STAGES}
+    assert len(set(base.values())) == len(stages.STAGES)
     # the run name is not a knob of a stage: stage 01 and 02 of another run of the preset are the same
     assert stage_hash(study, "01", dict(knobs, run_name="other")) == base["01_prepare_data"]
     assert stage_hash(study, "05", dict(knobs, max_images=2)) != base["05_evaluate"]
-    changed = paths.Study(dict(study.preset, evaluate={"resolution": {}}), study.run, study.results_dir,
+    changed = stages.Study(dict(study.preset, evaluate={"resolution": {}}), study.run_name, study.results_dir,
                           study.output_dir, study.data_root, study.base_dir)
     assert stage_hash(changed, "05", knobs) != base["05_evaluate"]
     assert stage_hash(changed, "03", knobs) == base["03_train_single_stream"]
     longer = dict(study.preset, train=dict(study.preset["train"], single_stream={"iterations": 99}))
-    longer = paths.Study(longer, study.run, study.results_dir, study.output_dir, study.data_root, study.base_dir)
+    longer = stages.Study(longer, study.run_name, study.results_dir, study.output_dir, study.data_root, study.base_dir)
     assert stage_hash(longer, "03", knobs) != base["03_train_single_stream"]
     assert stage_hash(longer, "02", knobs) == base["02_build_model"]
     # how the data is read never changes a trained model: no retraining for more workers
     workers = dict(study.preset, train=dict(study.preset["train"], num_workers=2))
-    workers = paths.Study(workers, study.run, study.results_dir, study.output_dir, study.data_root, study.base_dir)
+    workers = stages.Study(workers, study.run_name, study.results_dir, study.output_dir, study.data_root, study.base_dir)
     assert stage_hash(workers, "03", knobs) == base["03_train_single_stream"]
     # evaluating the trivial row alone does not read the trainings
-    assert READS["05"] == ("01", "03", "04") and reads("05", {"models": ["trivial"]}) == ("01",)
+    assert reads("05", {"models": ["trivial"]}) == ("01",)
+    assert reads("05", {"models": ["multi_stream"]}) == ("01", "04") and reads("05", {}) == ("01", "02", "03", "04")
 
 
 @pytest.mark.slow
@@ -180,9 +184,9 @@ def test_a_missing_stage_output_names_the_stage_and_how_to_make_it(tmp_path, mon
     monkeypatch.delenv("OUTPUT_DIR", raising=False)
     with pytest.raises(RunError, match=r"stage 01_prepare_data .*stablemtl run --only 01"):
         run_study("smoke", only="03", progress=False)
-    run = paths.context("smoke")
-    with pytest.raises(paths.StageError, match=r"stage 05_evaluate of run 'smoke' has not finished: .*metrics.csv"):
-        paths.require(run, "05")
+    study = stages.context("smoke")
+    with pytest.raises(StageError, match=r"stage 05_evaluate of run 'smoke' has not finished: .*metrics.csv"):
+        stages.check_inputs(study, "06")
     assert not (tmp_path / "results" / "smoke").exists()  # nothing started
 
 
@@ -226,8 +230,8 @@ def test_a_single_task_baseline_runs_through_the_notebooks(in_project):
     # one of other settings is never continued: it is moved aside and the training starts anew
     run_study("smoke", force=True, **dict(same, parameters={"tasks": ["depth"], "iterations": 2, "lr": 1e-5}))
     assert "moved to" in executed.read_text()
-    assert (trained.with_name("single_stream.previous") / "model" / "stablemtl_model.json").is_file()
-    assert (trained / "model" / "stablemtl_model.json").is_file()
+    assert (trained.with_name("single_stream.previous") / "model" / MODEL_FILE).is_file()
+    assert (trained / "model" / MODEL_FILE).is_file()
 
 
 def test_the_paper_preset_names_missing_data_and_weights(tmp_path, monkeypatch):
@@ -242,15 +246,14 @@ def test_the_paper_preset_names_missing_data_and_weights(tmp_path, monkeypatch):
         run_study("paper", progress=False)
     (tmp_path / "ckpt" / "stable-diffusion-2").mkdir(parents=True)
     (tmp_path / "ckpt" / "stable-diffusion-2" / "model_index.json").write_text("{}")
-    from stablemtl.data import prepare_data
 
-    with pytest.raises(paths.StageError, match=r"(?s)real datasets under .*hypersim.*README"):
-        prepare_data(paths.context("paper"))
+    with pytest.raises(StageError, match=r"(?s)real datasets under .*hypersim.*README"):
+        stages.prepare_data(stages.context("paper"))
 
 
 def test_paper_preset_carries_the_reference_numbers():
     from stablemtl.presets import load_preset
-    from stablemtl.train import TrainConfig, preset_config
+    from stablemtl.train_config import TrainConfig, preset_config
 
     ref = TrainConfig()
     single, multi = preset_config("paper", "single_stream"), preset_config("paper", "multi_stream")
@@ -274,7 +277,7 @@ def test_cli_run_rejects_bad_input_with_exit_status(in_project):
 
 def test_notebooks_live_next_to_the_package():
     assert notebook_dir() == ROOT / "notebooks"
-    assert sorted(p.stem for p in notebook_dir().glob("0*.ipynb")) == list(paths.STAGES)
+    assert sorted(p.stem for p in notebook_dir().glob("0*.ipynb")) == list(stages.STAGES)
 
 
 @pytest.mark.slow
@@ -288,7 +291,7 @@ def test_seeds_ablation_and_baselines_run_through_the_notebooks(in_project):
     executed = (in_project / "results" / "two_seeds" / "notebooks" / "03_train_single_stream.ipynb").read_text()
     assert executed.count("finished; kept") >= 2 + 7  # single, random init and the seven baselines of seed 2024
     for name in ("single_stream", "single_stream_random", "multi_stream"):
-        assert (outputs / "seed2025" / name / "model" / "stablemtl_model.json").is_file()
+        assert (outputs / "seed2025" / name / "model" / MODEL_FILE).is_file()
     assert not (outputs / "seed2025" / "single_task_depth").exists()  # baselines: first seed only
     with open(in_project / "results" / "two_seeds" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -13,7 +13,7 @@ from PIL import Image
 from stablemtl import devices
 from stablemtl.data import formats
 from stablemtl.model import streams as S
-from stablemtl.model.pipeline import StableMTLPipeline
+from stablemtl.model.pipeline import StableMTLPipeline, save_model
 from stablemtl.predict import (CONTACT_SHEET, DEPTH_16BIT, PredictError, _folder_names, add_predict_parser,
                                list_images, model_size, predict)
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
@@ -33,7 +33,7 @@ def models(tiny_base, tmp_path_factory):
     for module in multi.task_attention.values():  # off the zero init, so the task attention matters
         torch.nn.init.normal_(module.out.weight, std=0.2)
     subset = S.SingleStream.from_base(tiny_base, tasks=["depth", "normal", "optical_flow"])
-    return {name: m.save_pretrained(folder / name) for name, m in
+    return {name: save_model(m, folder / name) for name, m in
             (("single", single), ("multi", multi.eval()), ("subset", subset))}
 
 

@@ -14,10 +14,16 @@ import numpy as np
 import pytest
 
 from stablemtl.data import formats as F
-from stablemtl.data import mini, sources, synthetic, transforms
+from stablemtl.data import imaging, mini, sources, splits, synthetic, transforms
 from stablemtl.data import prepare as P
 from stablemtl.data import raw as R
-from stablemtl.data.sources import DatasetLayoutError
+from stablemtl.data.convert import hypersim as convert_hypersim
+from stablemtl.data.convert.common import JOURNAL, MANIFEST, PREPARE_VERSION, RAW_META
+from stablemtl.data.convert.flying_things_3d import FT3D
+from stablemtl.data.convert.hypersim import HYPERSIM
+from stablemtl.data.convert.vkitti import VKITTI
+from stablemtl.data.formats import DatasetLayoutError
+from stablemtl.data.layout import CHECK_LISTS, CHECKED
 from stablemtl.presets import load_preset
 
 
@@ -35,7 +41,7 @@ def prepared(tmp_path_factory):
 
 
 def raw_meta(raw: Path) -> dict:
-    return json.loads((raw / P.RAW_META).read_text())
+    return json.loads((raw / RAW_META).read_text())
 
 
 def truth(raw: Path, sample_id: str) -> tuple[dict, dict]:
@@ -56,34 +62,34 @@ def angle(a, b):
 def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` but the resume journal."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != P.JOURNAL}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != JOURNAL}
 
 
 # ----------------------------------------------------------------------------- the release's operations
 
 def test_tone_mapping_reference_values():
     rgb = np.repeat(np.linspace(0.01, 4.0, 100).reshape(10, 10, 1), 3, axis=-1)  # grey HDR: brightness = value
-    assert np.allclose(P.brightness(np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])), [0.3, 0.59, 0.11])
+    assert np.allclose(imaging.brightness(np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])), [0.3, 0.59, 0.11])
     p90 = np.percentile(rgb[..., 0], 90)
-    scale = P.tonemap_scale(rgb)
+    scale = imaging.tonemap_scale(rgb)
     assert scale == pytest.approx(0.8 ** 2.2 / p90)
     # after the gamma, the 90th-percentile brightness is 0.8
-    mapped = P.tonemap(rgb, scale)
-    assert np.percentile(P.brightness(mapped ** 2.2), 90) == pytest.approx(0.8 ** 2.2, rel=1e-9)
+    mapped = imaging.tonemap(rgb, scale)
+    assert np.percentile(imaging.brightness(mapped ** 2.2), 90) == pytest.approx(0.8 ** 2.2, rel=1e-9)
     assert mapped.max() <= 1 and mapped.min() >= 0
     valid = np.zeros((10, 10), bool)
     valid[:, :5] = True  # only valid pixels count
-    assert P.tonemap_scale(rgb, valid) == pytest.approx(0.8 ** 2.2 / np.percentile(rgb[:, :5, 0], 90))
-    assert P.tonemap_scale(rgb * 1e-6) == 0.0 and P.tonemap_scale(rgb, np.zeros((10, 10), bool)) == 1.0
-    assert P.to_uint8(np.array([0.0, 0.5, 0.999, 1.0, np.nan])).tolist() == [0, 127, 254, 255, 0]  # truncation
+    assert imaging.tonemap_scale(rgb, valid) == pytest.approx(0.8 ** 2.2 / np.percentile(rgb[:, :5, 0], 90))
+    assert imaging.tonemap_scale(rgb * 1e-6) == 0.0 and imaging.tonemap_scale(rgb, np.zeros((10, 10), bool)) == 1.0
+    assert imaging.to_uint8(np.array([0.0, 0.5, 0.999, 1.0, np.nan])).tolist() == [0, 127, 254, 255, 0]  # truncation
 
 
 def test_hypersim_distance_to_planar_depth_on_the_image_plane_grid():
     distance = np.full((3, 3), 6.0)
-    planar = P.distance_to_planar(distance, 1.0)
+    planar = imaging.distance_to_planar(distance, 1.0)
     assert planar[1, 1] == pytest.approx(6.0) and planar[0, 0] == pytest.approx(6.0 / np.sqrt(3), rel=1e-6)
     # at the release's 1024 x 768, focal 886.81: the corner pixel is (-511.5, -383.5) from the centre
-    planar = P.distance_to_planar(np.ones((768, 1024)), 886.81)
+    planar = imaging.distance_to_planar(np.ones((768, 1024)), 886.81)
     assert planar[0, 0] == pytest.approx(886.81 / np.sqrt(511.5 ** 2 + 383.5 ** 2 + 886.81 ** 2), rel=1e-6)
 
 
@@ -95,13 +101,13 @@ def test_d2nt_recovers_a_plane_pointing_away_with_the_release_pixel_grid():
     v, u = np.mgrid[0:h, 0:w].astype(float)
     ray = np.stack([(u - cx) / f, (v - cy) / f, np.ones_like(u)], -1)
     depth = 5.0 / (ray @ n)  # the plane n . X = 5 m, in front of the camera
-    err = angle(P.d2nt_normals(depth, f, f, cx, cy), n)
+    err = angle(imaging.d2nt_normals(depth, f, f, cx, cy), n)
     assert err.max() < 0.3 and err[2:-2, 2:-2].max() < 0.1  # pointing away from the camera, as stored
     # the release's grid is u = 1..W minus cx: a principal point one pixel further is exact inside
-    shifted = angle(P.d2nt_normals(depth, f, f, cx + 1, cy + 1), n)
+    shifted = angle(imaging.d2nt_normals(depth, f, f, cx + 1, cy + 1), n)
     assert shifted[2:-2, 2:-2].max() < 0.02 < err[2:-2, 2:-2].max()
     # a fronto-parallel wall: +z everywhere
-    assert np.allclose(P.d2nt_normals(np.full((8, 9), 3.0), f, f, 4, 3.5), [0, 0, 1], atol=1e-7)
+    assert np.allclose(imaging.d2nt_normals(np.full((8, 9), 3.0), f, f, 4, 3.5), [0, 0, 1], atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -132,7 +138,7 @@ def test_hypersim_round_trip(prepared):
         # back-facing normals flipped, x negated: the stored normals point away from the camera
         assert np.abs(normal + r["normal"])[valid].max() < 2e-3
         assert np.allclose(normal[~valid], -1 / np.sqrt(3))  # the release's invalid code, normalised
-        scale = 0.8 ** 2.2 / np.percentile(P.brightness(color)[valid], 90)
+        scale = 0.8 ** 2.2 / np.percentile(imaging.brightness(color)[valid], 90)
         expected = np.floor(np.clip(np.maximum(scale * color, 0) ** (1 / 2.2), 0, 1) * 255) / 255
         assert np.abs(numpy(sample, "rgb") - expected).max() < 1e-6
         assert np.abs(numpy(sample, "albedo") - np.clip(scale * r["albedo"], 0, 1))[valid].max() < 2 / 255
@@ -141,14 +147,16 @@ def test_hypersim_round_trip(prepared):
         assert np.abs(numpy(sample, "shading") - shading)[lambertian].max() < 2 / 255
         assert sample["K"][0, 0].item() == pytest.approx(r["K"][0, 0])
     lists = {f: (out / "data_split" / f).read_text().splitlines() for f in manifest["lists"]}
-    assert [len(lists[f]) for f in (P.HYPERSIM_LIST_ALL, P.HYPERSIM_LIST_NORMAL, P.HYPERSIM_LIST_NO_NAN)] == [4, 4, 3]
-    assert {len(line.split()) for line in lists[P.HYPERSIM_LIST_ALL]} == {2}
-    assert {len(line.split()) for line in lists[P.HYPERSIM_LIST_NORMAL] + lists[P.HYPERSIM_LIST_NO_NAN]} == {5}
+    all_list, normal_list, no_nan_list = (lists[f] for f in (splits.HYPERSIM_LIST_ALL, splits.HYPERSIM_LIST_NORMAL,
+                                                             splits.HYPERSIM_LIST_NO_NAN))
+    assert [len(all_list), len(normal_list), len(no_nan_list)] == [4, 4, 3]
+    assert {len(line.split()) for line in all_list} == {2}
+    assert {len(line.split()) for line in normal_list + no_nan_list} == {5}
     unlisted = ("ai_002_001", "ai_003_001")  # the csv's val frame and its frame left out of the release
-    assert not any(scene in line for scene in unlisted for line in lists[P.HYPERSIM_LIST_ALL])
+    assert not any(scene in line for scene in unlisted for line in all_list)
     nan_frame = "ai_001_001/rgb_cam_00_fr0001.png"
-    assert nan_frame not in " ".join(lists[P.HYPERSIM_LIST_NO_NAN])
-    assert nan_frame in " ".join(lists[P.HYPERSIM_LIST_NORMAL])
+    assert nan_frame not in " ".join(no_nan_list)
+    assert nan_frame in " ".join(normal_list)
     assert manifest["details"]["frames_with_nan_depth"] == 1 and manifest["counts"]["depth_nan_pixels"] == 1
     assert manifest["counts"]["normal_flipped_pixels"] > 100  # the raw writer's back-facing objects
     assert manifest["written"] == {k: 4 for k in ("albedo", "depth", "normal_mask", "normal_npy", "normal_png",
@@ -215,7 +223,7 @@ def test_mid_intrinsics_from_exr(prepared):
     for sample in ds:
         r, info = truth(raw, sample["id"])
         hdr = info["exposure"] * r["rgb_linear"]
-        scale = 0.8 ** 2.2 / np.percentile(P.brightness(hdr), 90)
+        scale = 0.8 ** 2.2 / np.percentile(imaging.brightness(hdr), 90)
         lambertian = r["lambertian"]
         # JPEG (quality 75) on 24 x 32 images: compare means
         assert np.abs(numpy(sample, "albedo") - r["albedo"]).mean() < 0.06
@@ -228,8 +236,8 @@ def test_mid_intrinsics_from_exr(prepared):
 
 def test_the_manifest_records_what_was_written_and_the_numbers_used(prepared):
     for dataset, (raw, out, manifest) in prepared.items():
-        assert json.loads((out / P.MANIFEST).read_text()) == manifest
-        assert manifest["dataset"] == dataset and manifest["prepare_version"] == P.PREPARE_VERSION
+        assert json.loads((out / MANIFEST).read_text()) == manifest
+        assert manifest["dataset"] == dataset and manifest["prepare_version"] == PREPARE_VERSION
         assert manifest["release"]["repository"] == "astra-vision/StableMTL" and manifest["release"]["files"]
         assert manifest["frames"]["skipped"] == {} and manifest["deviations_from_release"]
         if dataset == "mid":  # no camera: no loader override, no stablemtl_dataset.json
@@ -238,9 +246,9 @@ def test_the_manifest_records_what_was_written_and_the_numbers_used(prepared):
             assert json.loads((out / sources.META_FILE).read_text())["geometry"] == manifest["geometry"]
     hypersim = prepared["hypersim"][2]["numbers"]
     assert (hypersim["percentile"], hypersim["brightness"], hypersim["depth_scale"]) == (90, 0.8, 1000.0)
-    assert P.HYPERSIM["focal"] == 886.81 and (P.HYPERSIM["width"], P.HYPERSIM["height"]) == (1024, 768)
-    assert (P.VKITTI["fx"], P.VKITTI["cx"], P.VKITTI["cy"]) == (725.0087, 620.5, 187.0)
-    assert (P.FT3D["focal"], P.FT3D["cx"], P.FT3D["cy"], P.FT3D["baseline"]) == (1050.0, 479.5, 269.5, 1.0)
+    assert HYPERSIM["focal"] == 886.81 and (HYPERSIM["width"], HYPERSIM["height"]) == (1024, 768)
+    assert (VKITTI["fx"], VKITTI["cx"], VKITTI["cy"]) == (725.0087, 620.5, 187.0)
+    assert (FT3D["focal"], FT3D["cx"], FT3D["cy"], FT3D["baseline"]) == (1050.0, 479.5, 269.5, 1.0)
 
 
 def test_a_hypersim_frame_without_geometry_is_skipped_and_counted(prepared, tmp_path):
@@ -249,7 +257,7 @@ def test_a_hypersim_frame_without_geometry_is_skipped_and_counted(prepared, tmp_
     F.write_hdf5(entity, np.full_like(F.read_hdf5(entity), -1))
     manifest = P.prepare("hypersim", raw, tmp_path / "out", workers=1, progress=False)
     assert manifest["frames"] == {"total": 4, "skipped": {"no valid pixel": 1}}
-    assert manifest["lists"][P.HYPERSIM_LIST_ALL] == 3 and manifest["written"]["rgb"] == 3
+    assert manifest["lists"][splits.HYPERSIM_LIST_ALL] == 3 and manifest["written"]["rgb"] == 3
     assert not list((tmp_path / "out/ai_001_002").glob("*_fr0001.*"))
 
 
@@ -261,7 +269,7 @@ def test_a_killed_preparation_resumes_to_identical_outputs(tmp_path, monkeypatch
     P.prepare("hypersim", raw, out, workers=1, progress=False)
     clean = snapshot(out)
     shutil.rmtree(out)
-    real, calls = P._hypersim_frame, []
+    real, calls = convert_hypersim.convert_frame, []
 
     def dies_after_two(job):
         if len(calls) == 2:
@@ -269,13 +277,13 @@ def test_a_killed_preparation_resumes_to_identical_outputs(tmp_path, monkeypatch
         calls.append(job["frame"])
         return real(job)
 
-    monkeypatch.setattr(P, "_hypersim_frame", dies_after_two)
+    monkeypatch.setattr(convert_hypersim, "convert_frame", dies_after_two)
     with pytest.raises(RuntimeError, match="killed"):
         P.prepare("hypersim", raw, out, workers=1, progress=False)
-    assert not (out / P.MANIFEST).exists()  # written last
+    assert not (out / MANIFEST).exists()  # written last
     assert len(list(out.glob("*/rgb_*.png"))) == 2
     calls.clear()
-    monkeypatch.setattr(P, "_hypersim_frame", lambda job: calls.append(job["frame"]) or real(job))
+    monkeypatch.setattr(convert_hypersim, "convert_frame", lambda job: calls.append(job["frame"]) or real(job))
     P.prepare("hypersim", raw, out, workers=1, progress=False)
     assert len(calls) == 2  # only the two frames the killed run did not finish
     assert snapshot(out) == clean
@@ -290,10 +298,10 @@ def test_a_killed_preparation_resumes_to_identical_outputs(tmp_path, monkeypatch
     assert calls == [0] and snapshot(out) == clean
     F.write_hdf5(color, F.read_hdf5(color))  # a later run killed: the earlier manifest does not survive it
     calls[:] = [0, 0]
-    monkeypatch.setattr(P, "_hypersim_frame", dies_after_two)
+    monkeypatch.setattr(convert_hypersim, "convert_frame", dies_after_two)
     with pytest.raises(RuntimeError, match="killed"):
         P.prepare("hypersim", raw, out, workers=1, progress=False)
-    assert not (out / P.MANIFEST).exists()
+    assert not (out / MANIFEST).exists()
 
 
 def test_parallel_workers_write_the_same_files(prepared, tmp_path):
@@ -302,7 +310,7 @@ def test_parallel_workers_write_the_same_files(prepared, tmp_path):
     parallel = P.prepare("flying_things_3d", raw, out, workers=2, progress=False)
     a, b = snapshot(serial), snapshot(out)
     assert a.keys() == b.keys()
-    assert {k: v for k, v in a.items() if k != P.MANIFEST} == {k: v for k, v in b.items() if k != P.MANIFEST}
+    assert {k: v for k, v in a.items() if k != MANIFEST} == {k: v for k, v in b.items() if k != MANIFEST}
     assert {**parallel, "out": None} == {**manifest, "out": None}
 
 
@@ -314,7 +322,7 @@ def test_a_wrong_raw_layout_names_the_first_missing_file_and_the_expected_tree(p
     with pytest.raises(DatasetLayoutError, match=r"(?s)missing .*ai_001_002/images/scene_cam_00_geometry_hdf5/"
                                                  r"frame\.0000\.normal_world\.hdf5\. Expected:.*_detail/cam_ZZ"):
         P.prepare("hypersim", copies["hypersim"], tmp_path / "o1", progress=False)
-    (copies["hypersim"] / P.HYPERSIM_SPLIT_CSV).unlink()
+    (copies["hypersim"] / splits.HYPERSIM_SPLIT_CSV).unlink()
     with pytest.raises(DatasetLayoutError, match=r"no metadata_images_split_scene_v1\.csv .*--split-csv"):
         P.prepare("hypersim", copies["hypersim"], tmp_path / "o1", progress=False)
     (copies["flying_things_3d"] / "train/disparity_change/left/into_future/0000002.pfm").unlink()
@@ -332,7 +340,7 @@ def test_a_wrong_raw_layout_names_the_first_missing_file_and_the_expected_tree(p
         P.prepare("flying_things_3d", tmp_path / "nowhere", tmp_path / "o5", progress=False)
     with pytest.raises(ValueError, match="unknown dataset 'hypersims'; valid: hypersim, vkitti"):
         P.prepare("hypersims", tmp_path, tmp_path / "o6")
-    assert not any((tmp_path / f"o{i}" / P.MANIFEST).exists() for i in range(1, 6))
+    assert not any((tmp_path / f"o{i}" / MANIFEST).exists() for i in range(1, 6))
 
 
 def _corrupt(path: Path, keep: int = 40) -> str:
@@ -371,7 +379,7 @@ def test_corrupt_raw_files_are_named(prepared, tmp_path):
 def mini_checked(tmp_path_factory):
     root = tmp_path_factory.mktemp("checked")
     specs = load_preset("smoke")["data"]
-    return {d: mini.write_mini_dataset(root, d, specs[d], workers=1, progress=False) for d in P.CHECKED}
+    return {d: mini.write_mini_dataset(root, d, specs[d], workers=1, progress=False) for d in CHECKED}
 
 
 def test_the_checks_pass_on_valid_trees_and_list_every_problem_at_once(mini_checked, tmp_path):
@@ -379,10 +387,10 @@ def test_the_checks_pass_on_valid_trees_and_list_every_problem_at_once(mini_chec
         tree = shutil.copytree(root, tmp_path / dataset)
         manifest = P.prepare(dataset, tree, tree, progress=False)
         assert manifest["action"] == "check" and manifest["details"]["samples"] >= 3
-        assert (tree / P.MANIFEST).is_file()
+        assert (tree / MANIFEST).is_file()
 
     def listed(dataset: str) -> list[list[str]]:
-        text = (tmp_path / dataset / "data_split" / P._CHECK_LISTS[dataset]).read_text()
+        text = (tmp_path / dataset / "data_split" / CHECK_LISTS[dataset]).read_text()
         return [line.split() for line in text.splitlines() if " None" not in line]
 
     city, kitti, flow, diode = listed("cityscapes"), listed("kitti_depth"), listed("kitti_flow"), listed("diode")
@@ -438,7 +446,7 @@ def test_the_prepare_command(prepared, tmp_path, monkeypatch, capsys):
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "mid: 4 frame(s) prepared" in printed and "data_split/test.txt: 4 line(s)" in printed
-    assert (tmp_path / "pre/mid_intrinsics" / P.MANIFEST).is_file()
+    assert (tmp_path / "pre/mid_intrinsics" / MANIFEST).is_file()
     args = parser.parse_args(["prepare", "hypersim", "--raw", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert args.func(args) == 2 and "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -11,7 +11,7 @@ import torch
 
 from stablemtl.model import base as B
 from stablemtl.model import prior as P
-from stablemtl.paths import context
+from stablemtl.stages import context
 from stablemtl.presets import load_preset
 
 
@@ -110,13 +110,13 @@ def test_seeds_and_their_folders():
         study.seeds(0)
 
 
-def test_stage_jobs_train_each_seed_the_ablation_and_one_baseline_per_task():
+def test_training_jobs_train_each_seed_the_ablation_and_one_baseline_per_task():
     from stablemtl.tasks import TASK_NAMES
-    from stablemtl.train import stage_jobs, train_config
+    from stablemtl.stages import train_config, training_jobs
 
     study = context("demo")
-    assert [n for n, _ in stage_jobs(study, "single_stream")] == ["single_stream", "single_stream_random"]
-    jobs = stage_jobs(study, "single_stream", seeds=2, single_task=True)
+    assert [n for n, _ in training_jobs(study, "single_stream")] == ["single_stream", "single_stream_random"]
+    jobs = training_jobs(study, "single_stream", seeds=2, single_task=True)
     names = [(name, o["seed"]) for name, o in jobs]
     assert names[:4] == [("single_stream", 2024), ("single_stream_random", 2024), ("single_stream", 2025),
                          ("single_stream_random", 2025)]
@@ -128,11 +128,11 @@ def test_stage_jobs_train_each_seed_the_ablation_and_one_baseline_per_task():
     assert dict(jobs)["single_stream_random"]["unet_init"] == "random"
     config = train_config(study, "single_stream_random", **dict(jobs[3][1]))
     assert config.output_dir == str(study.output_dir / "seed2025" / "single_stream_random")
-    multi = stage_jobs(study, "multi_stream", seeds=2)
+    multi = training_jobs(study, "multi_stream", seeds=2)
     assert [(n, o["seed"]) for n, o in multi] == [("multi_stream", 2024), ("multi_stream", 2025)]
     assert train_config(study, "multi_stream", **multi[1][1]).init == str(study.model_dir("single_stream", 2025))
     # with tasks given, the baselines are those tasks' only
-    assert [n for n, _ in stage_jobs(study, "single_stream", single_task=True, random_init=False, tasks=["depth"])] == [
+    assert [n for n, _ in training_jobs(study, "single_stream", single_task=True, random_init=False, tasks=["depth"])] == [
         "single_stream", "single_task_depth"]
 
 
@@ -141,7 +141,8 @@ def test_a_random_init_single_stream_has_the_same_architecture_and_no_prior(tiny
 
     from stablemtl.data import mini
     from stablemtl.model.streams import SingleStream
-    from stablemtl.train import Trainer, TrainConfig
+    from stablemtl.train import Trainer
+    from stablemtl.train_config import TrainConfig
 
     mini.write_mini_datasets(tmp_path / "data", "smoke", workers=1, progress=False)
     shutil.copytree(tiny_base_dir, tmp_path / "base")
@@ -163,7 +164,7 @@ def test_a_random_init_single_stream_has_the_same_architecture_and_no_prior(tiny
 def test_stage_05_drops_the_rows_of_seeds_the_run_no_longer_has(tmp_path):
     import csv
 
-    from stablemtl.evaluate import METRIC_FIELDS, SAMPLE_FIELDS, _CsvRows, drop_stale_rows, edited_results
+    from stablemtl.results import METRIC_FIELDS, SAMPLE_FIELDS, CsvRows, drop_stale_rows, edited_results
 
     def row(model, seed, run="demo"):
         return {"run": run, "model": model, "seed": seed, "benchmark": "kitti_depth", "dataset": "kitti_depth",
@@ -171,8 +172,8 @@ def test_stage_05_drops_the_rows_of_seeds_the_run_no_longer_has(tmp_path):
 
     rows = [row("trivial", ""), row("single_stream", ""), row("single_stream", "2024"), row("single_stream", "2025"),
             row("multi_stream", "2025"), row("single_stream", "2025", run="other")]
-    _CsvRows(tmp_path / "metrics.csv", METRIC_FIELDS).write(rows)
-    _CsvRows(tmp_path / "per_sample.csv", SAMPLE_FIELDS).write([])
+    CsvRows(tmp_path / "metrics.csv", METRIC_FIELDS).write(rows)
+    CsvRows(tmp_path / "per_sample.csv", SAMPLE_FIELDS).write([])
     notes = []
     removed = drop_stale_rows(tmp_path, "demo", {"trivial": {""}, "single_stream": {"2024"}}, log=notes.append)
     assert removed == 2 and "single_stream (seed 2025), single_stream (seed none)" in notes[0]

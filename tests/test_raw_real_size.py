@@ -13,8 +13,13 @@ import pytest
 
 from stablemtl.data import prepare as P
 from stablemtl.data import raw as R
-from stablemtl.data import formats, sources, synthetic, transforms
-from stablemtl.data.sources import DatasetLayoutError
+from stablemtl.data import annotations, sources, synthetic, transforms
+from stablemtl.data.convert.common import MANIFEST, RAW_META
+from stablemtl.data.convert.flying_things_3d import FT3D
+from stablemtl.data.convert.hypersim import HYPERSIM
+from stablemtl.data.convert.vkitti import VKITTI
+from stablemtl.data.formats import DatasetLayoutError
+from stablemtl.data.layout import CHECK_LISTS, CHECKED
 
 
 def numpy(sample, key):
@@ -24,7 +29,7 @@ def numpy(sample, key):
 
 def truth(raw, sample_id: str) -> dict:
     """The world's ground truth of a sample, rendered again from the raw tree's record."""
-    return synthetic.render_sample(**json.loads((raw / P.RAW_META).read_text())["samples"][sample_id]["render"])
+    return synthetic.render_sample(**json.loads((raw / RAW_META).read_text())["samples"][sample_id]["render"])
 
 
 def angle(a, b):
@@ -92,11 +97,11 @@ def test_render_scale_must_be_a_whole_number_of_pixels(tmp_path):
 
 def test_the_raw_metadata_records_the_render_scale(tmp_path):
     raw = R.write_raw_miniature("kitti_flow", tmp_path / "raw", count=1, render_scale=2)
-    meta = json.loads((raw / P.RAW_META).read_text())
+    meta = json.loads((raw / RAW_META).read_text())
     assert meta["render_scale"] == 2 and meta["camera"] == "world"
     [(sample_id, info)] = meta["samples"].items()
     assert info["render"]["render_scale"] == 2  # the sample rendered again is the one written
-    flow, valid = formats.read_kitti_flow(raw / sample_id)
+    flow, valid = annotations.read_kitti_flow(raw / sample_id)
     assert valid.mean() > 0.5 and np.abs(flow - truth(raw, sample_id)["optical_flow"])[valid].max() <= 1 / 64 + 1e-6
 
 
@@ -107,7 +112,7 @@ def checked(tmp_path_factory):
     """The four evaluation datasets' raw miniatures, checked by ``prepare`` into linked outputs."""
     base = tmp_path_factory.mktemp("checked")
     out = {}
-    for dataset in P.CHECKED:
+    for dataset in CHECKED:
         raw = R.write_raw_miniature(dataset, base / "raw" / dataset)
         eigen = raw / "eigen_test_files_with_gt.txt" if dataset == "kitti_depth" else None
         manifest = P.prepare(dataset, raw, base / "out" / dataset, progress=False, eigen_list=eigen)
@@ -125,7 +130,7 @@ def test_the_evaluation_layouts_are_the_downloads(checked):
     for dataset, (raw, out, manifest) in checked.items():
         assert out.is_symlink() and out.resolve() == raw.resolve()  # nothing converted: linked
         assert manifest["action"] == "check" and manifest["details"]["samples"] == R.DEFAULTS[dataset][0]
-        listed = manifest["lists"][P._CHECK_LISTS[dataset]]  # no list in the download: built by prepare
+        listed = manifest["lists"][CHECK_LISTS[dataset]]  # no list in the download: built by prepare
         assert listed == R.DEFAULTS[dataset][0] + (dataset == "kitti_depth")  # + the Eigen list's None line
     assert (checked["kitti_flow"][0] / "training/calib_cam_to_cam/000000.txt").is_file()
     assert {p.name for p in checked["diode"][0].iterdir()} >= {"indoors", "outdoor"}
@@ -151,7 +156,7 @@ def test_kitti_depth_takes_the_official_style_eigen_list(checked, tmp_path):
         r = truth(raw, sample["id"])
         valid = numpy(sample, "depth_valid")
         assert numpy(sample, "depth").shape == (ch, cw) and 0.1 < valid.mean() < 0.5
-        assert not valid[~sources.eigen_crop_mask(h, w, (ch, cw))].any()
+        assert not valid[~transforms.eigen_crop_mask(h, w, (ch, cw))].any()
         gt = r["depth"][top:top + ch, left:left + cw]
         np.testing.assert_allclose(numpy(sample, "depth")[valid], gt[valid], atol=1 / 256)
         assert sample["K"][0, 0].item() == pytest.approx(r["K"][0, 0], abs=1e-4)  # the list's focal
@@ -195,9 +200,9 @@ def test_kitti_flow_cityscapes_and_diode_read_back_as_the_world(checked):
 
 def test_the_real_sizes_are_the_kits_cameras_and_crops():
     sizes = R.REAL_SIZES
-    assert sources.Hypersim.geometry["size"] == list(sizes["hypersim"]) == [P.HYPERSIM["height"], P.HYPERSIM["width"]]
-    for dataset, numbers in (("vkitti", (P.VKITTI["cx"], P.VKITTI["cy"])),
-                             ("flying_things_3d", (P.FT3D["cx"], P.FT3D["cy"]))):
+    assert sources.Hypersim.geometry["size"] == list(sizes["hypersim"]) == [HYPERSIM["height"], HYPERSIM["width"]]
+    for dataset, numbers in (("vkitti", (VKITTI["cx"], VKITTI["cy"])),
+                             ("flying_things_3d", (FT3D["cx"], FT3D["cy"]))):
         h, w = sizes[dataset]
         assert numbers == ((w - 1) / 2, (h - 1) / 2), dataset  # principal point at the image centre
         K = R.real_camera(dataset)
@@ -206,8 +211,8 @@ def test_the_real_sizes_are_the_kits_cameras_and_crops():
     assert sizes["kitti_flow"] == (h, w)
     for cls in (sources.KittiDepth, sources.KittiFlow):
         crop = tuple(cls.geometry["kb_crop"])
-        assert crop == R.KB_CROP == (352, 1216) and transforms.kb_crop(h, w, crop) == (23, 13)
-    assert sources.eigen_crop_mask(h, w).shape == (352, 1216)
+        assert crop == transforms.KB_CROP == (352, 1216) and transforms.kb_crop(h, w, crop) == (23, 13)
+    assert transforms.eigen_crop_mask(h, w).shape == (352, 1216)
     assert transforms.center_crop(*sizes["flying_things_3d"], sources.FlyingThings3D.geometry["crop"]) == (2, 0)
     ch, cw = sources.VirtualKITTI2.geometry["train_crop"]
     assert ch <= sizes["vkitti"][0] and cw <= sizes["vkitti"][1]
@@ -223,17 +228,17 @@ def test_a_real_size_raw_tree_needs_no_geometry_override(tmp_path):
     sizes = R.REAL_SIZES
     for dataset in ("vkitti", "flying_things_3d", "kitti_depth", "kitti_flow"):
         raw = R.write_raw_miniature(dataset, tmp_path / "raw" / dataset, count=1, size=sizes[dataset], render_scale=8)
-        meta = json.loads((raw / P.RAW_META).read_text())
+        meta = json.loads((raw / RAW_META).read_text())
         assert meta["geometry"] == {} and meta["camera"] == ("world" if dataset.startswith("kitti") else "real")
         eigen = raw / "eigen_test_files_with_gt.txt" if dataset == "kitti_depth" else None
         manifest = P.prepare(dataset, raw, tmp_path / "out" / dataset, progress=False, workers=1, eigen_list=eigen)
         assert manifest["geometry"] is None and not (tmp_path / "out" / dataset / sources.META_FILE).exists()
     out = tmp_path / "out"
-    assert json.loads((out / "vkitti" / P.MANIFEST).read_text())["numbers"]["fx"] == P.VKITTI["fx"]  # the release's
+    assert json.loads((out / "vkitti" / MANIFEST).read_text())["numbers"]["fx"] == VKITTI["fx"]  # the release's
     assert sources.KittiDepth(out / "kitti_depth")[0]["rgb"].shape == (3, 352, 1216)
     assert sources.KittiFlow(out / "kitti_flow")[0]["scene_flow"].shape == (3, 352, 1216)
     sample = sources.FlyingThings3D(out / "flying_things_3d")[0]
-    assert sample["rgb"].shape == (3, 536, 960) and sample["K"][1, 2].item() == P.FT3D["cy"] - 2
+    assert sample["rgb"].shape == (3, 536, 960) and sample["K"][1, 2].item() == FT3D["cy"] - 2
     crop = sources.VirtualKITTI2(out / "vkitti", tasks=["optical_flow"], augment=True)[0]
     assert crop["rgb"].shape == (3, 256, 1024) and crop["crop"] is not None
     sample = sources.VirtualKITTI2(out / "vkitti", tasks=["normal"])[0]

@@ -8,8 +8,9 @@ import pytest
 
 from stablemtl import cli
 from stablemtl.data import formats
-from stablemtl.evaluate import BENCHMARKS
-from stablemtl.rehearse import REPORT_JSON, REPORT_MD, Rehearsal, RehearsalError, format_report
+from stablemtl.benchmarks import BENCHMARKS
+from stablemtl.rehearse import REPORT_JSON, REPORT_MD, Rehearsal, RehearsalError
+from stablemtl.rehearse_report import format_report
 
 STEPS = ["raw data", "prepare", "base", "01_prepare_data", "02_build_model", "03_train_single_stream",
          "04_train_multi_stream", "05_evaluate", "06_results", "predict single_stream", "predict multi_stream"]

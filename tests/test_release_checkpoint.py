@@ -10,8 +10,8 @@ import yaml
 
 from stablemtl.model import release as R
 from stablemtl.model import streams as S
-from stablemtl.model.base import SD2_CONFIGS
-from stablemtl.model.pipeline import StableMTLPipeline
+from stablemtl.model.pipeline import StableMTLPipeline, read_model_index
+from stablemtl.model.sd2 import SD2_CONFIGS
 
 RELEASE_ORDER = ["normal", "depth", "semantic", "optical_flow", "scene_flow", "albedo", "shading"]  # multi config
 BLOCKS_2D = {v: k for k, v in R.BLOCKS_3D.items()}
@@ -130,7 +130,7 @@ def test_a_folder_that_is_not_a_release_run_says_what_is_wrong(models, tiny_base
     assert args.func(args) == 2
     args = parser.parse_args(["convert-release", str(run), str(tmp_path / "cli"), "--base", str(tiny_base_dir),
                               "--child", str(tmp_path / "child.pth")])
-    assert args.func(args) == 0 and S.checkpoint_layout(tmp_path / "cli") == "pipeline"
+    assert args.func(args) == 0 and read_model_index(tmp_path / "cli")["kind"] == "multi_stream"
 
 
 # the release's UNets at the SD2 config (every key and shape, built by the release's own code):

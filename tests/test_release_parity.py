@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from stablemtl import evaluate as E
+from stablemtl.results import read_metrics
 from stablemtl import metrics, options
 from stablemtl import train as T
+from stablemtl.data import annotations as A
 from stablemtl.data import formats as F
-from stablemtl.data import sources
+from stablemtl.data import sources, transforms
 from stablemtl.tasks import get_task
 
 KITTI_P = np.array([[721.5377, 0, 609.5593, 44.85728], [0, 721.5377, 172.854, 0.2163791], [0, 0, 1, 0.002745884]])
@@ -31,7 +33,7 @@ def _hypersim(root, depth, normal=None, lists=None):
     h, w = depth.shape
     name = lambda kind, ext: f"ai_001_001/{kind}_cam_00_fr0000.{ext}"  # noqa: E731
     F.write_rgb(root / name("rgb", "png"), np.full((h, w, 3), 128, np.uint8))
-    F.write_hypersim_depth(root / name("depth_plane", "png"), depth)
+    A.write_hypersim_depth(root / name("depth_plane", "png"), depth)
     normal = np.zeros((h, w, 3), np.float32) + np.float32([0, 0, 1]) if normal is None else normal
     F.write_npy(root / name("normal_cam", "npy"), normal.astype(np.float32))
     F.write_rgb(root / name("normal_cam", "png"), np.zeros((h, w, 3), np.uint8))
@@ -53,13 +55,13 @@ def _vkitti(root, h=375, w=1242, flow=None, flow_valid=None, scene_flow=None, de
         F.write_rgb(root / path("rgb", "rgb", "jpg", n), g.integers(40, 220, (h, w, 3), dtype=np.uint8))
     lists = {}
     if flow is not None:
-        F.write_vkitti_flow(root / path("forwardFlow", "flow", "png"), flow, flow_valid)
+        A.write_vkitti_flow(root / path("forwardFlow", "flow", "png"), flow, flow_valid)
         lists["optical_flow"] = path("forwardFlow", "flow", "png")
     if scene_flow is not None:
-        F.write_vkitti_scene_flow(root / path("forwardSceneFlow", "sceneFlow", "png"), scene_flow)
+        A.write_vkitti_scene_flow(root / path("forwardSceneFlow", "sceneFlow", "png"), scene_flow)
         lists["scene_flow"] = path("forwardSceneFlow", "sceneFlow", "png")
     if depth is not None:
-        F.write_vkitti_depth(root / path("depth", "depth", "png"), depth)
+        A.write_vkitti_depth(root / path("depth", "depth", "png"), depth)
         lists["depth"] = path("depth", "depth", "png")
     for task, line in lists.items():
         _lines(root, f"vkitti_{task}_train.txt", [line])
@@ -75,10 +77,10 @@ def _kitti_flow(root, h=375, w=1242):
     g = np.random.default_rng(1)
     for frame in ("10", "11"):
         F.write_rgb(t / f"image_2/000000_{frame}.png", g.integers(0, 255, (h, w, 3), dtype=np.uint8))
-    F.write_kitti_flow(t / "flow_occ/000000_10.png", flow, valid)
-    F.write_kitti_disparity(t / "disp_occ_0/000000_10.png", np.full((h, w), 10.0))
-    F.write_kitti_disparity(t / "disp_occ_1/000000_10.png", np.full((h, w), 8.0))
-    F.write_kitti_calib(t / "calib_cam_to_cam/000000.txt", {"P_rect_02": KITTI_P})
+    A.write_kitti_flow(t / "flow_occ/000000_10.png", flow, valid)
+    A.write_kitti_disparity(t / "disp_occ_0/000000_10.png", np.full((h, w), 10.0))
+    A.write_kitti_disparity(t / "disp_occ_1/000000_10.png", np.full((h, w), 8.0))
+    A.write_kitti_calib(t / "calib_cam_to_cam/000000.txt", {"P_rect_02": KITTI_P})
     _lines(root, "training.txt", ["training/flow_occ/000000_10.png"])
     return flow, valid
 
@@ -86,8 +88,8 @@ def _kitti_flow(root, h=375, w=1242):
 def _diode(root, stored_normal, h=8, w=8):
     stem = "indoors/scene_00019/scan_00183/00019_00183_indoors_000_010"
     F.write_rgb(root / f"{stem}.png", np.full((h, w, 3), 90, np.uint8))
-    F.write_diode_depth(root / f"{stem}_depth.npy", np.full((h, w), 3.0))
-    F.write_diode_mask(root / f"{stem}_depth_mask.npy", np.ones((h, w), bool))
+    A.write_diode_depth(root / f"{stem}_depth.npy", np.full((h, w), 3.0))
+    A.write_diode_mask(root / f"{stem}_depth_mask.npy", np.ones((h, w), bool))
     F.write_npy(root / f"{stem}_normal.npy", np.broadcast_to(np.float32(stored_normal), (h, w, 3)).copy())
     _lines(root, "diode_val_all_filename_list.txt", [f"{stem}.png {stem}_depth.npy {stem}_depth_mask.npy"])
     return root
@@ -107,7 +109,7 @@ def test_1_depth_and_shading_decode_average_then_clip(task):
 # ----------------------------------------------------------------------------- 2. the Eigen window
 
 def test_2_eigen_window_is_built_on_the_full_image_then_cropped():
-    mask = sources.eigen_crop_mask(375, 1242)
+    mask = transforms.eigen_crop_mask(375, 1242)
     assert mask.shape == (352, 1216) and mask.dtype == bool
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     assert (rows[0], rows[-1], cols[0], cols[-1]) == (101, 318, 31, 1183)
@@ -119,11 +121,11 @@ def test_2_kitti_depth_loader_uses_the_release_window(tmp_path):
     rgb = "2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000069.png"
     gt = "2011_09_26_drive_0002_sync/proj_depth/groundtruth/image_02/0000000069.png"
     F.write_rgb(tmp_path / rgb, np.full((375, 1242, 3), 100, np.uint8))
-    F.write_kitti_depth(tmp_path / gt, np.full((375, 1242), 20.0))
+    A.write_kitti_depth(tmp_path / gt, np.full((375, 1242), 20.0))
     _lines(tmp_path, "eigen_test_files_with_gt.txt", [f"{rgb} {gt} 721.5377"])
     sample = sources.KittiDepth(tmp_path, "test")[0]
     assert sample["depth"].shape == (1, 352, 1216)
-    np.testing.assert_array_equal(sample["depth_valid"][0].numpy(), sources.eigen_crop_mask(375, 1242))
+    np.testing.assert_array_equal(sample["depth_valid"][0].numpy(), transforms.eigen_crop_mask(375, 1242))
 
 
 # ----------------------------------------------------------------------------- 3. learning-rate warm-up
@@ -221,7 +223,7 @@ def test_7_cityscapes_at_256x512_samples_full_resolution_pixel_4i_plus_3(tmp_pat
     labels = np.where((rows % 4 == 3) & (cols % 4 == 3), 7, 11)  # road exactly at (4i + 3, 4j + 3)
     image = "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png"
     F.write_rgb(tmp_path / image, rgb)
-    F.write_cityscapes_label_ids(tmp_path / sources.Cityscapes.label_path(image), labels)
+    A.write_cityscapes_label_ids(tmp_path / sources.Cityscapes.label_path(image), labels)
     _lines(tmp_path, "cityscapes_val_full.txt", [image])
     sample = sources.Cityscapes(tmp_path, resolution=(256, 512))[0]
     assert (sample["semantic"] == 0).all()  # every sampled label is a road pixel
@@ -255,7 +257,7 @@ def test_8_kitti_flow_is_scored_at_176x608_against_ground_truth_at_native_pixels
         stored_flow = np.where(valid[..., None], flow, 0.0).astype(np.float32)  # invalid pixels read as 0
         np.testing.assert_array_equal(stored["gt"], crop(stored_flow)[1::2, 1::2])
         np.testing.assert_array_equal(stored["valid"], crop(valid)[1::2, 1::2])
-    rows = E.read_metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     (epe,) = [float(r["value"]) for r in rows if r["benchmark"] == "kitti_flow" and r["metric"] == "epe"]
     assert epe == pytest.approx(0.0, abs=1e-6)
     E.evaluate(_oracle, ["kitti_flow"], tmp_path / "native", data, model_name="oracle", progress=False,
@@ -295,7 +297,7 @@ def test_10_flyingthings3d_scene_flow_is_splatted_with_the_crop_offset(tmp_path)
     (tmp_path / sources.META_FILE).write_text(json.dumps(meta))
     for n in (0, 1):
         F.write_rgb(tmp_path / f"train/image_clean/{n:07d}.png", np.zeros((h, w, 3), np.uint8))
-    F.write_kitti_flow(tmp_path / "train/flow_2d/0000000.png", np.zeros((h, w, 2)), np.ones((h, w), bool))
+    A.write_kitti_flow(tmp_path / "train/flow_2d/0000000.png", np.zeros((h, w, 2)), np.ones((h, w), bool))
     pc1 = np.array([[0.0, 0.0, 2.0]], np.float32)  # projects onto native pixel (row 5.5 -> 6, col 3.5 -> 4)
     F.write_npz(tmp_path / "train/pc/0000000.npz", pc1=pc1)
     F.write_npy(tmp_path / "train/flow_3d/0000000.npy", np.array([[0.1, 0.2, 0.3]], np.float32))
@@ -372,11 +374,11 @@ def test_13_a_depth_only_list_serves_depth_and_a_wrong_column_count_is_named(tmp
 # ----------------------------------------------------------------------------- 14. KITTI flow PNGs
 
 def test_14_kitti_flow_png_stores_invalid_pixels_as_zero_flow(tmp_path):
-    path = F.write_kitti_flow(tmp_path / "f.png", np.array([[[1.0, -2.0], [300.0, 5.0]]]), np.array([[True, False]]))
+    path = A.write_kitti_flow(tmp_path / "f.png", np.array([[[1.0, -2.0], [300.0, 5.0]]]), np.array([[True, False]]))
     bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # as the release reads it
     assert bgr[0, 0].tolist() == [1, 32768 - 128, 32768 + 64]  # B = valid, G = v, R = u
     assert bgr[0, 1].tolist() == [0, 32768, 32768]
-    flow, valid = F.read_kitti_flow(path)
+    flow, valid = A.read_kitti_flow(path)
     assert flow[0, 1].tolist() == [0.0, 0.0] and valid.tolist() == [[True, False]]
 
 

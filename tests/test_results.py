@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stablemtl.evaluate import HASH_FILE, MODELS
+from stablemtl.paths import METRICS_FILE, MODELS
 from stablemtl.report import format_target_check, target_check, write_report
+from stablemtl.results import HASH_FILE
 
 DEMO = Path(__file__).resolve().parents[1] / "results" / "demo"
 
@@ -19,9 +20,9 @@ DEMO = Path(__file__).resolve().parents[1] / "results" / "demo"
 def regenerate(demo: Path, folder: Path) -> dict[str, Path]:
     """The tables and ``summary.md`` of the results folder ``demo`` made anew in ``folder`` from its
     ``metrics.csv`` (and the hashes evaluate recorded), under the heading of its ``summary.md``; no figures."""
-    if not (demo / "metrics.csv").is_file():
-        pytest.fail(f"{demo}/metrics.csv is missing: the demo run's results are committed (stablemtl run)")
-    for name in ("metrics.csv", HASH_FILE):
+    if not (demo / METRICS_FILE).is_file():
+        pytest.fail(f"{demo}/{METRICS_FILE} is missing: the demo run's results are committed (stablemtl run)")
+    for name in (METRICS_FILE, HASH_FILE):
         if (demo / name).is_file():
             shutil.copy(demo / name, folder / name)
     title = (demo / "summary.md").read_text().splitlines()[0].removeprefix("# ")
@@ -38,7 +39,7 @@ def test_committed_demo_tables_regenerate_byte_for_byte(tmp_path):
 
 
 def test_committed_summary_follows_from_the_csv_and_the_readme_quotes_it():
-    with open(DEMO / "metrics.csv", newline="") as f:
+    with open(DEMO / METRICS_FILE, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["run"] == "demo"]
     table, passed = target_check(rows)
     text = format_target_check(table, passed)

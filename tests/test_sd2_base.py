@@ -13,7 +13,9 @@ import torch
 
 from stablemtl.guard import InputError
 from stablemtl.model import base as B
+from stablemtl.model import sd2 as D
 from stablemtl.model import streams as S
+from stablemtl.model.fingerprint import weights_fingerprint
 from stablemtl.tasks import TASK_NAMES, get_task
 
 WIDTH = 0.1
@@ -44,18 +46,18 @@ def clip_reference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert "clip" not in sys.modules
-    return module, module.SimpleTokenizer(str(B.clip_bpe_path()))
+    return module, module.SimpleTokenizer(str(D.clip_bpe_path()))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return B.sd2_tokenizer()
+    return D.sd2_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """A random SD2 base at width 0.1 (seed 5), loaded."""
-    folder = B.write_sd2_base(tmp_path_factory.mktemp("sd2") / "base", width=WIDTH, seed=5, progress=False)
+    folder = D.write_sd2_base(tmp_path_factory.mktemp("sd2") / "base", width=WIDTH, seed=5, progress=False)
     return folder, B.load_base(folder)
 
 
@@ -75,14 +77,14 @@ def test_tokenizer_gives_the_ids_of_clips_own_tokenizer(tokenizer, clip_referenc
 
 
 def test_tokenizer_settings_and_files(tokenizer, tmp_path):
-    assert len(tokenizer) == B.SD2_VOCAB_SIZE == 49408
+    assert len(tokenizer) == D.SD2_VOCAB_SIZE == 49408
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("!", 0)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token) == (49406, 49407, "<|endoftext|>")
     assert tokenizer.model_max_length == 77
     # CLIP's order: the bytes that stand for themselves ("!" .. "ÿ"), the other 68 bytes (from "Ā"), the same
     # with "</w>", then the merges ("i n" first)
     assert tokenizer.convert_ids_to_tokens([0, 187, 188, 256, 512]) == ["!", "ÿ", "Ā", "!</w>", "in"]
-    folder = B.write_sd2_tokenizer(tmp_path / "tokenizer")
+    folder = D.write_sd2_tokenizer(tmp_path / "tokenizer")
     assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "special_tokens_map.json",
                                                         "tokenizer_config.json", "vocab.json"]
     merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
@@ -102,19 +104,19 @@ def test_missing_or_foreign_clip_package_is_named_with_the_fix(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "clip" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"openai-clip.*\./setup\.sh"):
-        B.sd2_tokenizer()
+        D.sd2_tokenizer()
     monkeypatch.undo()
-    monkeypatch.setattr(B, "CLIP_BPE_SHA256", "0" * 64)
+    monkeypatch.setattr(D, "CLIP_BPE_SHA256", "0" * 64)
     with pytest.raises(B.BaseModelError, match=r"bpe_simple_vocab_16e6\.txt\.gz: SHA-256 .* expected 0000"):
-        B.clip_bpe_path()
+        D.clip_bpe_path()
 
 
 def test_configs_scale_with_width_and_keep_sd2_at_1():
-    assert B.sd2_configs(1.0) == B.SD2_CONFIGS and B.sd2_configs(1) == B.SD2_CONFIGS
-    assert B.sd2_configs() is not B.SD2_CONFIGS  # a copy
-    sd2 = B.SD2_CONFIGS
+    assert D.sd2_configs(1.0) == D.SD2_CONFIGS and D.sd2_configs(1) == D.SD2_CONFIGS
+    assert D.sd2_configs() is not D.SD2_CONFIGS  # a copy
+    sd2 = D.SD2_CONFIGS
     for width in (0.02, 0.1, 0.3, 0.5, 0.75, 1.5):
-        c = B.sd2_configs(width)
+        c = D.sd2_configs(width)
         unet, vae, text = c["unet"], c["vae"], c["text_encoder"]
         for key in ("layers_per_block", "down_block_types", "up_block_types", "sample_size", "in_channels"):
             assert unet[key] == sd2["unet"][key]
@@ -126,12 +128,12 @@ def test_configs_scale_with_width_and_keep_sd2_at_1():
         assert text["hidden_size"] == unet["cross_attention_dim"] and text["hidden_size"] % 64 == 0
         assert text["hidden_size"] // text["num_attention_heads"] == 64
         assert list(unet["block_out_channels"]) == sorted(unet["block_out_channels"])
-    assert B.sd2_configs(0.5)["unet"]["block_out_channels"] == (192, 320, 640, 640)
+    assert D.sd2_configs(0.5)["unet"]["block_out_channels"] == (192, 320, 640, 640)
     for bad in (0, -0.5, float("nan"), float("inf"), "0.5", None, True):
         with pytest.raises(ValueError, match=f"width {bad!r}"):
-            B.sd2_configs(bad)
+            D.sd2_configs(bad)
         with pytest.raises(ValueError, match="width"):
-            B.write_sd2_base("/nonexistent/never-written", width=bad)
+            D.write_sd2_base("/nonexistent/never-written", width=bad)
 
 
 def test_written_base_loads_with_the_sd2_classes_and_scaled_configs(written):
@@ -148,7 +150,7 @@ def test_written_base_loads_with_the_sd2_classes_and_scaled_configs(written):
     for part, cls in [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
                       ("tokenizer", CLIPTokenizer), ("scheduler", DDIMScheduler)]:
         assert type(getattr(base, part)) is cls, part
-    configs = B.sd2_configs(WIDTH)
+    configs = D.sd2_configs(WIDTH)
     for part in ("unet", "vae"):
         loaded = getattr(base, part).config
         for key, value in configs[part].items():
@@ -174,33 +176,33 @@ def test_written_base_loads_with_the_sd2_classes_and_scaled_configs(written):
 
 def test_writing_is_seeded_atomic_and_refuses_foreign_folders(written, tmp_path):
     folder, _ = written
-    again = B.write_sd2_base(tmp_path / "again", width=WIDTH, seed=5, progress=False)
-    assert B.weights_fingerprint(again) == B.weights_fingerprint(folder)
+    again = D.write_sd2_base(tmp_path / "again", width=WIDTH, seed=5, progress=False)
+    assert weights_fingerprint(again) == weights_fingerprint(folder)
     state = torch.random.get_rng_state()
-    B.write_sd2_base(again, width=WIDTH, seed=6, progress=False)  # the kit's folder: replaced
+    D.write_sd2_base(again, width=WIDTH, seed=6, progress=False)  # the kit's folder: replaced
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
-    assert B.weights_fingerprint(again) != B.weights_fingerprint(folder)
+    assert weights_fingerprint(again) != weights_fingerprint(folder)
     assert json.loads((again / B.RANDOM_BASE_FILE).read_text())["seed"] == 6
     assert not (tmp_path / ".again.partial").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not written by stablemtl"):
-        B.write_sd2_base(foreign, width=WIDTH, progress=False)
+        D.write_sd2_base(foreign, width=WIDTH, progress=False)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 
 def test_parameter_counts_from_configs_equal_the_instantiated_modules(written):
     _, base = written
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    counts = B.count_parameters(WIDTH, query_hidden=64)
+    counts = D.count_parameters(WIDTH, query_hidden=64)
     single = S.SingleStream.from_base(base)
     multi = S.MultiStream.from_single_stream(single, query_hidden=64, heads=4)
     assert counts == {"unet": count(base.unet), "unet_widened": count(single.unet), "vae": count(base.vae),
                       "text_encoder": count(base.text_encoder), "task_attention": count(multi.task_attention)}
     assert count(multi.unet) + count(multi.task_attention) == sum(p.numel() for p in multi.trainable_parameters())
     # at SD2's width: the numbers tests/test_model.py checks on the instantiated UNet and task attention
-    full = B.count_parameters(1.0)
+    full = D.count_parameters(1.0)
     assert full["unet"] == 865_910_724 and full["unet_widened"] == 865_910_724 + 8 * 320 * 9
     assert full["task_attention"] == 390_528_320
     assert (full["vae"], full["text_encoder"]) == (83_653_863, 340_387_840)

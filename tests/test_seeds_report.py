@@ -8,10 +8,13 @@ import math
 
 import pytest
 
-from stablemtl import evaluate as E
+from stablemtl import comparisons as C
+from stablemtl import evaluate
 from stablemtl import report as R
+from stablemtl import results
+from stablemtl.benchmarks import BENCHMARKS
 
-HEAD = dict(R.DELTA_M_METRICS)  # benchmark -> headline metric
+HEAD = dict(C.DELTA_M_METRICS)  # benchmark -> headline metric
 # the trivial row and the VAE ceiling of each benchmark: a model at fraction q of the way has gap closed q
 TRIVIAL = {b: 0.1 if m == "miou" else 60.0 if b == "diode_normal" else 1.0 for b, m in HEAD.items()}
 CEILING = {b: 0.9 if m == "miou" else 10.0 if b == "diode_normal" else 0.2 for b, m in HEAD.items()}
@@ -19,8 +22,8 @@ CEILING = {b: 0.9 if m == "miou" else 10.0 if b == "diode_normal" else 0.2 for b
 
 def rows_of(model: str, seed: str, values: dict, run: str = "demo") -> list[dict]:
     """metrics.csv rows of ``model`` and ``seed``: ``{benchmark: value}`` of the headline metrics."""
-    return [{"run": run, "model": model, "seed": seed, "benchmark": b, "dataset": E.BENCHMARKS[b].dataset,
-             "task": E.BENCHMARKS[b].task, "metric": HEAD[b], "value": repr(float(v)),
+    return [{"run": run, "model": model, "seed": seed, "benchmark": b, "dataset": BENCHMARKS[b].dataset,
+             "task": BENCHMARKS[b].task, "metric": HEAD[b], "value": repr(float(v)),
              "higher_is_better": str(HEAD[b] == "miou"), "n_images": "4"} for b, v in values.items()]
 
 
@@ -44,33 +47,34 @@ def world(single, multi, seeds=("1", "2", "3"), vae=True, random=None) -> list[d
 
 def write_csv(folder, rows):
     folder.mkdir(parents=True, exist_ok=True)
-    E._CsvRows(folder / "metrics.csv", E.METRIC_FIELDS).write(rows)
+    results.CsvRows(folder / "metrics.csv", results.METRIC_FIELDS).write(rows)
     return folder
 
 
 # --------------------------------------------------------------------------- the seed column
 
 def test_seed_column_round_trip_and_the_previous_header(tmp_path):
-    assert E.METRIC_FIELDS[:3] == ("run", "model", "seed") and E.SAMPLE_FIELDS[:3] == ("run", "model", "seed")
+    assert results.METRIC_FIELDS[:3] == ("run", "model", "seed")
+    assert results.SAMPLE_FIELDS[:3] == ("run", "model", "seed")
     rows = world(0.5, 0.6, seeds=("1", "2"))
     write_csv(tmp_path, rows)
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == ",".join(E.METRIC_FIELDS)
-    assert E.read_metrics(tmp_path) == rows
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == ",".join(results.METRIC_FIELDS)
+    assert results.read_metrics(tmp_path) == rows
     # a file of the header before the seed column: every row read, with an empty seed
-    old = [f for f in E.METRIC_FIELDS if f != "seed"]
+    old = [f for f in results.METRIC_FIELDS if f != "seed"]
     lines = [",".join(old), "demo,trivial,kitti_flow,kitti_flow,optical_flow,epe,6.0,False,24"]
     (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
-    (row,) = E.read_metrics(tmp_path)
+    (row,) = results.read_metrics(tmp_path)
     assert row == {"run": "demo", "model": "trivial", "seed": "", "benchmark": "kitti_flow", "dataset": "kitti_flow",
                    "task": "optical_flow", "metric": "epe", "value": "6.0", "higher_is_better": "False",
                    "n_images": "24"}
-    assert list(row) == list(E.METRIC_FIELDS)
+    assert list(row) == list(results.METRIC_FIELDS)
     (tmp_path / "metrics.csv").write_text("run,model,benchmark,score\ndemo,trivial,kitti_flow,1\n")
-    with pytest.raises(E.ResultsFileError, match=r"metrics.csv: expected the header run,model,seed,"):
-        E.read_metrics(tmp_path)
+    with pytest.raises(results.ResultsFileError, match=r"metrics.csv: expected the header run,model,seed,"):
+        results.read_metrics(tmp_path)
     with pytest.raises(ValueError, match="seed 'x1' is not an integer"):
-        E.seed_text("x1")
-    assert [E.seed_text(s) for s in (None, 3, "07", -2)] == ["", "3", "7", "-2"]
+        results.seed_text("x1")
+    assert [results.seed_text(s) for s in (None, 3, "07", -2)] == ["", "3", "7", "-2"]
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +87,12 @@ def mid(tmp_path_factory):
 
 
 def _evaluate(data, out, seed, gamma=1.0, max_images=None, name="fn"):
-    predict = lambda sample, task: E.trivial_prediction(sample, task) ** gamma  # noqa: E731  (not undone by the scale)
-    return E.evaluate(predict, ["mid_albedo"], out, data, run="demo", model_name=name, fingerprint=f"v{gamma}",
-                      resolution={"mid_albedo": [32, 48]}, progress=False, prefetch=0, seed=seed,
-                      max_images=max_images)
+    def predict(sample, task):
+        return evaluate.trivial_prediction(sample, task) ** gamma  # not undone by the scale
+
+    return evaluate.evaluate(predict, ["mid_albedo"], out, data, run="demo", model_name=name,
+                             fingerprint=f"v{gamma}", resolution={"mid_albedo": [32, 48]}, progress=False, prefetch=0,
+                             seed=seed, max_images=max_images)
 
 
 def test_evaluate_keeps_each_seed_apart_and_keeps_rows_of_the_previous_header(mid, tmp_path):
@@ -100,8 +106,8 @@ def test_evaluate_keeps_each_seed_apart_and_keeps_rows_of_the_previous_header(mi
     assert "seed" not in (out / "metrics.csv").read_text().splitlines()[0]
     _evaluate(mid, out, 1)
     _evaluate(mid, out, 2, gamma=2.0)
-    rows = E.read_metrics(out)
-    assert (out / "metrics.csv").read_text().splitlines()[0] == ",".join(E.METRIC_FIELDS)
+    rows = results.read_metrics(out)
+    assert (out / "metrics.csv").read_text().splitlines()[0] == ",".join(results.METRIC_FIELDS)
     assert {(r["model"], r["seed"]) for r in rows} == {("trivial", ""), ("fn", "1"), ("fn", "2")}
     value = {(r["model"], r["seed"]): r["value"] for r in rows if r["metric"] == "rmse"}
     assert value[("fn", "1")] != value[("fn", "2")]  # gamma 2 is another prediction
@@ -110,7 +116,7 @@ def test_evaluate_keeps_each_seed_apart_and_keeps_rows_of_the_previous_header(mi
     assert (out / "predictions/trivial/mid_albedo/00000.npz").is_file()
     # seed 1 evaluated again (on fewer images) replaces seed 1's rows only
     _evaluate(mid, out, 1, max_images=2)
-    again = E.read_metrics(out)
+    again = results.read_metrics(out)
     n_images = {(r["model"], r["seed"]) for r in again if r["n_images"] == "2"}
     assert n_images == {("fn", "1")}
     kept = {(r["model"], r["seed"]): r["value"] for r in again if r["metric"] == "rmse"}
@@ -122,8 +128,8 @@ def test_evaluate_keeps_each_seed_apart_and_keeps_rows_of_the_previous_header(mi
     assert {(r["model"], r["seed"]) for r in per_sample} == {("trivial", ""), ("fn", "1"), ("fn", "2")}
     assert len([r for r in per_sample if r["seed"] == "1" and r["metric"] == "rmse"]) == 2
     # readers of the prediction cache take the first seed's folder
-    assert E.prediction_folder(out, "fn") == (out / "predictions/fn/seed1", "1")
-    assert E.prediction_folder(out, "trivial") == (out / "predictions/trivial", "")
+    assert results.prediction_folder(out, "fn") == (out / "predictions/fn/seed1", "1")
+    assert results.prediction_folder(out, "trivial") == (out / "predictions/trivial", "")
     from stablemtl.browse import Browser
 
     b = Browser(out)
@@ -137,11 +143,11 @@ def test_aggregation_gives_mean_and_sample_std_over_seeds():
     rows = rows_of("trivial", "", {"kitti_flow": 5.0})
     for seed, v in (("1", 1.0), ("2", 2.0), ("10", 4.0)):
         rows += rows_of("multi_stream", seed, {"kitti_flow": v})
-    stats = R.aggregate(rows)
+    stats = C.aggregate(rows)
     s = stats[("multi_stream", "kitti_flow", "epe")]
     assert s.n == 3 and s.mean == pytest.approx(7 / 3) and s.std == pytest.approx(math.sqrt(7 / 3))
-    assert stats[("trivial", "kitti_flow", "epe")] == R.Stat(5.0, 0.0, 1)
-    assert R.seeds_of(rows, "multi_stream") == ["1", "2", "10"]  # as numbers
+    assert stats[("trivial", "kitti_flow", "epe")] == C.Stat(5.0, 0.0, 1)
+    assert C.seeds_of(rows, "multi_stream") == ["1", "2", "10"]  # as numbers
     header, body = R.main_table(rows, paper=False)
     cells = {row[0]: dict(zip(header, row)) for row in body}
     assert cells["multi_stream"]["KITTI flow EPE"] == "2.333 ± 1.5" and cells["multi_stream"]["seeds"] == "3"
@@ -149,7 +155,7 @@ def test_aggregation_gives_mean_and_sample_std_over_seeds():
     header, body = R.benchmark_table(rows, "kitti_flow")
     assert body[1] == ["multi_stream", "2.333 ± 1.5", "4", "3"]
     with pytest.raises(ValueError, match=r"two values for \('multi_stream', 'kitti_flow', 'epe'\) of seed '2'"):
-        R.aggregate(rows + rows_of("multi_stream", "2", {"kitti_flow": 3.0}))
+        C.aggregate(rows + rows_of("multi_stream", "2", {"kitti_flow": 3.0}))
 
 
 def test_delta_m_per_seed_against_the_same_seed_else_the_mean_of_single_task():
@@ -158,22 +164,22 @@ def test_delta_m_per_seed_against_the_same_seed_else_the_mean_of_single_task():
     rows += rows_of("multi_stream", "1", one(0.5, 0.75))  # 50 % better than single_task seed 1 everywhere
     rows += rows_of("multi_stream", "2", one(2.0, 1.0))  # equal to seed 2
     rows += rows_of("multi_stream", "3", one(1.5, 0.75))  # equal to the mean of seeds 1 and 2
-    per_seed = R.delta_m_per_seed(rows, "multi_stream")
+    per_seed = C.delta_m_per_seed(rows, "multi_stream")
     assert list(per_seed) == ["1", "2", "3"]
     assert [round(total, 9) for total, _ in per_seed.values()] == [50.0, 0.0, 0.0]
     assert per_seed["1"][1]["cityscapes_semantic/miou"] == pytest.approx(50.0)
-    total, terms = R.delta_m_terms(rows, "multi_stream")
+    total, terms = C.delta_m_terms(rows, "multi_stream")
     assert total == pytest.approx(50 / 3) and terms["kitti_depth/abs_rel"] == pytest.approx(50 / 3)
     header, body = R.main_table(rows, paper=False)
     row = dict(zip(header, next(r for r in body if r[0] == "multi_stream")))
     assert row["Delta_m %"] == f"16.67 ± {math.sqrt((100 / 3) ** 2 / 2 + (50 / 3) ** 2):.2g}" == "16.67 ± 29"
-    assert R.delta_m_per_seed([r for r in rows if r["benchmark"] != "mid_shading"], "multi_stream") == {}
+    assert C.delta_m_per_seed([r for r in rows if r["benchmark"] != "mid_shading"], "multi_stream") == {}
 
 
 def test_main_table_notes_name_the_delta_m_metrics_and_their_direction(tmp_path):
     written = R.write_tables(write_csv(tmp_path, world(0.5, 0.6)))
     md, tex = written["main.md"].read_text(), written["main.tex"].read_text()
-    for benchmark, metric in R.DELTA_M_METRICS:
+    for benchmark, metric in C.DELTA_M_METRICS:
         direction = "higher better" if metric == "miou" else "lower better"
         assert f"{benchmark}/{metric} ({direction})" in md.split("|")[-1]
     assert tex.splitlines()[-2].startswith("% Delta_m %: the mean over cityscapes_semantic/miou (higher better)")
@@ -189,13 +195,13 @@ def test_paired_differences_are_computed_per_seed():
     random = {s: {b: v * (0.5 if HEAD[b] == "miou" else 2.0) for b, v in at(0.5).items()} for s in factors}
     rows = world(single, multi, random=random)
     rows = [r for r in rows if not (r["model"] == "single_stream_random" and r["seed"] == "3")]  # seeds 1, 2 only
-    changes = R.paired_changes(rows, "multi_stream", "single_stream")
+    changes = C.paired_changes(rows, "multi_stream", "single_stream")
     assert {s: round(v, 9) for s, v in changes["kitti_depth"].items()} == {"1": 10.0, "2": 20.0, "3": 0.0}
     assert {s: round(v, 9) for s, v in changes["cityscapes_semantic"].items()} == {"1": 10.0, "2": 20.0, "3": 0.0}
     header, body = R.differences_table(rows)
     assert header == ["benchmark", "metric", "multi_stream vs single_stream %", "seeds",
                       "single_stream vs single_stream_random %", "seeds"]
-    assert [r[0] for r in body] == [b for b, _ in R.DELTA_M_METRICS] + ["mean"]  # the average row last
+    assert [r[0] for r in body] == [b for b, _ in C.DELTA_M_METRICS] + ["mean"]  # the average row last
     assert body[-1][2:] == ["10 ± 10", "3", "56.2 ± 0", "2"]  # (100 % on miou + 7 x 50 %) / 8 = 56.25
     assert body[0][1] == "miou (higher better)" and body[1][1] == "abs_rel (lower better)"
     # a pair that is absent has no column; no pair, no table
@@ -210,19 +216,19 @@ def test_gap_closed_matches_a_hand_computation(tmp_path):
     values = {r["seed"]: float(r["value"]) for r in rows
               if r["model"] == "multi_stream" and r["benchmark"] == "kitti_depth"}
     assert values == pytest.approx({"1": 0.6, "2": 0.36})
-    gaps = R.gap_closed(rows)
+    gaps = C.gap_closed(rows)
     assert gaps["multi_stream"]["kitti_depth"] == pytest.approx({"1": 0.5, "2": 0.8})
     assert gaps["multi_stream"]["cityscapes_semantic"] == pytest.approx({"1": 0.7, "2": 0.7})  # higher is better
     assert gaps["multi_stream"]["mean"] == pytest.approx({"1": (7 * 0.7 + 0.5) / 8, "2": (7 * 0.7 + 0.8) / 8})
     assert set(gaps) == {"single_stream", "multi_stream"}  # not the references
     header, body = R.gap_closed_table(rows)
-    assert header == ["model"] + list(E.BENCHMARKS) + ["mean", "seeds"]
+    assert header == ["model"] + list(BENCHMARKS) + ["mean", "seeds"]
     multi = dict(zip(header, body[1]))
     assert multi["model"] == "multi_stream" and multi["kitti_depth"] == "0.65 ± 0.21" and multi["seeds"] == "2"
     assert dict(zip(header, body[0]))["kitti_depth"] == "0.5 ± 0"
     # without vae_ceiling rows: no gap closed, no table file, no figure
     folder = write_csv(tmp_path / "a", [r for r in rows if r["model"] != "vae_ceiling"])
-    assert R.gap_closed(E.read_metrics(folder)) is None
+    assert C.gap_closed(results.read_metrics(folder)) is None
     written = R.write_report(folder, figures=True)
     assert "gap_closed.md" not in written and not (folder / "tables/gap_closed.md").exists()
     assert "gap_closed.png" not in written
@@ -290,10 +296,10 @@ def test_target_check_spreads_and_the_paired_averages_are_printed():
     text = R.format_target_check(check, passed)
     single = check["benchmarks"][0]["single_stream"]
     assert single.n == 3 and single.mean == pytest.approx(0.1 + 0.55 * 0.8) and single.std == pytest.approx(0.04)
-    assert f"{R._fmt(single.mean)} ± 0.04*" in text.splitlines()[1]
+    assert f"{R.format_value(single.mean)} ± 0.04*" in text.splitlines()[1]
     for name in ("multi vs single", "prior vs random"):
         s = check["paired"][name]
-        assert s.n == 3 and s.std > 0 and f"{name} (" in text and f"{R._pm(s, digits=3)} %, 3 seeds" in text
+        assert s.n == 3 and s.std > 0 and f"{name} (" in text and f"{R.format_stat(s, digits=3)} %, 3 seeds" in text
 
 
 # --------------------------------------------------------------------------- files

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stablemtl.data import mini, sources, splits, synthetic
-from stablemtl.data.sources import DatasetLayoutError
+from stablemtl.data import mini, sources, splits, synthetic, transforms
+from stablemtl.data.formats import DatasetLayoutError
 
 SPLIT = {name: cls.default_split for name, cls in sources.SOURCES.items()}
 
@@ -115,7 +115,7 @@ def test_kitti_depth(roots):
         gt = r["depth"][top:, left:left + 104]
         valid = numpy(s, "depth_valid")
         assert 0.1 < valid.mean() < 0.45  # sparse LiDAR-like ground truth inside the Eigen crop
-        assert not valid[~sources.eigen_crop_mask(h, w, (32, 104))].any()
+        assert not valid[~transforms.eigen_crop_mask(h, w, (32, 104))].any()
         np.testing.assert_allclose(numpy(s, "depth")[valid], gt[valid], atol=1 / 256)
         assert s["K"][0, 0].item() == pytest.approx(r["K"][0, 0], abs=1e-4)
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import build_tiny_base
 
+from stablemtl.model.pipeline import MODEL_FILE
 from stablemtl import train as T
+from stablemtl import train_config as TC
 from stablemtl.data import mini
 from stablemtl.tasks import TASK_NAMES
 
@@ -31,7 +33,7 @@ def config(setup, out, **changes):
                   batch_per_device=2, iterations=4, warmup=2, decay_steps=50, checkpoint_every=2, backup_every=4,
                   output_dir=str(out), task_attention={"query_hidden": 16, "heads": 4, "mask_prob": 0.4})
     values.update(changes)
-    return T.TrainConfig.from_dict(values)
+    return TC.TrainConfig.from_dict(values)
 
 
 def state(trainer):
@@ -135,7 +137,7 @@ def test_loss_decreases_for_every_task(setup, tmp_path):
                                    augment=False, checkpoint_every=0, backup_every=0), progress=False)
         mb = trainer.sampler.next()
         source = trainer.sources[(mb.task, mb.dataset)]
-        batch = T._collate([source[i] for i in range(2)], task)
+        batch = T.collate([source[i] for i in range(2)], task)
         trainer.sampler.position = 0
         with torch.no_grad():
             before = float(trainer.loss(batch, task))
@@ -158,7 +160,7 @@ def test_non_finite_loss_stops_with_the_step_task_and_dataset(setup, tmp_path, m
 @pytest.mark.slow
 def test_bad_configurations_fail_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown training option"):
-        T.TrainConfig.from_dict({"learning_rate": 1})
+        TC.TrainConfig.from_dict({"learning_rate": 1})
     with pytest.raises(ValueError, match="unknown task 'segmentation'"):
         config(setup, tmp_path, tasks=["segmentation"]).validate()
     with pytest.raises(ValueError, match="unknown dataset 'nyu' for task 'depth'"):
@@ -180,7 +182,8 @@ def test_two_cpu_processes_agree(setup, tmp_path):
 import sys
 from safetensors.torch import save_file
 from stablemtl import train as T
-cfg = T.TrainConfig.from_dict(dict(base={str(setup / 'base')!r}, data_root={str(setup / 'data')!r}, resolution={RES!r},
+from stablemtl import train_config as TC
+cfg = TC.TrainConfig.from_dict(dict(base={str(setup / 'base')!r}, data_root={str(setup / 'data')!r}, resolution={RES!r},
     effective_batch=2, batch_per_device=1, iterations=3, warmup=1, decay_steps=50, checkpoint_every=0, backup_every=0,
     output_dir={str(tmp_path / 'out')!r}))
 tr = T.Trainer(cfg, progress=False)
@@ -224,7 +227,7 @@ def test_pixel_loss_option_trains(setup, tmp_path):
 def test_cached_latents_give_the_same_loss(setup, tmp_path):
     trainer = T.Trainer(config(setup, tmp_path, tasks=["depth"], cache_latents=True), progress=False)
     source = trainer.sources[("depth", "hypersim")]
-    batch = T._collate([source[i] for i in range(2)], "depth")
+    batch = T.collate([source[i] for i in range(2)], "depth")
     assert batch["depth_target"].shape == (2, 3, 32, 48) and batch["keys"][0] == (0, (False, False), None)
     with torch.no_grad():
         plain = float(trainer.loss(batch, "depth"))  # no dataset given: no cache
@@ -247,7 +250,7 @@ def test_module_entry_trains_from_a_json_config_as_accelerate_launch_runs_it(set
     path = tmp_path / "run.json"
     path.write_text(json.dumps(dataclasses.asdict(cfg)))
     subprocess.run([sys.executable, "-m", "stablemtl.train", "--config", str(path), "--no-progress"], check=True)
-    assert (tmp_path / "cli" / "model" / "stablemtl_model.json").is_file()
+    assert (tmp_path / "cli" / "model" / MODEL_FILE).is_file()
     direct = T.train(config(setup, tmp_path / "direct", iterations=2), progress=False)
     assert log(tmp_path / "cli") == log(tmp_path / "direct")
     assert direct.step == 2
@@ -298,7 +301,7 @@ def test_worker_processes_read_exactly_the_batches_of_the_training_loop(setup, t
         states.append(sync.sampler.state_dict())
     assert len({mb.epoch for mb, _ in seen}) > 1 and len({mb.dataset for mb, _ in seen}) == 3
     workers = T.Trainer(config(setup, tmp_path / "workers", num_workers=2, iterations=100), progress=False)
-    read = list(micro_batch_loader(workers.sampler, workers.sources, T._collate, 2, limit=36))
+    read = list(micro_batch_loader(workers.sampler, workers.sources, T.collate, 2, limit=36))
     assert workers.sampler.position == 0 and len(read) == 36
     assert all(batches_equal(a, b) for a, b in zip(seen, read))
     workers.sampler.load_state_dict(states[9])  # mid-run, as after a resume
@@ -395,8 +398,8 @@ def test_bad_data_and_optimizer_settings_are_named(setup, tmp_path):
         with pytest.raises(ValueError, match="'adam8bit' needs the bitsandbytes package"):
             config(setup, tmp_path, optimizer="adam8bit").validate()
     # the optimizer is part of a checkpoint's identity; workers and checkpointing may change on resume
-    assert "optimizer" not in T.RESUMABLE_CHANGES
-    assert {"num_workers", "prefetch_factor", "gradient_checkpointing"} <= set(T.RESUMABLE_CHANGES)
+    assert "optimizer" not in TC.RESUMABLE_CHANGES
+    assert {"num_workers", "prefetch_factor", "gradient_checkpointing"} <= set(TC.RESUMABLE_CHANGES)
 
 
 @pytest.mark.slow
@@ -406,7 +409,8 @@ def test_bf16_training_halves_the_frozen_parts_and_saves_them_in_float32(setup, 
     the trainable weights stay float32 masters, the frozen modules compute in bfloat16 with the
     float32 prompts, the losses agree with fp32 within 1 %, a bf16 resume is exact, and the saved
     model's frozen parts are the fp32 run's, bit for bit."""
-    from stablemtl.model.streams import load_model, module_fingerprint
+    from stablemtl.model.fingerprint import module_fingerprint
+    from stablemtl.model.pipeline import load_model
 
     extra = {}
     if kind == "multi_stream":
@@ -415,7 +419,7 @@ def test_bf16_training_halves_the_frozen_parts_and_saves_them_in_float32(setup, 
     fp32 = T.train(config(setup, tmp_path / "fp32", iterations=2, **extra), progress=False)
     halves = T.Trainer(config(setup, tmp_path / "bf16", iterations=2, mixed_precision="bf16", **extra),
                        progress=False)
-    assert halves.accelerator.mixed_precision == "bf16"
+    assert halves.autocast == torch.bfloat16 and halves.accelerator.mixed_precision == "no"
     frozen = [getattr(owner, name) for owner, name in T.frozen_modules(halves.model)]
     assert len(frozen) == (3 if kind == "multi_stream" else 2)
     assert {p.dtype for m in frozen for p in m.parameters()} == {torch.bfloat16}
@@ -460,23 +464,23 @@ def test_only_the_newest_backups_are_kept_and_a_resume_still_finds_them(setup, t
 def test_memory_is_counted_from_the_configs_and_a_training_that_cannot_fit_is_refused(tiny_base_dir):
     from stablemtl.model.base import load_base
     from stablemtl.model.streams import MultiStream, SingleStream
-    from stablemtl.paths import StageError
+    from stablemtl.guard import StageError
 
     ta = {"query_hidden": 16, "heads": 4, "mask_prob": 0.4}
-    cfg = lambda **k: T.TrainConfig(base=str(tiny_base_dir), task_attention=ta, **k)  # noqa: E731
+    cfg = lambda **k: TC.TrainConfig(base=str(tiny_base_dir), task_attention=ta, **k)  # noqa: E731
     single_cfg = cfg()
-    count = T.memory_count(single_cfg)
+    count = TC.memory_count(single_cfg)
     base = load_base(tiny_base_dir)
     single = SingleStream.from_base(base)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count["trainable"] == n(single.unet) and count["frozen"] == n(base.vae) + n(base.text_encoder)
     assert count["static_gib"] * 1024 ** 3 == count["trainable"] * 16 + count["frozen"] * 4
     multi = MultiStream.from_single_stream(single, **ta)
-    m = T.memory_count(cfg(kind="multi_stream"))
+    m = TC.memory_count(cfg(kind="multi_stream"))
     assert m["trainable"] == n(multi.unet) + n(multi.task_attention) and m["frozen"] == count["frozen"] + n(single.unet)
-    assert T.memory_count(cfg(optimizer="adam8bit"))["bytes_per_trainable"] == 10
-    assert T.memory_count(cfg(mixed_precision="bf16"))["bytes_per_frozen"] == 6
-    assert T.check_cpu_memory(single_cfg, available=2 ** 40) == count
+    assert TC.memory_count(cfg(optimizer="adam8bit"))["bytes_per_trainable"] == 10
+    assert TC.memory_count(cfg(mixed_precision="bf16"))["bytes_per_frozen"] == 6
+    assert TC.check_cpu_memory(single_cfg, available=2 ** 40) == count
     with pytest.raises(StageError, match=r"does not fit in this machine's memory: it needs .* GiB before any "
                                          r"activation .* and 0\.0 GiB is available.*adam8bit"):
-        T.check_cpu_memory(single_cfg, available=1024)
+        TC.check_cpu_memory(single_cfg, available=1024)

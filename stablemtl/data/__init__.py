@@ -1,25 +1,6 @@
-"""Data: file formats (``formats``), dataset sources (``sources``), the procedural world
-(``synthetic``, ``mini``), split lists (``splits``) and the training mix (``mixing``)."""
-
-from __future__ import annotations
-
-
-def prepare_data(study, progress: bool = True) -> dict:
-    """Stage 01: write the procedural miniatures of a ``smoke``/``demo`` run, or check the layout of the
-    real datasets of a ``paper`` run; returns dataset name -> folder."""
-    from stablemtl.data import mini
-    from stablemtl.data.sources import SOURCES
-    from stablemtl.paths import README_PAPER, StageError
-
-    if study.procedural:
-        return mini.write_mini_datasets(study.data_root, study.preset, progress=progress)
-    roots, problems = study.dataset_roots(), []
-    for name, root in roots.items():
-        try:
-            SOURCES[name](root)
-        except Exception as err:  # noqa: BLE001 - collected so that one message lists every dataset
-            problems.append(f"  {name}: {err}")
-    if problems:
-        raise StageError(f"the real datasets under {study.data_root} are incomplete:\n" + "\n".join(problems)
-                         + f"\nsee {README_PAPER} for how to download and preprocess each dataset")
-    return roots
+"""Data: file formats (``formats``: generic; ``annotations``: each dataset's conventions), the procedural
+world (``raycast``, ``synthetic``, ``mini``, ``raw``), the datasets (``sources``: ``source_base``,
+``training_sources``, ``evaluation_sources``), split lists (``splits``), the training mix (``mixing``),
+image operations (``imaging``, ``transforms``), and the preparation of raw downloads (``prepare``: ``layout``,
+the converters of ``convert/``, the resumable jobs of ``jobs``). Stage 01's work is
+``stablemtl.stages.prepare_data``."""

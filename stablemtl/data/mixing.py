@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stablemtl.guard import die_with_parent
+from stablemtl.presets import DEFAULT_SEED
 from stablemtl.tasks import TASK_NAMES, get_task
 
 # task -> {dataset: probability}, the release's training mix
@@ -61,7 +63,7 @@ class TaskMixingSampler:
     """
 
     def __init__(self, stream_sizes: dict, tasks=None, batch_size: int = 1, accumulation: int = 1,
-                 probabilities: dict | None = None, seed: int = 2024, num_replicas: int = 1, rank: int = 0,
+                 probabilities: dict | None = None, seed: int = DEFAULT_SEED, num_replicas: int = 1, rank: int = 0,
                  num_steps: int | None = None):
         probabilities = TASK_DATASET_PROBS if probabilities is None else probabilities
         tasks = list(TASK_NAMES if tasks is None else tasks)
@@ -184,8 +186,6 @@ def _seed_worker(worker_id: int, parent: int | None = None) -> None:
     import random
 
     import torch
-
-    from stablemtl.guard import die_with_parent
 
     die_with_parent(parent)
 

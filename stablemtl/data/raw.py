@@ -2,7 +2,7 @@
 
 ``write_raw_miniature(dataset, root)`` renders a few samples with
 ``stablemtl.data.synthetic`` and writes them in the *raw* layout and formats that
-``stablemtl.data.prepare`` converts or checks (``prepare.RAW_TREES``), so that every
+``stablemtl.data.prepare`` converts or checks (``convert.common.RAW_TREES``), so that every
 preparation can run, and be checked against the world's ground truth, without
 the real downloads:
 
@@ -28,8 +28,9 @@ the real downloads:
 
 Sizes are (height, width). ``REAL_SIZES`` holds the real datasets' own; at that size
 the training datasets are rendered through the real dataset's camera (the release's
-intrinsics, ``prepare.HYPERSIM`` / ``VKITTI`` / ``FT3D``: within 0.05 % of the world's
-focal) and KITTI keeps the real benchmark crop, so the tree needs no geometry override:
+intrinsics, ``convert.hypersim.HYPERSIM`` / ``convert.vkitti.VKITTI`` /
+``convert.flying_things_3d.FT3D``: within 0.05 % of the world's focal) and KITTI keeps
+the real benchmark crop, so the tree needs no geometry override:
 ``prepare`` and the loaders run on their own constants, as on the downloads. At any other
 size the world's camera is used and recorded. ``render_scale`` s casts one ray per
 s x s block and upsamples (``synthetic.render_sample``): the real sizes in seconds.
@@ -49,10 +50,17 @@ from pathlib import Path
 
 import numpy as np
 
-from stablemtl.data import formats, mini, synthetic
-from stablemtl.data import prepare as _prepare
+from stablemtl.data import formats, mini, raycast, synthetic
+from stablemtl.data.convert import flying_things_3d, hypersim, vkitti
+from stablemtl.data.convert.common import RAW_META
+from stablemtl.data.layout import CHECKED
+from stablemtl.data.prepare import DATASETS
+from stablemtl.data.splits import HYPERSIM_SPLIT_CSV, KITTI_DEPTH_LIST
+from stablemtl.data.training_sources import Hypersim
+from stablemtl.data.transforms import KB_CROP
+from stablemtl.presets import DEFAULT_SEED
 
-RAW_DATASETS = _prepare.DATASETS  # all eight: the four converted, then the four checked
+RAW_DATASETS = DATASETS  # all eight: the four converted, then the four checked
 DEFAULTS = {  # (samples, (height, width)); MID: scenes x 2 lights
     "hypersim": (4, (24, 32)),
     "vkitti": (2, (32, 104)),
@@ -64,7 +72,7 @@ DEFAULTS = {  # (samples, (height, width)); MID: scenes x 2 lights
     "diode": (4, (48, 64)),  # every second sample outdoor
 }
 REAL_SIZES = {  # (height, width) of the real datasets' images
-    "hypersim": (768, 1024),
+    "hypersim": tuple(Hypersim.geometry["size"]),  # 768 x 1024
     "vkitti": (375, 1242),
     "flying_things_3d": (540, 960),
     "cityscapes": (1024, 2048),
@@ -73,7 +81,6 @@ REAL_SIZES = {  # (height, width) of the real datasets' images
     "diode": (768, 1024),
     "mid": (1000, 1500),  # dir_K_mip2: the 4000 x 6000 captures at mip level 2
 }
-KB_CROP = (352, 1216)  # KITTI's benchmark crop of 375 x 1242 (sources.KittiDepth.geometry)
 METERS_PER_ASSET_UNIT = 0.0254  # Evermotion scenes are modelled in inches
 
 
@@ -81,10 +88,10 @@ def real_camera(dataset: str) -> np.ndarray | None:
     """The real dataset's intrinsics at ``REAL_SIZES[dataset]`` as ``prepare`` and the loaders assume
     them (the release's numbers), for the training datasets; ``None`` for the others (their
     cameras come with the files, or are not needed)."""
-    hypersim = _prepare.HYPERSIM
-    n = {"hypersim": (hypersim["focal"], (hypersim["width"] - 1) / 2, (hypersim["height"] - 1) / 2),
-         "vkitti": (_prepare.VKITTI["fx"], _prepare.VKITTI["cx"], _prepare.VKITTI["cy"]),
-         "flying_things_3d": (_prepare.FT3D["focal"], _prepare.FT3D["cx"], _prepare.FT3D["cy"])}.get(dataset)
+    h, v, f = hypersim.HYPERSIM, vkitti.VKITTI, flying_things_3d.FT3D
+    n = {"hypersim": (h["focal"], (h["width"] - 1) / 2, (h["height"] - 1) / 2),
+         "vkitti": (v["fx"], v["cx"], v["cy"]),
+         "flying_things_3d": (f["focal"], f["cx"], f["cy"])}.get(dataset)
     return None if n is None else np.array([[n[0], 0, n[1]], [0, n[0], n[2]], [0, 0, 1.0]])
 
 
@@ -112,7 +119,7 @@ def _hypersim(root: Path, spec: dict, seed: int) -> dict:
         rng = np.random.default_rng(synthetic.stable_seed(seed, "raw_hypersim_camera", i))
         exposure = 0.6 + 0.1 * (i % 4)
         # the camera in a Hypersim world frame: camera-to-world rotation, position in asset units
-        rotation = synthetic.rotation(*rng.uniform(-np.pi, np.pi, 3))
+        rotation = raycast.rotation(*rng.uniform(-np.pi, np.pi, 3))
         centre = rng.uniform(-300, 300, 3)
         v, u = np.mgrid[0:h, 0:w].astype(np.float64)
         ray = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1)
@@ -160,28 +167,28 @@ def _hypersim(root: Path, spec: dict, seed: int) -> dict:
         formats.write_hdf5(detail / "camera_keyframe_orientations.hdf5", np.stack([frames[f][1] for f in order]))
     rows += ["ai_002_001,cam_00,0,True,,val", "ai_003_001,cam_00,0,False,bad scene,train"]  # neither is written
     csv = "scene_name,camera_name,frame_id,included_in_public_release,exclude_reason,split_partition_name\n"
-    formats._write_bytes(root / "metadata_images_split_scene_v1.csv", (csv + "\n".join(rows) + "\n").encode())
+    formats.write_bytes(root / HYPERSIM_SPLIT_CSV, (csv + "\n".join(rows) + "\n").encode())
     return {"geometry": {"focal": focal, "size": [h, w]}, "samples": samples}
 
 
 def _vkitti(root: Path, spec: dict, seed: int) -> dict:
     samples = {}
     for i in range(spec["count"]):
-        sample, params = mini._render("vkitti", i, spec, seed)
-        _, sample_id = mini._write_vkitti(root, i, sample, spec)
+        sample, params = mini.render("vkitti", i, spec, seed)
+        _, sample_id = mini.write_vkitti(root, i, sample, spec)
         samples[sample_id] = {"render": params}
     shutil.rmtree(root / "normal_estimated", ignore_errors=True)  # the raw download has no normals
-    return {"geometry": mini._geometry("vkitti", spec, seed), "samples": samples}
+    return {"geometry": mini.loader_geometry("vkitti", spec, seed), "samples": samples}
 
 
 def _flying_things_3d(root: Path, spec: dict, seed: int) -> dict:
     h, w = spec["size"]
     count = spec["count"]
     spec = {**spec, "crop": [h - 4, w]}  # 536 x 960 of 540 x 960, to scale
-    geometry = dict(mini._geometry("flying_things_3d", spec, seed), baseline=1.0)
+    geometry = dict(mini.loader_geometry("flying_things_3d", spec, seed), baseline=1.0)
     samples = {}
     for i in range(count):
-        s, params = mini._render("flying_things_3d", i, spec, seed)
+        s, params = mini.render("flying_things_3d", i, spec, seed)
         split = "val" if count > 1 and i == count - 1 else "train"
         number, top = 2 * i, root / split
         fb = float(s["K"][0, 0]) * geometry["baseline"]
@@ -195,8 +202,8 @@ def _flying_things_3d(root: Path, spec: dict, seed: int) -> dict:
         if i == 0:  # one pixel moving faster than the release keeps (|flow| >= 500 px)
             fast = [h // 2, w // 2]
             flow[h // 2, w // 2] = (600.0, 0.0)
-        formats.write_rgb(top / f"image_clean/left/{number:07d}.png", mini._u8(s["rgb"]))
-        formats.write_rgb(top / f"image_clean/left/{number + 1:07d}.png", mini._u8(s["rgb_next"]))
+        formats.write_rgb(top / f"image_clean/left/{number:07d}.png", mini.round_u8(s["rgb"]))
+        formats.write_rgb(top / f"image_clean/left/{number + 1:07d}.png", mini.round_u8(s["rgb_next"]))
         formats.write_pfm(top / f"disparity/left/{number:07d}.pfm", -disparity)  # the subset stores -disparity
         formats.write_pfm(top / f"disparity_change/left/into_future/{number:07d}.pfm", -(later - disparity))
         formats.write_flo(top / f"flow/left/into_future/{number:07d}.flo", flow)
@@ -209,7 +216,7 @@ def _mid(root: Path, spec: dict, seed: int) -> dict:
     spec = {**spec, "scenes": spec["count"], "lights": 2}
     samples = {}
     for i in range(spec["scenes"] * spec["lights"]):
-        s, params = mini._render("mid", i, spec, seed)
+        s, params = mini.render("mid", i, spec, seed)
         scene, light = divmod(i, spec["lights"])
         folder = root / "test" / f"everett_room{scene:02d}"
         exposure = 2.0 + light  # HDR: values above 1
@@ -230,22 +237,22 @@ def _checked(dataset: str):
                     "none_lines": 1}
         samples, eigen = {}, []
         for i in range(spec["count"]):
-            sample, params = mini._render(dataset, i, spec, seed)
-            lists, sample_id = mini._WRITERS[dataset](root, i, sample, spec)
-            eigen += lists.get("eigen_test_files_with_gt.txt", [])
+            sample, params = mini.render(dataset, i, spec, seed)
+            lists, sample_id = mini.WRITERS[dataset](root, i, sample, spec)
+            eigen += lists.get(KITTI_DEPTH_LIST, [])
             samples[sample_id] = {"render": params}
         if eigen:
-            formats._write_bytes(root / "eigen_test_files_with_gt.txt", ("\n".join(eigen) + "\n").encode())
+            formats.write_bytes(root / KITTI_DEPTH_LIST, ("\n".join(eigen) + "\n").encode())
         geometry = {"kb_crop": spec["kb_crop"]} if "kb_crop" in spec else {}
         return {"geometry": geometry, "samples": samples}
     return write
 
 
 _WRITERS = {"hypersim": _hypersim, "vkitti": _vkitti, "flying_things_3d": _flying_things_3d, "mid": _mid,
-            **{d: _checked(d) for d in _prepare.CHECKED}}
+            **{d: _checked(d) for d in CHECKED}}
 
 
-def write_raw_miniature(dataset: str, root, count: int | None = None, size=None, seed: int = 2024,
+def write_raw_miniature(dataset: str, root, count: int | None = None, size=None, seed: int = DEFAULT_SEED,
                         render_scale: int = 1) -> Path:
     """Write the raw miniature of ``dataset`` into ``root`` (created; must be empty or absent) and
     return it; ``count`` samples (MID: scenes, 2 lights each) of ``size`` = (height, width)
@@ -272,5 +279,5 @@ def write_raw_miniature(dataset: str, root, count: int | None = None, size=None,
         meta["geometry"] = {}
     meta.update(dataset=dataset, count=count, size=list(size), seed=seed, world_version=mini.WORLD_VERSION,
                 render_scale=int(render_scale), camera="real" if real and real_camera(dataset) is not None else "world")
-    formats._write_bytes(root / _prepare.RAW_META, json.dumps(meta, indent=1, sort_keys=True).encode())
+    formats.write_bytes(root / RAW_META, json.dumps(meta, indent=1, sort_keys=True).encode())
     return root

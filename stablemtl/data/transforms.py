@@ -8,6 +8,9 @@ import math
 import numpy as np
 import torch
 
+KB_CROP = (352, 1216)  # KITTI's benchmark crop (height, width) of its 375 x 1242 frames
+
+
 def kb_crop(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
     """Top-left corner of the KITTI benchmark crop: bottom rows, centred columns."""
     ch, cw = crop
@@ -16,7 +19,7 @@ def kb_crop(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
     return height - ch, (width - cw) // 2
 
 
-def eigen_crop_mask(full_height: int, full_width: int, crop: tuple[int, int] = (352, 1216)) -> np.ndarray:
+def eigen_crop_mask(full_height: int, full_width: int, crop: tuple[int, int] = KB_CROP) -> np.ndarray:
     """The release's Eigen evaluation window in KB-crop coordinates: bool ``[352, 1216]``.
 
     The window is built on the original image (rows ``[int(0.3324324 H), int(0.91351351 H))``,

@@ -1,4 +1,5 @@
-"""``StableMTLPipeline``: images -> predictions of any set of tasks, in one batched pass.
+"""``StableMTLPipeline``: images -> predictions of any set of tasks, in one batched pass; and
+saving and loading a model.
 
 A ``diffusers.DiffusionPipeline`` (as diffusers' Marigold pipelines). Its components:
 ``unet`` (the single stream's, or the multi stream's main UNet), ``aux_unet`` and
@@ -8,16 +9,22 @@ single-step use (``prediction_type = sample``). Its config: ``kind``
 (``"single_stream"`` / ``"multi_stream"``), ``tasks``, ``normals`` and, for the multi
 stream, ``query_hidden``, ``heads``, ``mask_prob``.
 
-``save_pretrained(folder)`` writes one self-contained folder, with no absolute path
-in it::
+Saving: ``save_model(model, folder)`` (``StableMTLPipeline.from_model(model).save_pretrained(folder)``)
+writes one self-contained folder, with no absolute path in it::
 
     model_index.json  stablemtl_model.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/
     aux_unet/  task_attention/            (multi stream)
 
-and ``StableMTLPipeline.from_pretrained(folder)`` loads it from anywhere, offline
-(``local_files_only``). The kit's older checkpoints (``stablemtl_model.json`` +
-``unet/`` [+ ``aux_unet/``, ``task_attention.safetensors``], the frozen parts in the
-base directory recorded at save time) load too (``streams.checkpoint_layout``).
+``stablemtl_model.json`` is the model's record (``model_record``: kind, tasks, task-attention
+settings, normal convention), for code that needs a model's tasks or normals without loading it.
+
+Loading, one path: ``load_model(folder)`` -> ``StableMTLPipeline.from_pretrained(folder)`` (the
+folder checked by ``read_model_index``; the stock components loaded by diffusers, offline:
+``local_files_only``; the task attention strictly by ``load_task_attention``) -> ``pipe.model``.
+The kit's earlier formats are refused with a ``ModelFormatError`` naming the folder, what was
+found and what to do (this version reads none of them): the older layout of trained weights
+over a base directory (``read_model_index``), the first task-attention layout
+(``load_task_attention``), a record without its normal convention (``saved_normals``).
 
 ``pipe.model`` is the ``SingleStream`` / ``MultiStream`` over the pipeline's own
 modules (training and evaluation use it); ``StableMTLPipeline.from_model(model)``
@@ -43,13 +50,127 @@ from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from stablemtl import devices, options
-from stablemtl.model.streams import (MODEL_FILE, MultiStream, SingleStream, TaskAttentionSites, checkpoint_layout,
-                                     load_kit_checkpoint, make_scheduler, model_record)
+from stablemtl.model.base import Base, load_base
+from stablemtl.model.streams import TASK_ATTENTION, TIMESTEP, MultiStream, SingleStream, TaskAttentionSites
+from stablemtl.paths import KINDS, PIPELINE_FILE
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
-KINDS = (SingleStream.kind, MultiStream.kind)
+MODEL_FILE = "stablemtl_model.json"  # a saved model's record (``model_record``)
+PIPELINE_CLASS = "StableMTLPipeline"  # the ``_class_name`` of a saved model's ``model_index.json``
 HALF = (torch.float16, torch.bfloat16)  # computed in, returned as float32
+# what to do with a model folder of an earlier format (``ModelFormatError``)
+RESAVE = ("re-train it with this version, or load it with the kit at commit d41c318 (the last that reads it) and "
+          "save it again there (save_pretrained writes the folder this version reads)")
 
+
+def make_scheduler() -> DDIMScheduler:
+    """The scheduler only records the fixed single-step use: ``prediction_type = sample``."""
+    return DDIMScheduler(num_train_timesteps=TIMESTEP + 1, prediction_type="sample")
+
+
+# --------------------------------------------------------------------------- a saved model's files
+
+class ModelFileError(ValueError):
+    """A file of a saved model exists but cannot be read (truncated or corrupt JSON or weights)."""
+
+
+class ModelFormatError(ValueError):
+    """A model folder in a format of an earlier kit version, which this version no longer reads."""
+
+
+def _read_json(file: Path) -> dict:
+    """A model folder's JSON record; a ``ModelFileError`` naming the file when it is not a JSON object."""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{file}: not valid JSON ({err}); the model folder is damaged: copy it again, "
+                             f"or save the model anew (save_pretrained)") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _load_safetensors(file: Path) -> dict:
+    """A safetensors file's tensors; a ``ModelFileError`` naming it when it is truncated or corrupt."""
+    from safetensors.torch import load_file
+
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{file}: no such file; the model folder is incomplete")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise ModelFileError(f"{file}: cannot be read as safetensors ({type(err).__name__}: {err}); "
+                             f"truncated or corrupt: copy the model folder again") from None
+
+
+def model_record(kind: str, tasks, normals: str, settings: dict | None = None) -> dict:
+    """What a saved model's ``stablemtl_model.json`` holds: kind, tasks, task-attention settings
+    (multi stream), normal convention. Code that needs a model's tasks or normals reads this file."""
+    return {"kind": kind, "tasks": list(tasks), **(settings or {}), "normals": normals}
+
+
+def saved_normals(record: dict, where=None) -> str:
+    """The normal convention a saved model's record (``stablemtl_model.json``, read from ``where``)
+    holds; a ``ModelFormatError`` when it records none (a model of an earlier kit version)."""
+    if "normals" not in record:
+        raise ModelFormatError(
+            f"{where or MODEL_FILE}: the model records no normal convention (written by an earlier version of the "
+            f"kit, whose models learned camera-facing normals), which this version no longer reads: {RESAVE}")
+    return record["normals"]
+
+
+def read_model_index(path) -> dict:
+    """The ``model_index.json`` of a saved ``StableMTLPipeline`` folder (``save_model``); an error
+    that names the folder and what it holds when it is not one: missing, a base model directory,
+    or a model of the kit's older layout (``ModelFormatError``)."""
+    path = Path(path)
+    index = path / PIPELINE_FILE
+    if index.is_file():
+        record = _read_json(index)
+        name = record.get("_class_name")
+        if name != PIPELINE_CLASS:
+            raise ValueError(f"{path}: {PIPELINE_FILE} describes a {name}, not a {PIPELINE_CLASS}; not a stablemtl "
+                             f"model (a base model directory?)")
+        return record
+    if (path / MODEL_FILE).is_file():
+        raise ModelFormatError(
+            f"{path}: a model in the kit's older layout ({MODEL_FILE} and the trained weights only: unet/ [+ aux_unet/, "
+            f"task_attention.safetensors], the frozen parts read from a base directory), which this version no longer "
+            f"reads (it loads the self-contained folder that save_model writes: {PIPELINE_FILE}, {MODEL_FILE} and every "
+            f"component): {RESAVE}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    raise FileNotFoundError(f"{path}: no {PIPELINE_FILE} or {MODEL_FILE}; not a stablemtl model checkpoint")
+
+
+def load_task_attention(folder, dtype=None) -> TaskAttentionSites:
+    """A saved ``task_attention/`` folder, loaded strictly: every saved tensor is used and every
+    parameter filled, or the error names the keys (diffusers' own loader would fill missing weights
+    at random and only warn); weights of the kit's first task-attention layout (``kv_norm``,
+    ``query_norm``) are a ``ModelFormatError``. ``dtype``: cast to it."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{folder}: expected one .safetensors file of task-attention weights, found "
+                                f"{len(files)}")
+    model = TaskAttentionSites.from_config(TaskAttentionSites.load_config(folder))
+    state = _load_safetensors(files[0])
+    first = [k for k in state if ".kv_norm." in k or ".query_norm." in k]
+    if first:
+        raise ModelFormatError(
+            f"{files[0]}: task attention of the kit's first layout ({len(first)} shared-norm key(s) such as "
+            f"{first[0]!r}: one LayerNorm for a task's keys and values, one query LayerNorm for all tasks), which this "
+            f"version no longer reads (it reads the release's per-task norm_k, norm_v, norm_q) in the model folder "
+            f"{folder.parent}: {RESAVE}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{files[0]} does not fit the task attention of {folder / TaskAttentionSites.config_name}: "
+                         f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) "
+                         f"{unexpected[:3]}")
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+# --------------------------------------------------------------------------- the pipeline
 
 @dataclass
 class StableMTLOutput(BaseOutput):
@@ -103,14 +224,14 @@ class StableMTLPipeline(DiffusionPipeline):
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: DDIMScheduler, aux_unet: UNet2DConditionModel | None = None,
-                 task_attention: TaskAttentionSites | None = None, kind: str = SingleStream.kind,
-                 tasks=TASK_NAMES, normals: str = "as_stored", query_hidden: int | None = None,
+                 task_attention: TaskAttentionSites | None = None, kind: str = KINDS[0],
+                 tasks=TASK_NAMES, normals: str = options.DEFAULTS["normals"], query_hidden: int | None = None,
                  heads: int | None = None, mask_prob: float | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown model kind {kind!r}; expected {' or '.join(KINDS)}")
         options.check("normals", normals)
-        multi = kind == MultiStream.kind
+        multi = kind == KINDS[1]
         if multi and (aux_unet is None or task_attention is None):
             raise ValueError("a multi-stream pipeline needs aux_unet and task_attention")
         if not multi and (aux_unet is not None or task_attention is not None):
@@ -118,7 +239,7 @@ class StableMTLPipeline(DiffusionPipeline):
         if multi:
             query_hidden = task_attention.config.query_hidden if query_hidden is None else query_hidden
             heads = task_attention.config.heads if heads is None else heads
-            mask_prob = 0.4 if mask_prob is None else mask_prob
+            mask_prob = TASK_ATTENTION["mask_prob"] if mask_prob is None else mask_prob
         self.register_modules(unet=unet, aux_unet=aux_unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler, task_attention=task_attention)
         self.register_to_config(kind=kind, tasks=list(tasks), normals=normals, query_hidden=query_hidden,
@@ -129,7 +250,7 @@ class StableMTLPipeline(DiffusionPipeline):
     # ---------------------------------------------------------------- the model over the components
     def _build_model(self):
         c = self.config
-        if c.kind == SingleStream.kind:
+        if c.kind == KINDS[0]:
             return SingleStream(self.unet, self.vae, self.text_encoder, self.tokenizer, c.tasks, normals=c.normals)
         return MultiStream(self.unet, self.aux_unet, self.vae, self.text_encoder, self.tokenizer, c.tasks,
                            c.query_hidden, c.heads, c.mask_prob, normals=c.normals, task_attention=self.task_attention)
@@ -211,8 +332,7 @@ class StableMTLPipeline(DiffusionPipeline):
         super().save_pretrained(path, safe_serialization=True, **kwargs)
         _strip_local_paths(path)
         c = self.config
-        settings = ({k: c[k] for k in ("query_hidden", "heads", "mask_prob")} if c.kind == MultiStream.kind
-                    else None)
+        settings = {k: c[k] for k in TASK_ATTENTION} if c.kind == KINDS[1] else None
         (path / MODEL_FILE).write_text(json.dumps(model_record(c.kind, c.tasks, c.normals, settings), indent=1)
                                        + "\n")
         return path
@@ -222,8 +342,9 @@ class StableMTLPipeline(DiffusionPipeline):
         """Load a saved folder, offline by default (``local_files_only=True``).
 
         ``base`` (a ``stablemtl.model.base.Base`` or a base directory): the frozen VAE, text
-        encoder and tokenizer to use instead of the folder's own; needed for a checkpoint of the
-        kit's older layout whose recorded base directory is gone. ``torch_dtype`` (or ``dtype``,
+        encoder and tokenizer to use instead of the folder's own (the same base, loaded once).
+        A folder that is not a saved model, or one of an earlier format, is refused
+        (``read_model_index``, ``load_task_attention``). ``torch_dtype`` (or ``dtype``,
         diffusers' newer name) casts every component (a given ``base``'s modules too, in place);
         ``torch.bfloat16`` halves memory and time on a GPU, ``torch.float16`` is refused where no GPU
         can run it. ``compile=True`` and ``memory_format`` (e.g. ``torch.channels_last``): opt-in
@@ -240,24 +361,18 @@ class StableMTLPipeline(DiffusionPipeline):
             devices.check_dtype(dtype, "cpu")
         if not path.is_dir() and local_only:
             raise FileNotFoundError(f"model folder {path} does not exist")
-        if path.is_dir() and checkpoint_layout(path) == "kit":
-            unused = set(kwargs) - {"local_files_only"}
-            if unused:
-                raise ValueError(f"{path}: a checkpoint of the kit's older layout takes only base= and "
-                                 f"torch_dtype=, not {', '.join(sorted(unused))}")
-            pipe = cls.from_model(load_kit_checkpoint(path, base))
-        else:
-            if base is not None:
-                from stablemtl.model.base import Base, load_base
-
-                base = base if isinstance(base, Base) else load_base(base)
-                for name in ("vae", "text_encoder", "tokenizer"):
-                    kwargs.setdefault(name, getattr(base, name))
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            pipe = super().from_pretrained(str(path) if path.is_dir() else pretrained_model_name_or_path, **kwargs)
-            if base is None:  # diffusers has cast every component
-                return pipe._speed_up(**speed)
+        index = read_model_index(path) if path.is_dir() else {}
+        if base is not None:
+            base = base if isinstance(base, Base) else load_base(base)
+            for name in ("vae", "text_encoder", "tokenizer"):
+                kwargs.setdefault(name, getattr(base, name))
+        if (index.get("task_attention") or [None])[0] is not None:  # a multi stream: ours, loaded strictly
+            kwargs.setdefault("task_attention", load_task_attention(path / "task_attention", dtype))
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        pipe = super().from_pretrained(str(path) if path.is_dir() else pretrained_model_name_or_path, **kwargs)
+        if base is None:  # diffusers has cast every component
+            return pipe._speed_up(**speed)
         if dtype is not None:
             pipe.to(dtype)
         return pipe._speed_up(**speed)
@@ -344,3 +459,23 @@ class StableMTLPipeline(DiffusionPipeline):
             latents={task: latents[i] for i, task in enumerate(tasks)} if return_latents else None,
             colorized={task: get_task(task).colorize(predictions[task]) for task in tasks} if colorize else None)
 
+
+# --------------------------------------------------------------------------- saving and loading a model
+
+def save_model(model: SingleStream | MultiStream, path) -> Path:
+    """Write ``model`` as a self-contained ``StableMTLPipeline`` folder (module docstring); returns ``path``."""
+    return StableMTLPipeline.from_model(model).save_pretrained(path)
+
+
+def load_model(path, base=None, expect: str | None = None) -> SingleStream | MultiStream:
+    """Load a saved ``SingleStream`` or ``MultiStream`` (safetensors + JSON only; nothing is unpickled).
+
+    ``path``: a ``StableMTLPipeline`` folder (``save_model``), self-contained. ``base`` (a ``Base``
+    or a base directory): the frozen VAE, text encoder and tokenizer to use instead of the folder's
+    own (the same base, loaded once). ``expect``: the kind the folder must hold.
+    """
+    path = Path(path)
+    kind = read_model_index(path).get("kind")
+    if expect is not None and kind != expect:
+        raise ValueError(f"{path} holds a {kind!r} model, not a {expect!r} one")
+    return StableMTLPipeline.from_pretrained(path, base=base).model

@@ -24,6 +24,8 @@ import math
 import numpy as np
 import torch
 
+from stablemtl.data import synthetic
+
 # SD2's noise schedule and parameterisation (stabilityai/stable-diffusion-2, scheduler/scheduler_config.json)
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -39,8 +41,7 @@ def scene_prompt(kind: str, domain: str) -> str:
 
 
 def prompt_words() -> list[str]:
-    from stablemtl.data import synthetic
-
+    """Every word of the scene prompts (``scene_prompt``): the world's scene kinds and its looks."""
     return sorted(set(synthetic.KINDS) | set(LOOKS.values()))
 
 
@@ -53,8 +54,6 @@ def make_scheduler():
 
 def _renders(count: int, size, seed: int) -> tuple[torch.Tensor, list[str]]:
     """``count`` RGB renders of the world in [-1, 1] ``[N, 3, H, W]`` and their scene prompts."""
-    from stablemtl.data import synthetic
-
     kinds = [(k, d) for k in synthetic.KINDS for d in synthetic.DOMAINS]
     images, prompts = [], []
     for i in range(count):

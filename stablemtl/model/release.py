@@ -39,10 +39,19 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 
+from stablemtl import options
+from stablemtl.model.base import load_base, paper_base_dir
+from stablemtl.model.pipeline import save_model
+from stablemtl.model.streams import MultiStream, SingleStream, TaskAttentionSites, attention_sites, site_key
+from stablemtl.paths import KINDS
+
+# the model modules (they import diffusers) are imported where they are used: every command line call
+# imports this module, for its parser (``add_convert_parser``)
 WEIGHTS = Path("checkpoint/latest/unet/diffusion_pytorch_model.bin")
 UNET_CONFIG = Path("checkpoint/latest/unet/config.json")
 BLOCKS_3D = {"CrossAttnDownBlock3D": "CrossAttnDownBlock2D", "DownBlock3D": "DownBlock2D",
@@ -58,11 +67,6 @@ _MLP_LAYERS = {"fc1": "0", "fc2": "2"}  # the key and value MLPs; the query MLP'
 
 class ReleaseFormatError(ValueError):
     """A folder or file that is not what the release writes."""
-
-
-def site_key(site: str) -> str:
-    """A site's module name in ``TaskAttentionSites``: the ``attn1`` path with dots as underscores."""
-    return site.replace(".", "_")
 
 
 def release_to_kit(state: dict) -> tuple[dict, dict]:
@@ -152,7 +156,7 @@ def read_run(run_dir) -> dict:
     _check_setting(run, kwargs, "encode_rgb_model", "duplicate", "pipeline.kwargs")
     _check_setting(run, kwargs, "input_noise", "deterministic", "pipeline.kwargs")
     markers = sorted((run / WEIGHTS.parent.parent).glob("iter_*"))
-    return {"run": run, "kind": "multi_stream" if multi else "single_stream", "tasks": tasks,
+    return {"run": run, "kind": KINDS[1] if multi else KINDS[0], "tasks": tasks,
             "heads": int(trainer.get("n_attns", 4)), "mask_prob": float(trainer.get("attn_mask_ratio", 0.4)),
             "iteration": int(markers[-1].name[len("iter_"):]) if markers else None,
             "unet_config": stock_unet_config(json.loads((run / UNET_CONFIG).read_text())),
@@ -205,17 +209,14 @@ def convert(run_dir, out_dir, base=None, child=None) -> Path:
     """
     from diffusers import UNet2DConditionModel
 
-    from stablemtl.model.base import load_base, paper_base_dir
-    from stablemtl.model.streams import MultiStream, SingleStream, TaskAttentionSites, attention_sites
-
     info = read_run(run_dir)
     run, out = info["run"], Path(out_dir)
-    if info["kind"] == "multi_stream" and child is None:
+    if info["kind"] == KINDS[1] and child is None:
         raise ReleaseFormatError(
             f"{run} is a multi-stream run: its frozen auxiliary stream is the single-stream UNet the release "
             f"downloads as single_stream_unet.pth (its config says {info['child_hint']!r}); pass it with --child")
     unet_state, ta_state = release_to_kit(load_weights(run / WEIGHTS))
-    if info["kind"] == "single_stream" and ta_state:
+    if info["kind"] == KINDS[0] and ta_state:
         raise ReleaseFormatError(f"{run / WEIGHTS} holds task-attention weights but {run / 'config.yaml'} has no "
                                  f"trainer.unet_weight_path: which model is it?")
     base = load_base(base if base is not None else paper_base_dir())
@@ -227,8 +228,8 @@ def convert(run_dir, out_dir, base=None, child=None) -> Path:
         return unet.eval()
 
     unet = unet_from(unet_state, str(run / WEIGHTS))
-    common = dict(tasks=info["tasks"], base_path=base.path, normals="as_stored")
-    if info["kind"] == "single_stream":
+    common = dict(tasks=info["tasks"], base_path=base.path, normals=options.DEFAULTS["normals"])
+    if info["kind"] == KINDS[0]:
         model = SingleStream(unet, base.vae, base.text_encoder, base.tokenizer, **common)
     else:
         aux_state, extra = release_to_kit(load_weights(child))
@@ -246,7 +247,7 @@ def convert(run_dir, out_dir, base=None, child=None) -> Path:
         _strict(sites, ta_state, f"{run / WEIGHTS} (task attention)")
         model = MultiStream(unet, aux, base.vae, base.text_encoder, base.tokenizer, query_hidden=query_hidden,
                             heads=info["heads"], mask_prob=info["mask_prob"], task_attention=sites.eval(), **common)
-    model.save_pretrained(out)
+    save_model(model, out)
     record = {"source": str(run.resolve()), "kind": info["kind"], "iteration": info["iteration"],
               "tasks": info["tasks"], "child": str(Path(child).resolve()) if child else None,
               "weights_bytes": (run / WEIGHTS).stat().st_size}
@@ -269,8 +270,6 @@ def add_convert_parser(subparsers) -> None:
 
 
 def _cmd_convert(args) -> int:
-    import sys
-
     try:
         out = convert(args.run_dir, args.out_dir, base=args.base, child=args.child)
     except (ValueError, FileNotFoundError) as err:  # ReleaseFormatError, a missing base (BaseModelError)

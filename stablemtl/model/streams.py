@@ -1,4 +1,4 @@
-"""The single-stream latent regressor and the multi-stream model with task attention.
+"""The models: the single-stream latent regressor and the multi-stream model with task attention.
 
 Single stream (docs/method.md, "The model"): the base UNet with ``conv_in`` widened to
 12 input channels (kernel tiled 3 times x 1/3, bias kept; recorded with
@@ -19,13 +19,13 @@ LayerNorm + MLP C -> C/2 -> C; the query through the main task's LayerNorm + MLP
 C -> 640 -> 640 -> 640 -> C; 4 heads; zero-initialised output projection, so the untrained
 multi-stream model equals the single-stream one). During training, with
 probability 0.4 per layer, the attention probabilities (averaged over batch,
-pixels and heads, without gradient) pick one auxiliary task to mask out.
+pixels and heads, without gradient) pick one auxiliary task to mask out. These
+three settings' defaults are ``TASK_ATTENTION``, the one place that states them.
 
 All requested tasks are predicted together: the single stream makes one UNet
 call over the batch of (task, image) pairs; the multi stream one auxiliary call
-(features of every needed task, once) and one main call. The release instead
-re-ran the auxiliary stream for every main task (49 UNet passes for 7 tasks);
-``MultiStream.predict_latents_reference`` keeps that scheme for comparison only.
+(features of every needed task, once) and one main call. (The release instead
+re-ran the auxiliary stream for every main task: 49 UNet passes for 7 tasks.)
 
 The processors hold no state between calls: what one UNet call needs (the
 dictionary the auxiliary stream's features go to and the main stream reads,
@@ -39,19 +39,15 @@ A model records the normal convention it learned (``normals``: ``"as_stored"``,
 the release's, or ``"facing"``; ``stablemtl.options``), so that evaluation
 compares its normals with ground truth of the same convention.
 
-Saving: ``save_pretrained`` writes the model as a self-contained
-``StableMTLPipeline`` folder (``stablemtl.model.pipeline``: every component,
-VAE and text encoder included, and no absolute path). ``load_model`` reads that
-folder or the kit's older layout (the trained UNet(s) and task attention only,
-the frozen parts read from the base directory recorded at save time).
+This module holds the modules only. Saving and loading a model (a self-contained
+``StableMTLPipeline`` folder: ``save_model``, ``load_model``) live in
+``stablemtl.model.pipeline``, its fingerprint in ``stablemtl.model.fingerprint``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import torch
 from diffusers import ConfigMixin, ModelMixin  # module level: see TaskAttentionSites
@@ -59,15 +55,15 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from stablemtl import options
+from stablemtl.paths import KINDS
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, get_task
 
 TIMESTEP = 999
-MODEL_FILE = "stablemtl_model.json"
-PIPELINE_FILE = "model_index.json"
-PIPELINE_CLASS = "StableMTLPipeline"
-# the task attention's parameter layout: 1, the kit's first (one LayerNorm for a task's keys and values,
-# one query LayerNorm for all tasks); 2, the release's (separate per-task norms). Saved models of layout 1
-# load unchanged in function; a training checkpoint records it, since its optimizer state follows it.
+# the task attention's defaults (docs/method.md, "The model"; the release's): the query MLP's hidden width,
+# the number of heads, the probability per layer of masking one auxiliary task in training
+TASK_ATTENTION = {"query_hidden": 640, "heads": 4, "mask_prob": 0.4}
+# the task attention's parameter layout: 2, the release's (separate per-task norms). A training checkpoint
+# records it in its identity, since its optimizer state follows it. (Layout 1, the kit's first, is not read.)
 TASK_ATTENTION_LAYOUT = 2
 
 
@@ -158,20 +154,13 @@ def _unet(unet, x, prompts, mask, context: dict | None = None):
     return unet(x, t, encoder_hidden_states=prompts, encoder_attention_mask=mask, cross_attention_kwargs=context).sample
 
 
-def make_scheduler():
-    """The scheduler only records the fixed single-step use: ``prediction_type = sample``."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(num_train_timesteps=TIMESTEP + 1, prediction_type="sample")
-
-
 class SingleStream(nn.Module):
     """The single-stream latent regressor; ``unet`` is the only trainable part."""
 
-    kind = "single_stream"
+    kind = KINDS[0]
 
     def __init__(self, unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, base_path=None,
-                 normals: str = "as_stored"):
+                 normals: str = options.DEFAULTS["normals"]):
         super().__init__()
         if unet.config.in_channels != 3 * vae.config.latent_channels:
             raise ValueError(f"the UNet takes {unet.config.in_channels} channels; the single stream needs "
@@ -189,7 +178,7 @@ class SingleStream(nn.Module):
         return list(self.unet.parameters())
 
     @classmethod
-    def from_base(cls, base, tasks=TASK_NAMES, normals: str = "as_stored") -> "SingleStream":
+    def from_base(cls, base, tasks=TASK_NAMES, normals: str = options.DEFAULTS["normals"]) -> "SingleStream":
         unet = copy.deepcopy(base.unet)
         if unet.config.in_channels == base.vae.config.latent_channels:
             widen_conv_in(unet)
@@ -201,17 +190,6 @@ class SingleStream(nn.Module):
         prompts, mask = self.frozen.prompts(tasks, z_image.shape[0], z_image.device, z_image.dtype)
         out = _unet(self.unet, _inputs(z_image, z_next, tasks), prompts, mask)
         return out.view(len(tasks), *z_image.shape)
-
-    # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, path) -> Path:
-        """Write a self-contained ``StableMTLPipeline`` folder (``stablemtl.model.pipeline``)."""
-        from stablemtl.model.pipeline import StableMTLPipeline
-
-        return StableMTLPipeline.from_model(self).save_pretrained(path)
-
-    @classmethod
-    def from_pretrained(cls, path, base=None):
-        return load_model(path, base, expect=cls.kind)
 
 
 # --------------------------------------------------------------------------- multi stream
@@ -232,12 +210,11 @@ class TaskAttention(nn.Module):
     Per task ``t``, as in the release (``stablemtl.model.release`` maps its weights onto these):
     LayerNorms ``norm_k[t]``, ``norm_v[t]``, ``norm_q[t]`` in front of the key and value MLPs
     ``key[t]``, ``value[t]`` (C -> C/2 -> C) and the query MLP ``query[t]`` (C -> 640 -> 640 -> 640
-    -> C); one output projection ``out`` (zero-initialised). Checkpoints of the kit's first layout
-    (one LayerNorm shared by a task's keys and values, one query LayerNorm for all tasks) load
-    into it unchanged in function: the shared norm is copied into each place it served.
+    -> C); one output projection ``out`` (zero-initialised).
     """
 
-    def __init__(self, dim: int, tasks, query_hidden: int = 640, heads: int = 4):
+    def __init__(self, dim: int, tasks, query_hidden: int = TASK_ATTENTION["query_hidden"],
+                 heads: int = TASK_ATTENTION["heads"]):
         super().__init__()
         if dim % heads:
             raise ValueError(f"feature width {dim} is not divisible by {heads} heads")
@@ -250,18 +227,6 @@ class TaskAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.register_load_state_dict_pre_hook(self._upgrade_first_layout)
-
-    def _upgrade_first_layout(self, module, state, prefix, *args) -> None:
-        """``kv_norm.<t>.*`` -> ``norm_k.<t>.*`` and ``norm_v.<t>.*``; ``query_norm.*`` -> ``norm_q.<t>.*``."""
-        for key in [k for k in state if k.startswith(prefix + "kv_norm.")]:
-            rest = key[len(prefix + "kv_norm."):]
-            value = state.pop(key)
-            state[f"{prefix}norm_k.{rest}"], state[f"{prefix}norm_v.{rest}"] = value, value.clone()
-        for key in [k for k in state if k.startswith(prefix + "query_norm.")]:
-            value = state.pop(key)
-            for t in self.tasks:
-                state[f"{prefix}norm_q.{t}.{key[len(prefix + 'query_norm.'):]}"] = value.clone()
 
     def forward(self, h, main_tasks, features, aux_tasks, mask_prob: float = 0.0, weights: list | None = None):
         """``h`` ``[Tm, B, N, C]``, ``features`` ``[Ta, B, N, C]`` -> the addition to ``h``; ``weights``
@@ -302,38 +267,22 @@ class TaskAttentionSites(ModelMixin, ConfigMixin):
 
     A diffusers model (``ModelMixin``, ``ConfigMixin``): the pipeline saves it as its
     ``task_attention`` component, recorded in ``model_index.json`` as
-    ``["stablemtl.model.streams", "TaskAttentionSites"]``. diffusers (0.42) resolves such a
+    ``["stablemtl.model.streams", "TaskAttentionSites"]`` (saved folders name this module: the
+    class stays here). The pipeline loads it strictly (``pipeline.load_task_attention``: every
+    saved tensor used, every parameter filled) and hands it to diffusers, which resolves the
     library from ``sys.modules`` (it never imports a module a folder names; the pipeline module
-    imports this one) and finds the loading method through the base classes this module's
+    imports this one) and checks the component's type against the base classes this module's
     namespace holds, hence ``ModelMixin`` imported at module level.
     """
 
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, sites, tasks=TASK_NAMES, query_hidden: int = 640, heads: int = 4):
+    def __init__(self, sites, tasks=TASK_NAMES, query_hidden: int = TASK_ATTENTION["query_hidden"],
+                 heads: int = TASK_ATTENTION["heads"]):
         super().__init__()
         for site, width in (sites.items() if isinstance(sites, dict) else sites):
-            self.add_module(_site_key(site), TaskAttention(width, list(tasks), query_hidden, heads))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, torch_dtype=None,
-                        **_loading) -> "TaskAttentionSites":
-        """Load a saved folder strictly: every saved tensor is used and every parameter filled, or the
-        error names the keys (diffusers' own loader would fill missing weights at random and only
-        warn). The kit's first layout is upgraded on the way (``TaskAttention``)."""
-        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        files = sorted(folder.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"{folder}: expected one .safetensors file of task-attention weights, found "
-                                    f"{len(files)}")
-        model = cls.from_config(cls.load_config(folder))
-        missing, unexpected = model.load_state_dict(_load_safetensors(files[0]), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{files[0]} does not fit the task attention of {folder / cls.config_name}: "
-                             f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) "
-                             f"{unexpected[:3]}")
-        return (model.to(torch_dtype) if torch_dtype is not None else model).eval()
+            self.add_module(site_key(site), TaskAttention(width, list(tasks), query_hidden, heads))
 
     def __getitem__(self, key: str) -> TaskAttention:
         return self._modules[key]
@@ -432,7 +381,8 @@ def attention_sites(unet) -> dict[str, int]:
     return sites
 
 
-def _site_key(site: str) -> str:
+def site_key(site: str) -> str:
+    """A site's module name in ``TaskAttentionSites``: the ``attn1`` path with dots as underscores."""
     return site.replace(".", "_")
 
 
@@ -457,7 +407,7 @@ def install_capture(unet, sites) -> None:
 def install_task_attention(unet, task_attention: TaskAttentionSites) -> None:
     """Main stream: add ``task_attention``'s module at each of its sites (when a call gives a ``task_layout``)."""
     sites = dict(task_attention.config.sites)
-    _set_processors(unet, lambda site: _TaskAttentionProcessor(site, task_attention[_site_key(site)])
+    _set_processors(unet, lambda site: _TaskAttentionProcessor(site, task_attention[site_key(site)])
                     if site in sites else None)
 
 
@@ -468,11 +418,12 @@ class MultiStream(nn.Module):
     zero-initialised output projections, for the main UNet's sites.
     """
 
-    kind = "multi_stream"
+    kind = KINDS[1]
 
-    def __init__(self, main_unet, aux_unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES, query_hidden: int = 640,
-                 heads: int = 4, mask_prob: float = 0.4, base_path=None, normals: str = "as_stored",
-                 task_attention: TaskAttentionSites | None = None):
+    def __init__(self, main_unet, aux_unet, vae, text_encoder, tokenizer, tasks=TASK_NAMES,
+                 query_hidden: int = TASK_ATTENTION["query_hidden"], heads: int = TASK_ATTENTION["heads"],
+                 mask_prob: float = TASK_ATTENTION["mask_prob"], base_path=None,
+                 normals: str = options.DEFAULTS["normals"], task_attention: TaskAttentionSites | None = None):
         super().__init__()
         self.unet, self.aux_unet = main_unet, aux_unet
         self.aux_unet.requires_grad_(False).eval()
@@ -498,8 +449,9 @@ class MultiStream(nn.Module):
         install_task_attention(self.unet, self.task_attention)
 
     @classmethod
-    def from_single_stream(cls, single: SingleStream, query_hidden: int = 640, heads: int = 4,
-                           mask_prob: float = 0.4) -> "MultiStream":
+    def from_single_stream(cls, single: SingleStream, query_hidden: int = TASK_ATTENTION["query_hidden"],
+                           heads: int = TASK_ATTENTION["heads"],
+                           mask_prob: float = TASK_ATTENTION["mask_prob"]) -> "MultiStream":
         f = single.frozen
         return cls(copy.deepcopy(single.unet), copy.deepcopy(single.unet), f.vae, f.text_encoder, f.tokenizer,
                    single.tasks, query_hidden, heads, mask_prob, f.base_path, single.normals)
@@ -536,195 +488,6 @@ class MultiStream(nn.Module):
     def forward(self, z_image, z_next, tasks):
         return self.predict_latents(z_image, z_next, tasks)
 
-    def predict_latents_reference(self, z_image, z_next, tasks) -> torch.Tensor:
-        """The release's scheme, for comparison: per main task, one auxiliary pass per other task."""
-        tasks = _check_tasks(tasks, self.tasks)
-        b = z_image.shape[0]
-        outs = []
-        for task in tasks:
-            aux = [t for t in self.tasks if t != task]
-            captured: dict[str, list] = {}
-            for t in aux:
-                features: dict[str, torch.Tensor] = {}
-                prompts, mask = self.frozen.prompts([t], b, z_image.device, z_image.dtype)
-                with torch.no_grad():
-                    _unet(self.aux_unet, _inputs(z_image, z_next, [t]), prompts, mask, {"task_features": features})
-                for site, f in features.items():
-                    captured.setdefault(site, []).append(f)
-            context = {"task_features": {site: torch.cat(f, 0) for site, f in captured.items()},
-                       "task_layout": ([task], aux, b), "task_mask_prob": 0.0}
-            prompts, mask = self.frozen.prompts([task], b, z_image.device, z_image.dtype)
-            outs.append(_unet(self.unet, _inputs(z_image, z_next, [task]), prompts, mask, context))
-        return torch.stack(outs)
-
     def trainable_parameters(self):
         """Exactly the main UNet and the task-attention modules."""
         return list(self.unet.parameters()) + list(self.task_attention.parameters())
-
-    # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, path) -> Path:
-        """Write a self-contained ``StableMTLPipeline`` folder (``stablemtl.model.pipeline``)."""
-        from stablemtl.model.pipeline import StableMTLPipeline
-
-        return StableMTLPipeline.from_model(self).save_pretrained(path)
-
-    @classmethod
-    def from_pretrained(cls, path, base=None):
-        return load_model(path, base, expect=cls.kind)
-
-
-def module_fingerprint(modules: dict, sample: int = 1 << 16) -> str:
-    """A hash of the weights of ``{name: nn.Module}``: every tensor's name, shape and dtype, and
-    its values (all of them up to ``sample`` elements, an evenly strided subset beyond, enough to
-    tell two trainings apart without hashing gigabytes of SD2 weights)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for prefix, module in sorted(modules.items()):
-        for key, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().flatten()
-            h.update(f"{prefix}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            if t.numel() > sample:
-                t = t[:: t.numel() // sample + 1]
-            h.update(t.to("cpu", torch.float64 if t.is_floating_point() else torch.int64).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(model) -> str:
-    """The fingerprint of everything a model's predictions depend on: its UNet(s) and task attention,
-    the frozen VAE and text encoder, its tasks and its normal convention."""
-    modules = {"unet": model.unet, "vae": model.frozen.vae, "text_encoder": model.frozen.text_encoder}
-    if isinstance(model, MultiStream):
-        modules.update(aux_unet=model.aux_unet, task_attention=model.task_attention)
-    return f"{model.kind}:{','.join(model.tasks)}:{model.normals}:{module_fingerprint(modules)}"
-
-
-def saved_normals(config: dict) -> str:
-    """The normal convention a saved model's ``stablemtl_model.json`` records; checkpoints written
-    before the convention was recorded were trained on camera-facing normals."""
-    return config.get("normals", "facing")
-
-
-def model_record(kind: str, tasks, normals: str, settings: dict | None = None) -> dict:
-    """What a saved model's ``stablemtl_model.json`` holds: kind, tasks, task-attention settings
-    (multi stream), normal convention. Code that needs a model's tasks or normals reads this file."""
-    return {"kind": kind, "tasks": list(tasks), **(settings or {}), "normals": normals}
-
-
-class ModelFileError(ValueError):
-    """A file of a saved model exists but cannot be read (truncated or corrupt JSON or weights)."""
-
-
-def _read_json(file: Path) -> dict:
-    """A model folder's JSON record; a ``ModelFileError`` naming the file when it is not a JSON object."""
-    try:
-        value = json.loads(Path(file).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelFileError(f"{file}: not valid JSON ({err}); the model folder is damaged: copy it again, "
-                             f"or save the model anew (save_pretrained)") from None
-    if not isinstance(value, dict):
-        raise ModelFileError(f"{file}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _load_safetensors(file: Path) -> dict:
-    """A safetensors file's tensors; a ``ModelFileError`` naming it when it is truncated or corrupt."""
-    from safetensors.torch import load_file
-
-    if not Path(file).is_file():
-        raise FileNotFoundError(f"{file}: no such file; the model folder is incomplete")
-    try:
-        return load_file(str(file))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
-        raise ModelFileError(f"{file}: cannot be read as safetensors ({type(err).__name__}: {err}); "
-                             f"truncated or corrupt: copy the model folder again") from None
-
-
-def checkpoint_layout(path) -> str:
-    """``"pipeline"``: a ``StableMTLPipeline`` folder (``model_index.json`` naming the class),
-    self-contained; ``"kit"``: the older layout (``stablemtl_model.json``, ``unet/`` [+ ``aux_unet/``,
-    ``task_attention.safetensors``]) whose frozen parts live in a base directory."""
-    path = Path(path)
-    index = path / PIPELINE_FILE
-    if index.is_file():
-        name = _read_json(index).get("_class_name")
-        if name == PIPELINE_CLASS:
-            return "pipeline"
-        if not (path / MODEL_FILE).is_file():
-            raise ValueError(f"{path}: {PIPELINE_FILE} describes a {name}, not a {PIPELINE_CLASS}; not a stablemtl "
-                             f"model (a base model directory?)")
-    if (path / MODEL_FILE).is_file():
-        return "kit"
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    raise FileNotFoundError(f"{path}: no {PIPELINE_FILE} or {MODEL_FILE}; not a stablemtl model checkpoint")
-
-
-def _kit_base(path: Path, config: dict, base):
-    """The ``Base`` an older-layout checkpoint reads its frozen parts from; a clear error when it is gone."""
-    from stablemtl.model.base import Base, load_base
-
-    if isinstance(base, Base):
-        return base
-    if base is None:
-        recorded = config.get("base")
-        where = (f"the base model directory recorded at save time, {recorded}, which does not exist"
-                 if recorded else "a base model directory, and it records none")
-        if not recorded or not Path(recorded).is_dir():
-            raise FileNotFoundError(
-                f"{path} is a model checkpoint in the kit's older layout: it holds only the trained weights and "
-                f"reads its frozen VAE, text encoder and tokenizer from {where}. Pass the base model: "
-                f"load_model(path, base=<base directory or Base>) or StableMTLPipeline.from_pretrained(path, "
-                f"base=...); then save_pretrained writes a self-contained folder that needs no base.")
-        base = recorded
-    return load_base(base)
-
-
-def load_kit_checkpoint(path, base=None):
-    """A ``SingleStream`` / ``MultiStream`` from the kit's older layout; the frozen parts from ``base``
-    (a ``Base`` or a base directory), by default the base directory recorded at save time."""
-    from diffusers import UNet2DConditionModel
-
-    path = Path(path)
-    config_file = path / MODEL_FILE
-    config = _read_json(config_file)
-    kind = config.get("kind")
-    if kind not in (SingleStream.kind, MultiStream.kind):
-        raise ValueError(f"{config_file}: unknown model kind {kind!r}; expected single_stream or multi_stream")
-    base = _kit_base(path, config, base)
-    kw = dict(local_files_only=True)
-    normals = saved_normals(config)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
-    if kind == SingleStream.kind:
-        return SingleStream(unet, base.vae, base.text_encoder, base.tokenizer, config["tasks"], base.path, normals)
-    aux = UNet2DConditionModel.from_pretrained(path / "aux_unet", **kw)
-    model = MultiStream(unet, aux, base.vae, base.text_encoder, base.tokenizer, config["tasks"],
-                        config["query_hidden"], config["heads"], config["mask_prob"], base.path, normals)
-    state = _load_safetensors(path / "task_attention.safetensors")
-    missing, unexpected = model.task_attention.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}/task_attention.safetensors does not fit the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    return model
-
-
-def load_model(path, base=None, expect: str | None = None):
-    """Load a saved ``SingleStream`` or ``MultiStream`` (safetensors + JSON only; nothing is unpickled).
-
-    ``path``: a ``StableMTLPipeline`` folder (``save_pretrained``), self-contained, or a checkpoint
-    of the kit's older layout (``checkpoint_layout``). ``base`` (a ``Base`` or a base directory):
-    the frozen VAE, text encoder and tokenizer to use, for a pipeline folder instead of its own
-    (the same base, loaded once), for the older layout instead of the recorded base directory.
-    ``expect``: the kind the folder must hold.
-    """
-    path = Path(path)
-    layout = checkpoint_layout(path)
-    config = _read_json(path / (PIPELINE_FILE if layout == "pipeline" else MODEL_FILE))
-    kind = config.get("kind")
-    if expect is not None and kind != expect:
-        raise ValueError(f"{path} holds a {kind!r} model, not a {expect!r} one")
-    if layout == "kit":
-        return load_kit_checkpoint(path, base)
-    from stablemtl.model.pipeline import StableMTLPipeline
-
-    return StableMTLPipeline.from_pretrained(path, base=base).model
