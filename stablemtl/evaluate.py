@@ -97,7 +97,8 @@ def _resize(pred: torch.Tensor, size, task: str) -> torch.Tensor:
     return torch.nn.functional.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def trivial_prediction(sample: dict, task: str, majority_class: int = 0, normals: str = options.DEFAULTS["normals"]) -> torch.Tensor:
+def trivial_prediction(sample: dict, task: str, majority_class: int = 0,
+                       normals: str = options.DEFAULTS["normals"]) -> torch.Tensor:
     """Constant or input-derived predictions, the floor of every table: mid-grey depth (a constant,
     fitted by the alignment), fronto-parallel normals (in the ``normals`` convention: pointing away
     from the camera as stored, or facing it), the majority class, zero (scene) flow, the input image
@@ -320,8 +321,8 @@ def _score_one(b: Benchmark, predictor: _Predictor, source, samples, cache: Path
 def evaluate(model, benchmarks, out_dir, data_root, run: str = "run", model_name: str | None = None,
              resolution: dict | None = None, max_images: int | None = None, progress: bool = True,
              expect_kind: str | None = None, normals: str | None = None, silog: str = options.DEFAULTS["silog"],
-             flow_scoring: str = options.DEFAULTS["flow_scoring"], fingerprint: str | None = None, device=None, dtype=None,
-             prefetch: int = 2, seed: int | None = None) -> Path:
+             flow_scoring: str = options.DEFAULTS["flow_scoring"], fingerprint: str | None = None, device=None,
+             dtype=None, prefetch: int = 2, seed: int | None = None) -> Path:
     """Evaluate ``model`` (a SingleStream/MultiStream, a checkpoint directory (``expect_kind`` checks
     its kind), a reference row ``"trivial"`` / ``("vae_ceiling", frozen)``, or a function
     ``(sample, task) -> prediction`` named by ``model_name``) on ``benchmarks``; returns ``out_dir``.

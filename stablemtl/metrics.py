@@ -505,7 +505,8 @@ class DepthAccumulator(_Accumulator):
     ``depth_range`` (min, max) in metres (KITTI 1e-5..80, DIODE 0.6..350), metrics; mean over images.
     ``silog``: "x100" (the release) or "fraction"."""
 
-    def __init__(self, depth_range: tuple[float, float], align: str | None = "depth", silog: str = options.DEFAULTS["silog"]):
+    def __init__(self, depth_range: tuple[float, float], align: str | None = "depth",
+                 silog: str = options.DEFAULTS["silog"]):
         super().__init__()
         self.align, self.depth_range, self.silog = align, depth_range, options.check("silog", silog)
 

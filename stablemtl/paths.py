@@ -16,6 +16,7 @@ SINGLE_TASK = "single_task"  # the Delta_m reference rows; their models train in
 # the ceiling of every benchmark) and are evaluated first
 MODELS = ("trivial", SINGLE_TASK, RANDOM_INIT, KINDS[0], KINDS[1], "vae_ceiling")
 REFERENCES = ("trivial", "vae_ceiling")
+TRAIN_LOG = "train_log.csv"  # a training folder's: step, task, dataset, loss, lr, seconds
 DONE_FILE = "done.json"  # in a stage's folder once it finished: the hash of what it was made from
 METRICS_FILE = "metrics.csv"  # results/<run>/: one row per (model, seed, benchmark, metric)
 SAMPLES_FILE = "per_sample.csv"  # results/<run>/: one row per (model, seed, benchmark, image, metric)

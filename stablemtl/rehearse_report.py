@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from stablemtl.benchmarks import BENCHMARKS
-from stablemtl.paths import KINDS, METRICS_FILE, STATS_FILE
+from stablemtl.paths import KINDS, METRICS_FILE, STATS_FILE, TRAIN_LOG
 from stablemtl.results import TIMING_FILE, read_metrics
 from stablemtl.watch import GIB, folder_bytes
 
@@ -21,7 +21,7 @@ def collect_figures(outputs: Path, results: Path) -> dict:
 
     training = {}
     for kind in KINDS:
-        log = outputs / kind / "train_log.csv"
+        log = outputs / kind / TRAIN_LOG
         if not log.is_file():
             continue
         with open(log, newline="") as f:

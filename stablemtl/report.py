@@ -36,7 +36,7 @@ from stablemtl.benchmarks import BENCHMARKS
 from stablemtl.comparisons import (DELTA_M_METRICS, GAP_TARGET, Stat, aggregate, delta_m_per_seed, gap_closed,
                                    models_in, paired_changes, relative_change, seed_key, seed_values, seeds_of, stat)
 from stablemtl.figures import write_figures
-from stablemtl.paths import METRICS_FILE, REFERENCES
+from stablemtl.paths import KINDS, METRICS_FILE, REFERENCES
 from stablemtl.results import edited_results, read_metrics
 
 # (benchmark, column title, display factor) of the published columns: docs/method.md, "Published numbers"
@@ -283,7 +283,7 @@ def target_check(rows: list[dict]) -> tuple[dict, bool]:
     text, status: True / False / None = not evaluated, detail) and ``seeds``; passed).
     """
     values, stats, gaps = seed_values(rows), aggregate(rows), gap_closed(rows) or {}
-    seeds = {m: seeds_of(rows, m) for m in ("single_stream", "multi_stream")}
+    seeds = {m: seeds_of(rows, m) for m in KINDS}
     table, failures = [], {}
     for benchmark, metric in DELTA_M_METRICS:
         row = {"benchmark": benchmark, "metric": metric,
@@ -332,7 +332,7 @@ def format_target_check(check: dict, passed: bool) -> str:
     seeds, gap = check["seeds"], check["gap closed"] is not None or any(r["gap closed"] for r in check["benchmarks"])
     star = lambda r, m: format_stat(r[m]) + ("*" if r[f"{m} beats trivial"] else " ")  # noqa: E731
     last = lambda value: f"{value:>16}" if gap else ""  # noqa: E731
-    titles = [f"{m.split('_')[0]} (n={len(seeds[m])})" for m in ("single_stream", "multi_stream")]
+    titles = [f"{m.split('_')[0]} (n={len(seeds[m])})" for m in KINDS]
     lines = [f"{'benchmark':<20}{'metric':<9}{'trivial':>10}{titles[0]:>22}{titles[1]:>22}{'multi vs single':>17}"
              + last("gap closed")]
     for r in check["benchmarks"]:

@@ -140,7 +140,7 @@ SPECS: dict[str, Spec] = {
     "device": Spec("str", pattern=r"cpu|mps|cuda(:\d+)?"),
     "raw_dirs": Spec("dict"),
     # training fields of presets only (TrainConfig)
-    "kind": Spec("str", choices=("single_stream", "multi_stream"), nullable=False),
+    "kind": Spec("str", choices=KINDS, nullable=False),
     "effective_batch": Spec("int", low=1),
     "warmup": Spec("int", low=0),
     "decay_steps": Spec("int", low=1),

@@ -52,7 +52,7 @@ from stablemtl.guard import StageError, check_name, claim, is_own
 from stablemtl.model.base import build_tiny_base, load_base, paper_base_dir
 from stablemtl.model.pipeline import MODEL_FILE, saved_normals
 from stablemtl.paths import (KINDS, METRICS_FILE, MODELS, PIPELINE_FILE, RANDOM_INIT, README_PAPER, REFERENCES,
-                             SINGLE_TASK, project_root)
+                             SINGLE_TASK, TRAIN_LOG, project_root)
 from stablemtl.presets import DEFAULT_SEED, load_preset
 from stablemtl.results import drop_stale_rows, seed_text
 from stablemtl.schema import check_preset
@@ -160,7 +160,7 @@ class Study:
         return self.train_dir(kind, seed) / "model"
 
     def train_log(self, kind: str, seed: int | None = None) -> Path:
-        return self.train_dir(kind, seed) / "train_log.csv"
+        return self.train_dir(kind, seed) / TRAIN_LOG
 
     def training_logs(self) -> dict[str, Path]:
         """Model kind -> ``train_log.csv`` of the kinds this run has trained (or begun to), first seed."""
@@ -303,7 +303,7 @@ def train_config(study: Study, kind: str, name: str | None = None, **overrides) 
 
 def is_training_folder(folder: Path) -> bool:
     """An earlier kit training folder without a ``.stablemtl`` marker: a checkpoint and a log, or a model."""
-    return ((folder / "checkpoint").is_dir() and (folder / "train_log.csv").is_file()) or \
+    return ((folder / "checkpoint").is_dir() and (folder / TRAIN_LOG).is_file()) or \
         (folder / "model" / MODEL_FILE).is_file()
 
 

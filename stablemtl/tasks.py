@@ -165,7 +165,8 @@ class Task:
     def __repr__(self) -> str:
         return f"<Task {self.name!r} prompt={self.prompt!r}>"
 
-    def encode(self, annotation, valid=None, invalid_targets: str = options.DEFAULTS["invalid_targets"]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, annotation, valid=None,
+               invalid_targets: str = options.DEFAULTS["invalid_targets"]) -> tuple[torch.Tensor, torch.Tensor]:
         """Annotation ``[B, C, H, W]`` (+ mask) -> (target ``[B, 3, H, W]`` in [-1, 1], mask ``[B, 1, H, W]``).
 
         ``invalid_targets="keep"`` (the release) keeps the raw annotation at invalid pixels,

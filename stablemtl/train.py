@@ -59,7 +59,7 @@ from stablemtl.devices import peak_memory
 from stablemtl.model.base import load_base
 from stablemtl.model.pipeline import load_model, save_model
 from stablemtl.model.streams import MultiStream, SingleStream
-from stablemtl.paths import STATS_FILE
+from stablemtl.paths import STATS_FILE, TRAIN_LOG
 from stablemtl.tasks import FLOW_TASKS
 from stablemtl.train_config import TrainConfig, training_identity
 
@@ -188,9 +188,10 @@ def _accelerator(mixed_precision: str):
     except ValueError as err:
         if "mixed_precision" not in str(err):
             raise
-        raise RuntimeError(f"mixed_precision={mixed_precision!r}: this process already trained in another precision "
-                           f"and accelerate keeps one per process (fp16 uses its gradient scaler); restart the "
-                           f"kernel (or run the training in its own process: python -m stablemtl.train --config)") from None
+        raise RuntimeError(
+            f"mixed_precision={mixed_precision!r}: this process already trained in another precision and accelerate "
+            f"keeps one per process (fp16 uses its gradient scaler); restart the kernel, or run the training in its "
+            f"own process (python -m stablemtl.train --config)") from None
 
 
 def collate(samples: list[dict], task: str) -> dict:
@@ -460,7 +461,7 @@ class Trainer:
     def _append_log(self, rows: list[dict]) -> None:
         if not self.accelerator.is_main_process or not rows:
             return
-        path = self.out / "train_log.csv"
+        path = self.out / TRAIN_LOG
         new = not path.is_file()
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
@@ -470,7 +471,7 @@ class Trainer:
 
     def _trim_log(self) -> None:
         """After a resume, drop log rows of steps that will be trained again."""
-        path = self.out / "train_log.csv"
+        path = self.out / TRAIN_LOG
         if not self.accelerator.is_main_process or not path.is_file():
             return
         with open(path, newline="") as f:

@@ -18,6 +18,7 @@ from stablemtl.model.base import base_configs, build_report, load_base
 from stablemtl.model.sd2 import count_parameters
 from stablemtl.model.streams import TASK_ATTENTION
 from stablemtl.model.vae import vae_roundtrip
+from stablemtl.paths import KINDS
 from stablemtl.report import main_table
 from stablemtl.results import read_metrics
 from stablemtl.stages import Study, require
@@ -181,7 +182,7 @@ def parameter_table(study: Study):
     return pd.DataFrame(rows).set_index("component")
 
 
-def plot_training_curves(study: Study, kinds=("single_stream", "multi_stream"), smooth: int = 10):
+def plot_training_curves(study: Study, kinds=KINDS, smooth: int = 10):
     """The loss per task against the step of each trained kind (a PNG next to the last kind's log)."""
     logs = {k: v for k, v in study.training_logs().items() if k in kinds}
     if not logs:
