@@ -57,7 +57,7 @@ from stablemtl.presets import DEFAULT_SEED, load_preset
 from stablemtl.results import drop_stale_rows, seed_text
 from stablemtl.schema import check_preset
 from stablemtl.tasks import TASK_NAMES
-from stablemtl.train import CheckpointMismatch, Trainer
+from stablemtl.train import CheckpointMismatch, Trainer, accelerate_precision
 from stablemtl.train_config import TrainConfig, check_cpu_memory, finished_training, preset_config
 
 
@@ -353,7 +353,8 @@ def launch(config: TrainConfig, out: Path, gpus: int) -> Path:
     # every launch setting given: a user's accelerate config file (~/.cache/huggingface/accelerate) must not
     # change the precision or add a compiler, and accelerate then does not stop to warn about defaults
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-           "--num_machines", "1", "--mixed_precision", config.mixed_precision, "--dynamo_backend", "no",
+           "--num_machines", "1", "--mixed_precision", accelerate_precision(config.mixed_precision),
+           "--dynamo_backend", "no",
            "-m", "stablemtl.train", "--config", str(out / "config.json")]
     print("launching:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)

@@ -28,11 +28,13 @@ one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
   the micro-batches of the synchronous path (0, the default), in order; the sampler advances only as
   micro-batches are consumed, so checkpoints and resumes are the same with and without workers;
 - ``mixed_precision="bf16"``: the trainable weights stay float32 (the optimizer's master copy) and
-  run under autocast, while the modules a training never updates (the VAE, the text encoder, a
+  the model's forward runs under ``torch.autocast`` (the trainer's own, exactly where accelerate would
+  put it, so that one process can train in float32 and then in bfloat16: accelerate keeps one precision
+  per process and has no public way to change it), while the modules a training never updates (the VAE, the text encoder, a
   multi stream's auxiliary UNet) compute with bfloat16 copies (``half_frozen``); the prompts are
   embedded in float32 first and ``save_model`` writes the float32 originals, so a saved model's
-  frozen parts are the base's, bit for bit. ``"fp16"`` keeps the frozen parts in float32 (the SD
-  VAE overflows in float16);
+  frozen parts are the base's, bit for bit. ``"fp16"`` (accelerate's autocast and gradient scaler)
+  keeps the frozen parts in float32 (the SD VAE overflows in float16);
 - memory: ``gradient_checkpointing`` of the trainable UNet, ``optimizer`` ``"adam_fused"`` (CUDA) or
   ``"adam8bit"`` (bitsandbytes); the optimizer is part of a checkpoint's identity, workers and
   checkpointing may change on resume (``RESUMABLE_CHANGES``).

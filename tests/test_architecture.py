@@ -123,3 +123,18 @@ def test_the_light_modules_import_no_torch():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_over_600_lines(module):
     assert len(MODULES[module].read_text().splitlines()) <= MAX_LINES
+
+
+def test_every_notebook_checks_its_inputs_through_the_stage_graph():
+    """The graph is written once (``stages.GRAPH``): a notebook that reads other stages checks them with
+    ``stages.check_inputs`` of its own stage, and names no stage it reads itself."""
+    import nbformat
+
+    from stablemtl.stages import GRAPH
+
+    for key, stage in GRAPH.items():
+        nb = nbformat.read(str(PACKAGE.parent / "notebooks" / f"{stage.name}.ipynb"), as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert "stages.require(" not in code and "paths." not in code, stage.name
+        if stage.reads:
+            assert f'stages.check_inputs(study, "{key}"' in code, stage.name
