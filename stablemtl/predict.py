@@ -50,7 +50,6 @@ same). Nothing is downloaded; the same files give the same outputs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import math
@@ -479,27 +478,3 @@ def cmd_predict(args) -> int:
         return 2
     lacking = any(why.startswith(LACKS) for r in records for why in r["skipped"].values())
     return 0 if all(r["ok"] for r in records) and not lacking else 1
-
-
-def add_predict_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``stablemtl predict IMAGES... --model DIR [--tasks depth,normal] [--out DIR] [--device auto]
-    [--bf16] [--max-side N] [--quiet]`` on an argparse ``subparsers``; ``args.func(args)`` runs it."""
-    p = subparsers.add_parser(
-        "predict", help="a trained model's outputs for your own images",
-        description="Predict every task of a trained model (or --tasks) for image files or folders (sorted by "
-                    "name; optical_flow and scene_flow pair each image with the next one) and write "
-                    "<out>/<image>/<task>.png, <task>.npy (float32, at the image's size), depth_16bit.png "
-                    "(depth = png / 65535) and contact_sheet.png. Exit status: 0 all done, 1 some image or "
-                    "task failed, 2 nothing ran.")
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders of images")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="a model folder, e.g. outputs/demo/multi_stream/model")
-    p.add_argument("--tasks", default=None, help="comma-separated tasks, e.g. depth,normal (default: the model's)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR", help="output folder (default: ./predictions)")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one, else the CPU), cpu, cuda:1, ...")
-    p.add_argument("--bf16", action="store_true", help="run in bfloat16 (half the memory and time on a GPU)")
-    p.add_argument("--max-side", type=int, default=None, metavar="N",
-                   help="run the model at most at N pixels on the longer side (default: the image's own size)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
-    return p

@@ -538,8 +538,10 @@ def add_rehearse_parser(subparsers) -> None:
                    help="micro-batch size (default: 16 on a GPU, 1 on the CPU; the effective batch stays 32)")
     p.add_argument("--render-scale", type=int, default=DEFAULTS["render_scale"],
                    help="render the raw frames at 1/N of the real size, then upsample (default 4)")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", default="outputs/rehearsal", help="the rehearsal's folder (default outputs/rehearsal)")
+    p.add_argument("--device", default="auto",
+                   help="auto|cpu|cuda[:N] (default auto: the GPU when there is one, else the CPU)")
+    p.add_argument("--out", default="outputs/rehearsal", metavar="DIR",
+                   help="the output folder: the rehearsal's data, models, logs and report (default: outputs/rehearsal)")
     p.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
                    help="a notebook parameter passed to the stages that declare it, as `stablemtl run -p` "
                         "(e.g. -p mixed_precision=bf16 -p gradient_checkpointing=true)")

@@ -131,19 +131,25 @@ def write_hashes(out_dir: Path, hashes: dict[str, str]) -> None:
     write_bytes(out_dir / HASH_FILE, (json.dumps(hashes, indent=1, sort_keys=True) + "\n").encode())
 
 
-def drop_stale_rows(out_dir, run: str, expected: dict[str, set[str]], log=print) -> int:
-    """Remove the rows of ``run`` whose model is a key of ``expected`` but whose seed is not in its set
-    (a seed the run no longer trains, or rows written before the seed column); both CSVs and their
-    hashes are rewritten. Returns the number of metric rows removed."""
+def set_aside_stale_rows(out_dir, run: str, expected: dict[str, set[str]], log=print) -> int:
+    """Move the rows of ``run`` whose model is a key of ``expected`` but whose seed is not in its set (a
+    seed this evaluation does not train, or rows written before the seed column) out of both CSVs, into
+    ``<name>.set_aside.csv`` next to them (appended: nothing is lost; put them back by hand to use them);
+    the CSVs and their hashes are rewritten. Returns the number of metric rows moved."""
     out_dir = Path(out_dir)
     stale = lambda r: r["run"] == run and r["model"] in expected and r["seed"] not in expected[r["model"]]  # noqa: E731
     tables = [CsvRows(out_dir / METRICS_FILE, METRIC_FIELDS), CsvRows(out_dir / SAMPLES_FILE, SAMPLE_FIELDS)]
     rows = [read_or_set_aside(t) for t in tables]
-    dropped = sorted({(r["model"], r["seed"] or "none") for r in rows[0] if stale(r)})
-    if not dropped:
+    moved = sorted({(r["model"], r["seed"] or "none") for r in rows[0] if stale(r)})
+    if not moved:
         return 0
-    log(f"note: {out_dir / METRICS_FILE}: removed the rows of " + ", ".join(f"{m} (seed {s})" for m, s in dropped)
-        + f" of run {run!r}: this evaluation has no such model and seed")
+    for table, table_rows in zip(tables, rows):
+        aside = CsvRows(table.path.with_suffix(".set_aside.csv"), table.fields)
+        aside.write(read_or_set_aside(aside) + [r for r in table_rows if stale(r)])
+    log(f"note: {out_dir / METRICS_FILE}: the rows of " + ", ".join(f"{m} (seed {s})" for m, s in moved)
+        + f" of run {run!r} are not part of this evaluation (no such model and seed); moved to "
+        + f"{(out_dir / METRICS_FILE).with_suffix('.set_aside.csv').name} and "
+        + f"{(out_dir / SAMPLES_FILE).with_suffix('.set_aside.csv').name}")
     hashes = {t.path.name: t.write([r for r in table_rows if not stale(r)]) for t, table_rows in zip(tables, rows)}
     write_hashes(out_dir, hashes)
     return sum(stale(r) for r in rows[0])

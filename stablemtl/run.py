@@ -47,6 +47,7 @@ from stablemtl.model.base import BUILD_VERSION, is_built_base
 from stablemtl.paths import DONE_FILE, KINDS, METRICS_FILE, PIPELINE_FILE, README_PAPER, project_root
 from stablemtl.presets import yaml_numbers
 from stablemtl.report import format_target_check, target_check
+from stablemtl.reproduction import compare_with_reference
 from stablemtl.results import read_metrics
 from stablemtl.schema import check_parameters
 from stablemtl.stages import (STAGES, Study, context, inputs, is_training_folder, require, stage_name,
@@ -204,7 +205,7 @@ def check_run_parameters(stages: list[str], parameters: dict) -> tuple[dict, dic
 
 
 def is_results_folder(folder: Path) -> bool:
-    """An earlier run folder without a ``.stablemtl`` marker (the committed ``results/demo``): a manifest."""
+    """An earlier run folder without a ``.stablemtl`` marker (such as the committed ``results/reference/demo``): a manifest."""
     return (folder / MANIFEST).is_file()
 
 
@@ -443,4 +444,7 @@ def main(args) -> int:
         return err.code
     print(f"\nfinished in {time.perf_counter() - start:.0f} s\n")
     print(summary(study))
+    compared = compare_with_reference(study.results_dir, study.run_name, study.preset, parameters)
+    if compared:
+        print(f"\nyour run and the committed one: {compared}")
     return 0

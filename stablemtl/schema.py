@@ -221,8 +221,9 @@ def check_preset(config: dict, preset=None) -> dict:
     for key in config:
         if key not in _TOP:
             raise unknown((), key, _TOP)
-    if "name" in config:
-        check_name(config["name"], "preset name", where("name"))
+    if "name" in config:  # a file's name is its stem (stablemtl.presets.load_preset), its 'name:' field at most
+        check_name(config["name"], "preset name", where("name") if ("name",) in lines or not lines
+                   else f"{file}: the file's name names the preset")
     if "seed" in config:
         config["seed"] = Spec("int", low=0, nullable=False).check("preset field seed", config["seed"], where("seed"))
     for field, value in mapping(config.get("study", {}), "study").items():

@@ -48,13 +48,13 @@ from stablemtl.data import mini
 from stablemtl.data.sources import META_FILE, SOURCES
 from stablemtl.devices import pin_cpu_threads
 from stablemtl.evaluate import evaluate
-from stablemtl.guard import StageError, check_name, claim, is_own
+from stablemtl.guard import InputError, StageError, check_name, claim, is_own
 from stablemtl.model.base import build_tiny_base, load_base, paper_base_dir
 from stablemtl.model.pipeline import MODEL_FILE, saved_normals
 from stablemtl.paths import (KINDS, METRICS_FILE, MODELS, PIPELINE_FILE, RANDOM_INIT, README_PAPER, REFERENCES,
-                             SINGLE_TASK, TRAIN_LOG, project_root)
+                             REFERENCE, SINGLE_TASK, TRAIN_LOG, project_root)
 from stablemtl.presets import DEFAULT_SEED, load_preset
-from stablemtl.results import drop_stale_rows, seed_text
+from stablemtl.results import set_aside_stale_rows, seed_text
 from stablemtl.schema import check_preset
 from stablemtl.tasks import TASK_NAMES
 from stablemtl.train import CheckpointMismatch, Trainer, accelerate_precision
@@ -196,9 +196,13 @@ def context(preset="demo", run_name=None) -> Study:
     ``RESULTS_DIR`` move the checkpoints and the results.
     """
     config = check_preset(load_preset(preset), preset)  # every field typed; the preset name is a safe name
-    name = check_name(config.get("name", Path(str(preset)).stem), "preset name",
-                      "the preset's 'name', or its file name")
+    # a file's name is its stem (a 'name:' field that differs is refused: stablemtl.presets.load_preset)
+    name = check_name(config.get("name", "custom"), "preset name", "the preset's file name, or a dict's 'name'")
+    config = {**config, "name": name}  # Study.name: the same name as the folders
     run = check_name(run_name, "run name", "--run-name / run_name") if run_name else name
+    if run == REFERENCE:
+        raise InputError(f"run name {run!r} is reserved: results/{REFERENCE}/ holds the committed reference runs; "
+                         f"choose another --run-name (or give the preset file another name)")
     root = project_root()
     outputs = Path(os.environ.get("OUTPUT_DIR") or root / "outputs")
     results = Path(os.environ.get("RESULTS_DIR") or root / "results")
@@ -507,7 +511,7 @@ def evaluate_models(study: Study, models=None, benchmarks=None, max_images=None,
     study.results_dir.mkdir(parents=True, exist_ok=True)
     expected = {name: {""} if name in REFERENCES else
                 {seed_text(s) for folder, s in trained if row(folder) == name} for name in models}
-    drop_stale_rows(study.results_dir, study.run_name, expected)
+    set_aside_stale_rows(study.results_dir, study.run_name, expected)
     for name in models:
         if name in REFERENCES:
             source = "trivial" if name == "trivial" else ("vae_ceiling", load_base(study.base_dir))

@@ -22,7 +22,7 @@ from stablemtl.data import formats as F
 from stablemtl.data import mini
 from stablemtl.data.sources import DIODE, Cityscapes
 
-DEMO = Path(__file__).resolve().parents[1] / "results" / "demo"
+DEMO = Path(__file__).resolve().parents[1] / "results" / "reference" / "demo"
 EVAL_RES = {"mid_albedo": (32, 48), "mid_shading": (32, 48)}
 
 

@@ -140,8 +140,8 @@ def test_earlier_kit_outputs_without_a_marker_are_adopted(tmp_path, kind, files,
 
 
 def test_the_committed_demo_results_are_recognised():
-    assert run.is_results_folder(ROOT / "results" / "demo")
-    claim(ROOT / "results" / "demo", "results", run.is_results_folder, create=False)  # checks, writes nothing
+    assert run.is_results_folder(ROOT / "results" / "reference" / "demo")
+    claim(ROOT / "results" / "reference" / "demo", "results", run.is_results_folder, create=False)  # checks, writes nothing
 
 
 def test_a_folder_marked_for_another_kind_is_refused(tmp_path):

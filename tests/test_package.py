@@ -33,10 +33,10 @@ def test_package_import_loads_no_heavy_module():
 @pytest.mark.slow
 def test_console_script_runs_and_checks_the_tasks(tmp_path):
     script = Path(sys.executable).with_name("stablemtl")
-    out = "".join(subprocess.run([str(script), command, "--preset", "smoke", "--root", str(tmp_path),
-                                  "--out", str(tmp_path / "base")], check=True, capture_output=True,
-                                 text=True).stdout for command in ("data", "base"))
-    out += subprocess.run([str(script), "check"], check=True, capture_output=True, text=True).stdout
+    out = "".join(subprocess.run([str(script), command, "--preset", "smoke", "--out", str(folder), "--quiet"],
+                                 check=True, capture_output=True, text=True).stdout
+                  for command, folder in (("data", tmp_path), ("base", tmp_path / "base")))
+    out += subprocess.run([str(script), "check"], check=True, capture_output=True, text=True).stdout  # status 0
     assert (tmp_path / "base/unet/diffusion_pytorch_model.safetensors").is_file()
     assert "VAE ceiling" in out
     assert (tmp_path / "kitti/flow_2015/training/flow_occ/000000_10.png").is_file()
@@ -47,6 +47,12 @@ def test_console_script_runs_and_checks_the_tasks(tmp_path):
         assert error < 1e-3, line
     bad = subprocess.run([str(script), "fly"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'fly'" in bad.stderr
+
+
+def test_console_script_prints_its_version():
+    script = Path(sys.executable).with_name("stablemtl")
+    done = subprocess.run([str(script), "--version"], check=True, capture_output=True, text=True)
+    assert done.stdout == f"stablemtl {stablemtl.__version__}\n"
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

@@ -4,7 +4,6 @@ world's ground truth; the release's numbers; resuming; bad layouts, corrupt file
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stablemtl import cli
 from stablemtl.data import formats as F
 from stablemtl.data import imaging, mini, sources, splits, synthetic, transforms
 from stablemtl.data import prepare as P
@@ -434,8 +434,7 @@ def test_the_checks_build_missing_lists_and_need_the_eigen_list(mini_checked, tm
 # ----------------------------------------------------------------------------- the command line
 
 def test_the_prepare_command(prepared, tmp_path, monkeypatch, capsys):
-    parser = argparse.ArgumentParser(prog="stablemtl")
-    P.add_prepare_parser(parser.add_subparsers(dest="command"))
+    parser = cli.build_parser()
     raw = prepared["mid"][0]
     monkeypatch.delenv("PREPROCESSED_DIR", raising=False)
     args = parser.parse_args(["prepare", "mid", "--raw", str(raw), "--quiet"])

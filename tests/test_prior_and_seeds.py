@@ -61,7 +61,7 @@ def test_without_prior_steps_the_unet_stays_at_initialisation():
 
 
 def test_the_committed_demo_base_is_the_demo_presets_and_is_copied_not_rebuilt(tmp_path):
-    committed = B.committed_base("demo")
+    committed = B.committed_base(B.base_params(load_preset("demo")))
     assert committed is not None, "bases/demo (the built demo base) is missing from the checkout"
     report = B.build_report(committed)
     config = load_preset("demo")
@@ -75,7 +75,16 @@ def test_the_committed_demo_base_is_the_demo_presets_and_is_copied_not_rebuilt(t
         assert (out / file.relative_to(committed)).read_bytes() == file.read_bytes()
     base = B.load_base(out)
     assert base.scheduler.config.prediction_type == "v_prediction"
-    assert B.committed_base("no_such_preset") is None
+    assert committed.name == "demo" and B.committed_base(dict(report["params"], seed=1)) is None
+    # a copy of the preset under another name, same base settings: the same committed weights, no rebuild
+    from stablemtl.presets import PRESET_DIR
+
+    copy = tmp_path / "mine.yaml"
+    copy.write_text("".join(line for line in (PRESET_DIR / "demo.yaml").read_text().splitlines(keepends=True)
+                            if not line.startswith("name:")))
+    mine = B.build_tiny_base(tmp_path / "mine", str(copy), progress=False)
+    for file in committed.rglob("*.safetensors"):
+        assert (mine / file.relative_to(committed)).read_bytes() == file.read_bytes()
 
 
 # a rebuild from scratch takes about 12 minutes on 2 cores: run it with `pytest --rebuild-base`
@@ -84,7 +93,7 @@ REBUILD_TOLERANCE = {"psnr_db": 0.5, "ceiling_relative": 0.15, "prior_loss_relat
 
 @pytest.mark.rebuild
 def test_a_rebuild_matches_the_committed_report(tmp_path):
-    committed = B.build_report(B.committed_base("demo"))
+    committed = B.build_report(B.committed_base(B.base_params(load_preset("demo"))))
     B.build_tiny_base(tmp_path / "base", "demo", progress=False, rebuild=True)
     rebuilt = B.build_report(tmp_path / "base")
     assert rebuilt["params"] == committed["params"]
@@ -161,10 +170,10 @@ def test_a_random_init_single_stream_has_the_same_architecture_and_no_prior(tiny
         TrainConfig(kind="multi_stream", unet_init="random").validate()
 
 
-def test_stage_05_drops_the_rows_of_seeds_the_run_no_longer_has(tmp_path):
+def test_stage_05_sets_aside_the_rows_of_seeds_the_run_no_longer_has(tmp_path):
     import csv
 
-    from stablemtl.results import METRIC_FIELDS, SAMPLE_FIELDS, CsvRows, drop_stale_rows, edited_results
+    from stablemtl.results import METRIC_FIELDS, SAMPLE_FIELDS, CsvRows, edited_results, set_aside_stale_rows
 
     def row(model, seed, run="demo"):
         return {"run": run, "model": model, "seed": seed, "benchmark": "kitti_depth", "dataset": "kitti_depth",
@@ -175,7 +184,7 @@ def test_stage_05_drops_the_rows_of_seeds_the_run_no_longer_has(tmp_path):
     CsvRows(tmp_path / "metrics.csv", METRIC_FIELDS).write(rows)
     CsvRows(tmp_path / "per_sample.csv", SAMPLE_FIELDS).write([])
     notes = []
-    removed = drop_stale_rows(tmp_path, "demo", {"trivial": {""}, "single_stream": {"2024"}}, log=notes.append)
+    removed = set_aside_stale_rows(tmp_path, "demo", {"trivial": {""}, "single_stream": {"2024"}}, log=notes.append)
     assert removed == 2 and "single_stream (seed 2025), single_stream (seed none)" in notes[0]
     with open(tmp_path / "metrics.csv", newline="") as f:
         kept = [(r["run"], r["model"], r["seed"]) for r in csv.DictReader(f)]
@@ -183,4 +192,10 @@ def test_stage_05_drops_the_rows_of_seeds_the_run_no_longer_has(tmp_path):
     assert kept == [("demo", "trivial", ""), ("demo", "single_stream", "2024"), ("demo", "multi_stream", "2025"),
                     ("other", "single_stream", "2025")]
     assert edited_results(tmp_path) == []
-    assert drop_stale_rows(tmp_path, "demo", {"single_stream": {"2024"}}, log=notes.append) == 0 and len(notes) == 1
+    # nothing is lost: the rows moved out are next to the CSV, and a second move appends
+    aside = CsvRows(tmp_path / "metrics.set_aside.csv", METRIC_FIELDS).read()
+    assert [(r["model"], r["seed"]) for r in aside] == [("single_stream", ""), ("single_stream", "2025")]
+    assert "moved to metrics.set_aside.csv" in notes[0]
+    assert set_aside_stale_rows(tmp_path, "demo", {"single_stream": {"2024"}}, log=notes.append) == 0 and len(notes) == 1
+    assert set_aside_stale_rows(tmp_path, "demo", {"multi_stream": {"2024"}}, log=notes.append) == 1
+    assert len(CsvRows(tmp_path / "metrics.set_aside.csv", METRIC_FIELDS).read()) == 3

@@ -1,6 +1,5 @@
 """Released StableMTL checkpoints: the key mapping, the conversion round trip, the full-size key set."""
 
-import argparse
 import hashlib
 import json
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from stablemtl import cli
 from stablemtl.model import release as R
 from stablemtl.model import streams as S
 from stablemtl.model.pipeline import StableMTLPipeline, read_model_index
@@ -124,8 +124,7 @@ def test_a_folder_that_is_not_a_release_run_says_what_is_wrong(models, tiny_base
         R.read_run(dec)
     assert not (tmp_path / "out").exists()  # nothing half written
     # the command line: a clear message and status 2, then a conversion
-    parser = argparse.ArgumentParser()
-    R.add_convert_parser(parser.add_subparsers())
+    parser = cli.build_parser()
     args = parser.parse_args(["convert-release", str(run), str(tmp_path / "cli"), "--base", str(tiny_base_dir)])
     assert args.func(args) == 2
     args = parser.parse_args(["convert-release", str(run), str(tmp_path / "cli"), "--base", str(tiny_base_dir),

@@ -234,7 +234,9 @@ def test_cached_latents_give_the_same_loss(setup, tmp_path):
         first = float(trainer.loss(batch, "depth", "hypersim"))
         assert len(trainer.latent_cache) == 4  # 2 image latents + 2 target latents
         again = float(trainer.loss(batch, "depth", "hypersim"))
-    assert first == pytest.approx(plain, rel=1e-5) and again == first
+    # bit for bit: with no image cached yet, the batch is encoded as one, exactly as without the cache (the same
+    # VAE call on the same batch), and the cache hands back those latents unchanged
+    assert first == plain and again == first
 
 
 @pytest.mark.slow
@@ -355,8 +357,10 @@ def test_a_run_with_workers_killed_mid_run_resumes_bit_for_bit(setup, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["single_stream", "multi_stream"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup, tmp_path, kind):
-    """Within 1e-5 (relative to the largest gradient of each tensor); with the task attention's
-    random masking on (the recomputation replays the same RNG draws)."""
+    """Bit for bit; with the task attention's random masking on (the recomputation replays the same RNG
+    draws). The recomputation runs the forward's kernels again on the same batch, shapes and layouts (on any
+    one machine, the same kernels), and the backward accumulates the same terms in an order its graph sets,
+    not the CPU: so the two runs make the same operations in the same order on every machine."""
     extra = {}
     if kind == "multi_stream":
         single = T.train(config(setup, tmp_path / "init", iterations=1), progress=False)
@@ -374,11 +378,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup, tmp_pat
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         results.append((loss.item(), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
-    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert loss_b == loss_a
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for name in grads_a:
-        scale = float(grads_a[name].abs().max()) or 1.0
-        assert torch.allclose(grads_b[name], grads_a[name], rtol=0, atol=1e-5 * scale), name
+        assert torch.equal(grads_b[name], grads_a[name]), name
 
 
 @pytest.mark.slow
@@ -438,6 +441,9 @@ def test_bf16_training_halves_the_frozen_parts_and_saves_them_in_float32(setup, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     ref, got = log(tmp_path / "fp32"), log(tmp_path / "bf16")
     assert [r[:3] for r in got] == [r[:3] for r in ref]
+    # bfloat16 keeps 8 significant bits (u = 2**-8 = 0.39 %): the bf16 frozen VAE's latents and the autocast
+    # forward differ from fp32 by about that, the losses (means of squares) by 0.23 % and 0.09 % on the tiny base.
+    # That difference is set by bfloat16's rounding, not by the order in which the CPU's kernels sum (1e-7)
     for (*_, loss_ref), (*_, loss_bf16) in zip(ref, got):
         assert float(loss_bf16) == pytest.approx(float(loss_ref), rel=1e-2)
     saved = [load_model(t.save_model(tmp_path / f"model_{i}")) for i, t in enumerate((fp32, resumed))]

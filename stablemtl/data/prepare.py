@@ -52,7 +52,6 @@ from stablemtl.data.formats import DatasetLayoutError
 from stablemtl.data.layout import CHECKED, check_layout
 from stablemtl.data.source_base import META_FILE
 from stablemtl.data.sources import SOURCES
-from stablemtl.data.splits import HYPERSIM_SPLIT_CSV
 
 RELEASE = "astra-vision/StableMTL"
 CONVERTERS = {"hypersim": hypersim, "vkitti": vkitti, "flying_things_3d": flying_things_3d, "mid": mid}
@@ -186,24 +185,3 @@ def cmd_prepare(args) -> int:
         print(f"  skipped: {frames['skipped']}")
     print(f"  manifest: {Path(manifest['out']) / MANIFEST}")
     return 0
-
-
-def add_prepare_parser(subparsers) -> None:
-    """Register ``stablemtl prepare <dataset> --raw DIR [--out DIR] [--workers N] [--quiet]`` on an
-    ``argparse`` sub-parser set; the parsed arguments carry ``func`` (``cmd_prepare``)."""
-    p = subparsers.add_parser(
-        "prepare", help="convert a raw dataset download into the layout the kit reads",
-        description="Convert a raw download (Hypersim HDF5, Virtual KITTI 2 depth, the FlyingThings3D subset, "
-                    "MID EXR) into the StableMTL release's preprocessed layout, or check the layout of Cityscapes, "
-                    "KITTI and DIODE. Resumable; writes stablemtl_prepare.json last.")
-    p.add_argument("dataset", choices=DATASETS)
-    p.add_argument("--raw", required=True,
-                   help="the raw download's folder (see README.md, 'Preparing the raw datasets')")
-    p.add_argument("--out", default=None, help="the output folder (default: $PREPROCESSED_DIR/<dataset's folder>)")
-    p.add_argument("--workers", type=int, default=None, help="processes converting frames (default: every CPU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--split-csv", default=None,
-                   help=f"hypersim: {HYPERSIM_SPLIT_CSV} when it is not in the raw folder")
-    p.add_argument("--eigen-list", default=None,
-                   help="kitti_depth: the official Eigen test list when the folder has no data_split/")
-    p.set_defaults(func=cmd_prepare)

@@ -18,7 +18,7 @@ frozen random VAE cannot decode). The build report gives the VAE's
 reconstruction PSNR per encoding and the "VAE ceiling": each task's metric when
 the encoded-then-decoded ground truth is taken as the prediction. Building is
 deterministic and cached (``stablemtl_base.json``); the demo's built base is
-committed with the kit (``bases/<preset>``, ``committed_base``) and copied.
+committed with the kit (``bases/<preset>``, ``committed_base``: any whose build parameters are the preset's) and copied.
 
 Stable Diffusion 2's own side (its real tokenizer, its configs at a width, a
 folder of its layout with random weights, parameter counts) is ``stablemtl.model.sd2``.
@@ -350,10 +350,25 @@ def save_base(base: Base, out_dir, info: dict | None = None) -> Path:
     return out_dir
 
 
-def committed_base(name: str) -> Path | None:
-    """The built base committed with the kit for preset ``name`` (``<checkout>/bases/<name>``), or None."""
-    folder = Path(stablemtl.__file__).resolve().parents[1] / "bases" / name
-    return folder if (folder / BUILD_FILE).is_file() and (folder / PIPELINE_FILE).is_file() else None
+def base_params(config: dict) -> dict:
+    """What a tiny base is built from (a preset's ``model.base`` section and seed, and the build's version),
+    as its build report records it (``params``)."""
+    cfg = config.get("model", {}).get("base")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"preset {config.get('name', 'custom')!r} has no model.base section")
+    params = {"base": cfg, "seed": int(config.get("seed", DEFAULT_SEED)), "version": BUILD_VERSION}
+    return json.loads(json.dumps(params))
+
+
+def committed_base(params: dict) -> Path | None:
+    """A built base committed with the kit (``<checkout>/bases/<preset>``) built from ``params``
+    (``base_params``), whichever preset it was built for (a copied preset with the same base settings gets
+    the same weights), or None."""
+    for folder in sorted((Path(stablemtl.__file__).resolve().parents[1] / "bases").glob("*")):
+        if (folder / BUILD_FILE).is_file() and (folder / PIPELINE_FILE).is_file() and \
+                build_report(folder).get("params") == params:
+            return folder
+    return None
 
 
 def _install_committed(committed: Path, out_dir: Path) -> Path:
@@ -367,30 +382,26 @@ def _install_committed(committed: Path, out_dir: Path) -> Path:
 def build_tiny_base(out_dir, preset="demo", progress: bool = True, rebuild: bool = False) -> Path:
     """Make the tiny base of ``preset`` in ``out_dir`` (replacing an earlier one); returns ``out_dir``.
 
-    When the kit carries a built base for the preset (``committed_base``) built with the same
-    parameters, it is copied (seconds; every run of every machine starts from the same weights);
+    When the kit carries a base built with the preset's parameters (``committed_base``; a copy of the
+    demo preset with the same ``model.base`` and seed gets the demo's), it is copied (seconds; every run of every machine starts from the same weights);
     otherwise, or with ``rebuild``, the base is built from scratch with the same recipe (minutes).
     (``stablemtl run`` skips stage 02 when the base was made with the same parameters.)"""
     config = load_preset(preset)
-    cfg = config.get("model", {}).get("base")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"preset {config.get('name', preset)!r} has no model.base section")
-    seed = int(config.get("seed", DEFAULT_SEED))
+    params = base_params(config)
+    cfg, seed = config["model"]["base"], params["seed"]
     out_dir = Path(out_dir)
     if out_dir.exists():  # a folder of other files: refused now, not after the build
         claim(out_dir, "base", is_built_base)
-    params = {"base": cfg, "seed": seed, "version": BUILD_VERSION}
-    committed = None if rebuild else committed_base(str(config.get("name", preset)))
+    committed = None if rebuild else committed_base(params)
     if committed is not None:
-        recorded = build_report(committed).get("params")
-        if recorded == json.loads(json.dumps(params)):
-            _install_committed(committed, out_dir)
-            if progress:
-                print(f"the kit's built base {committed} copied to {out_dir} (`stablemtl base --rebuild` builds "
-                      f"it from scratch)\n" + format_build_report(build_report(out_dir)))
-            return out_dir
-        print(f"{committed} was built with other parameters than preset {config.get('name', preset)!r}'s; "
-              f"building the base from scratch", flush=True)
+        _install_committed(committed, out_dir)
+        if progress:
+            print(f"the kit's built base {committed} copied to {out_dir} (`stablemtl base --rebuild` builds "
+                  f"it from scratch)\n" + format_build_report(build_report(out_dir)))
+        return out_dir
+    if not rebuild:
+        print(f"no base committed with the kit (bases/) was built with preset {config.get('name', preset)!r}'s "
+              f"model.base and seed; building the base from scratch", flush=True)
     base, info = make_tiny_base(cfg, seed, progress)
     save_base(base, out_dir, {"params": params, **info})
     if progress:

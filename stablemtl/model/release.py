@@ -50,8 +50,6 @@ from stablemtl.model.pipeline import save_model
 from stablemtl.model.streams import MultiStream, SingleStream, TaskAttentionSites, attention_sites, site_key
 from stablemtl.paths import KINDS
 
-# the model modules (they import diffusers) are imported where they are used: every command line call
-# imports this module, for its parser (``add_convert_parser``)
 WEIGHTS = Path("checkpoint/latest/unet/diffusion_pytorch_model.bin")
 UNET_CONFIG = Path("checkpoint/latest/unet/config.json")
 BLOCKS_3D = {"CrossAttnDownBlock3D": "CrossAttnDownBlock2D", "DownBlock3D": "DownBlock2D",
@@ -255,21 +253,7 @@ def convert(run_dir, out_dir, base=None, child=None) -> Path:
     return out
 
 
-def add_convert_parser(subparsers) -> None:
-    """``stablemtl convert-release RUN_DIR OUT_DIR [--base DIR] [--child FILE]``."""
-    p = subparsers.add_parser(
-        "convert-release", help="convert a released StableMTL checkpoint into a kit pipeline folder",
-        description="Turn a StableMTL release run folder (config.yaml + checkpoint/latest/unet/) into a "
-                    "self-contained pipeline folder that StableMTLPipeline.from_pretrained and stablemtl predict load.")
-    p.add_argument("run_dir", help="the release run folder (e.g. the unpacked single_stream/ or multi_stream/)")
-    p.add_argument("out_dir", help="where the pipeline folder goes")
-    p.add_argument("--base", default=None, help="Stable Diffusion 2, diffusers layout "
-                                                "(default $BASE_CKPT_DIR/stable-diffusion-2)")
-    p.add_argument("--child", default=None, help="multi stream: single_stream_unet.pth, its frozen auxiliary stream")
-    p.set_defaults(func=_cmd_convert)
-
-
-def _cmd_convert(args) -> int:
+def cmd_convert(args) -> int:
     try:
         out = convert(args.run_dir, args.out_dir, base=args.base, child=args.child)
     except (ValueError, FileNotFoundError) as err:  # ReleaseFormatError, a missing base (BaseModelError)

@@ -4,6 +4,12 @@ A preset is a YAML file next to this module; ``load_preset`` returns it as a
 plain dict, or reads any YAML path a user gives. A YAML syntax error is an
 ``InputError`` naming the file and line (no traceback); ``preset_lines`` maps
 each key path to its line, so ``stablemtl.schema`` names the line of a bad field.
+
+A preset's name is its file's name (``my.yaml`` -> ``my``), and the name names its folders
+(``data/<name>``, ``outputs/<name>/base``, ``results/<name>``): a copy of ``demo.yaml`` saved as
+``my.yaml`` runs as preset ``my`` in folders of its own. A ``name:`` field that differs from the file's
+name, or a user's file named like a built-in preset, is refused (``_file_name``), so that two presets
+never share folders silently.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stablemtl.guard import InputError
+from stablemtl.guard import InputError, check_name
 
 PRESET_DIR = Path(__file__).resolve().parent
 DEFAULT_SEED = 2024  # a preset's ``seed`` when it sets none, and every seed argument's default
@@ -61,14 +67,44 @@ def _read_yaml(path: Path, compose: bool = False):
 
 
 def load_preset(preset) -> dict:
-    """A preset by name (``smoke``, ``demo``, ``paper``), by YAML path, or a dict passed through."""
+    """A preset by name (``smoke``, ``demo``, ``paper``), by YAML path, or a dict passed through. A file's
+    ``name`` is its file's name (``_file_name``), whether or not the file has a ``name:`` field."""
     if isinstance(preset, dict):
         return preset
     path = preset_path(preset)
     data = yaml_numbers(_read_yaml(path))
     if not isinstance(data, dict):
         raise InputError(f"{path}: a preset must be a YAML mapping (key: value lines), got {type(data).__name__}")
-    return data
+    return {"name": _file_name(path, data), **{k: v for k, v in data.items() if k != "name"}}
+
+
+def preset_name(preset) -> str:
+    """The name of a preset: a built-in's name, a YAML file's stem, a dict's ``name`` (``custom``
+    when it has none). It names the preset's folders: ``data/<name>``, ``outputs/<name>/base``,
+    ``results/<name>`` (the run name's default)."""
+    return str(load_preset(preset).get("name", "custom"))
+
+
+def _file_name(path: Path, data: dict) -> str:
+    """The name of the preset read from ``path`` (``data``: its contents): the file's stem. A ``name:``
+    field other than the stem, and a user's file named like a built-in preset, would let two presets share
+    folders: each is an ``InputError`` naming the file, the line and the fix."""
+    stem = path.stem
+    if stem in available_presets() and path.resolve() != (PRESET_DIR / f"{stem}.yaml").resolve():
+        raise InputError(f"{path}: a preset's name is its file's name, and {path.name} is named like the "
+                         f"built-in preset {stem!r}: it would share its folders (outputs/{stem}, results/{stem}, and "
+                         f"data/{stem} for procedural data) and rewrite them; rename the file (for instance to my_{stem}"
+                         f"{path.suffix}), which names the preset and its folders")
+    if "name" in data and data["name"] != stem:
+        line = preset_lines(path).get(("name",))
+        where = f"{path}, line {line}" if line else str(path)
+        check_name(data["name"], "preset name", where)  # an unsafe name is named as such first
+        rename = "" if data["name"] in available_presets() else f", or rename the file to {data['name']}{path.suffix}"
+        raise InputError(f"{where}: the field 'name: {data['name']}' differs from the file's name {stem!r}; a "
+                         f"preset's name is its file's name and names its folders (outputs/{stem}, results/{stem}, "
+                         f"and data/{stem} for procedural data), so a copy that kept another preset's name would rewrite that "
+                         f"preset's folders: remove the 'name:' line (or change it to 'name: {stem}'){rename}")
+    return stem
 
 
 def preset_lines(preset) -> dict[tuple, int]:
