@@ -274,7 +274,8 @@ def run_status(preset: str = "demo", run_name: str | None = None) -> dict:
 
     study = context(preset, run_name)
     notebooks = run.notebook_dir()
-    given = {"preset": preset if isinstance(preset, str) else study.name, "run_name": study.run_name}
+    every = run.stage_knobs(study, preset, {s: run.declared_parameters(notebooks / f"{s}.ipynb") for s in STAGES},
+                            {})
     manifest_file = study.results_dir / MANIFEST
     try:
         recorded = json.loads(manifest_file.read_text()).get("stages", {}) if manifest_file.is_file() else {}
@@ -282,8 +283,7 @@ def run_status(preset: str = "demo", run_name: str | None = None) -> dict:
         recorded = {}
     rows, running = [], set()
     for stage in STAGES:
-        declared = run.declared_parameters(notebooks / f"{stage}.ipynb")
-        knobs = {**declared, **{k: v for k, v in given.items() if k in declared}}
+        knobs = every[stage]
         done, entry = run.read_done(study, stage), recorded.get(stage) or {}
         row = {"stage": stage, "finished": done.get("finished"), "wall_s": None, "why": [], "last": None}
         if not done:

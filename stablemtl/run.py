@@ -349,6 +349,14 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def stage_knobs(study: Study, preset, declared: dict, parameters: dict) -> dict:
+    """Each stage's knobs as ``stablemtl run`` passes them to its notebook (and hashes them): the notebook's
+    declared defaults (``declared``: stage -> ``declared_parameters``), with the ``parameters`` it declares,
+    the preset and the run name."""
+    given = {**parameters, "preset": preset if isinstance(preset, str) else study.name, "run_name": study.run_name}
+    return {s: {**d, **{k: v for k, v in given.items() if k in d}} for s, d in declared.items()}
+
+
 def run_study(preset: str = "demo", only=None, parameters: dict | None = None, run_name: str | None = None,
               force: bool = False, progress: bool = True, log=print) -> Study:
     """Execute the selected stages' notebooks; returns the run's ``Study``. Raises ``RunError`` with the
@@ -359,8 +367,7 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
         study = context(preset, run_name)
     except (ValueError, StageError) as err:
         raise BadInput(str(err)) from err
-    given = {**parameters, "preset": preset if isinstance(preset, str) else study.name, "run_name": study.run_name}
-    knobs = {s: {**declared[s], **{k: v for k, v in given.items() if k in declared[s]}} for s in stages}
+    knobs = stage_knobs(study, preset, declared, parameters)
     _check_folders(study, stages)
     _check_inputs(study, stages, knobs)
     try:

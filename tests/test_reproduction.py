@@ -3,6 +3,7 @@ demo reference itself."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_rounding_is_equal_within_the_tolerance_and_a_real_change_is_named():
 
 
 def test_only_the_committed_configuration_is_compared():
-    preset = __import__("json").loads((REFERENCE / "manifest.json").read_text())["preset"]
+    preset = json.loads((REFERENCE / "manifest.json").read_text())["preset"]
     assert R.configuration_difference(preset, {"seeds": 3, "single_task": True}, REFERENCE) is None
     assert R.configuration_difference(preset, {"iterations": 3}, REFERENCE) == "it sets iterations (-p)"
     other = dict(preset, train=dict(preset["train"], lr=1.0))
@@ -64,7 +65,7 @@ def test_a_run_is_compared_after_it_finishes_and_the_report_is_written(tmp_path,
     mine = tmp_path / "mine"
     mine.mkdir()
     CsvRows(mine / "metrics.csv", METRIC_FIELDS).write(_first_seed())
-    preset = __import__("json").loads((REFERENCE / "manifest.json").read_text())["preset"]
+    preset = json.loads((REFERENCE / "manifest.json").read_text())["preset"]
     line = R.compare_with_reference(mine, "mine", preset, {})
     assert line.startswith("reproduced exactly: all 48") and str(mine / R.REPORT_FILE) in line
     report = (mine / R.REPORT_FILE).read_text()
@@ -73,15 +74,14 @@ def test_a_run_is_compared_after_it_finishes_and_the_report_is_written(tmp_path,
     assert R.compare_with_reference(project / "results" / "reference" / "demo", "demo", preset, {}) is None
 
 
-@pytest.mark.parametrize("name", ["demo"])
-def test_no_run_writes_into_the_reference(name, monkeypatch, tmp_path):
+def test_no_run_writes_into_the_reference(monkeypatch, tmp_path):
     """A run's folder is results/<run name>, and a run name is one folder name: never results/reference/."""
     from stablemtl.guard import InputError, check_name
     from stablemtl.stages import context
 
     monkeypatch.setenv("STABLEMTL_PROJECT", str(tmp_path))
-    assert context(name).results_dir == tmp_path / "results" / name
+    assert context("demo").results_dir == tmp_path / "results" / "demo"
     with pytest.raises(InputError):
         check_name("reference/demo", "run name")
     with pytest.raises(InputError, match="run name 'reference' is reserved"):
-        context(name, run_name="reference")
+        context("demo", run_name="reference")
