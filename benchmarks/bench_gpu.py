@@ -10,7 +10,7 @@ JSON line:
 - ``train_step_s``: seconds per optimizer step of the single and the multi stream (one task, 2
   micro-batches of 16 images at 288 x 384, each encoding its images and targets with the frozen
   VAE, Adam), in fp32 and in the trainer's bf16 (frozen parts in bf16 weights, the trainable UNet
-  in float32 under autocast), and ``single_recipe_24gib``: the README's recipe for a 24 GiB GPU
+  in float32 under autocast), and ``single_recipe_24gib``: docs/gpu.md's recipe for a 24 GiB GPU
   (4 micro-batches of 8, bf16, gradient checkpointing, 8-bit Adam when bitsandbytes is
   installed); ``peak_gib`` the device's peak memory of each (CUDA only);
 - ``eval_s_per_image``: one multi-stream prediction at DIODE's 384 x 512 (fp32), and
@@ -159,7 +159,7 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             steps[f"{name}_{precision}"], peaks[f"{name}_{precision}"] = train_step(
                 model, device, train_size, batch, micro, precision, repeat)
-    # the 24 GiB recipe (README, "GPU"): the same effective batch in micro-batches half the size,
+    # the 24 GiB recipe (docs/gpu.md): the same effective batch in micro-batches half the size,
     # bf16, gradient checkpointing (and 8-bit Adam when bitsandbytes is installed)
     recipe_optimizer = "adam8bit" if importlib.util.find_spec("bitsandbytes") and device.type == "cuda" else "adam"
     steps["single_recipe_24gib"], peaks["single_recipe_24gib"] = train_step(

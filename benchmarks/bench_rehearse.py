@@ -1,7 +1,7 @@
 """The paper path at Stable Diffusion 2's exact size on this machine: ``stablemtl rehearse --width 1.0``.
 
 Runs (or resumes) the rehearsal of the paper preset with SD2's architecture (random weights, the
-real tokenizer) on the real-size miniatures, then prints one JSON line with the figures the README's
+real tokenizer) on the real-size miniatures, then prints one JSON line with the figures docs/paper.md's
 GPU section quotes: per stage the wall seconds, peak resident memory (GiB) and status or error; the
 single- and multi-stream training's seconds per optimizer step and per micro-batch; the evaluation's
 seconds per image; the 576 x 768 seven-task prediction's seconds per image and peak memory of each

@@ -365,7 +365,7 @@ def add_prepare_parser(sub) -> None:
                     "KITTI and DIODE. Resumable; writes stablemtl_prepare.json last.")
     p.add_argument("dataset", choices=tuple(RAW_TREES))
     p.add_argument("--raw", required=True,
-                   help="the raw download's folder (see README.md, 'Preparing the raw datasets')")
+                   help="the raw download's folder (see docs/paper.md, 'Preparing the raw datasets')")
     p.add_argument("--out", default=None,
                    help="the output folder: the prepared dataset (default: $PREPROCESSED_DIR/<dataset's folder>)")
     p.add_argument("--workers", type=int, default=None, help="processes converting frames (default: every CPU)")
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the output folder: the base model (default: $BASE_DIR, else $OUTPUT_DIR/<preset>/base "
                         "or outputs/<preset>/base; paper: $BASE_CKPT_DIR/stable-diffusion-2, checked only)")
     p.add_argument("--rebuild", action="store_true",
-                   help="build the tiny base from scratch (VAE, then the generative prior: about 12 min "
+                   help="build the tiny base from scratch (VAE, then the generative prior: about 10 min "
                         "for demo on 2 cores) instead of copying the one committed in bases/<preset>")
     p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_base)

@@ -60,7 +60,7 @@ def check_dtype(dtype, device) -> None:
 
 # The procedural presets' results are bit-identical only for the same number of CPU threads: a
 # thread count changes how sums are split, so the float32 results differ in the last bits from the
-# first training step on and training amplifies that (README, "Reproducibility"). They run with this
+# first training step on and training amplifies that (docs/reproducibility.md). They run with this
 # many threads on every machine (the reference machine's 2 cores) unless STABLEMTL_THREADS says otherwise.
 REFERENCE_THREADS = 2
 

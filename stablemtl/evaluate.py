@@ -54,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from stablemtl import devices, metrics, options
 from stablemtl.benchmarks import Benchmark, benchmarks_of, get_benchmark
@@ -64,6 +63,7 @@ from stablemtl.model.fingerprint import model_fingerprint, module_fingerprint
 from stablemtl.model.pipeline import StableMTLPipeline, load_model
 from stablemtl.model.vae import vae_roundtrip
 from stablemtl.paths import METRICS_FILE, SAMPLES_FILE
+from stablemtl.progress import bar as progress_bar
 from stablemtl.results import (METRIC_FIELDS, SAMPLE_FIELDS, TIMING_FILE, CsvRows, edited_results,
                                read_or_set_aside, seed_text, value_text, write_hashes)
 from stablemtl.tasks import FLOW_TASKS, SEMANTIC_CLASSES, get_task, to_grey
@@ -288,7 +288,8 @@ def _score(b: Benchmark, predictor: _Predictor, source, cache: Path, n: int, sha
     samples = _Prefetch(source, todo, prefetch)
     predictor.timing = {"predicted": 0, "seconds": 0.0}
     try:
-        for i in tqdm(range(n), desc=f"{predictor.name} / {b.name}", disable=not progress, leave=False):
+        for i in progress_bar(range(n), desc=f"{predictor.name} / {b.name}", unit="img",
+                                  disable=not progress, leave=False):
             rows += _score_one(b, predictor, source, samples, cache, i, shared, size, acc)
     finally:
         samples.close()

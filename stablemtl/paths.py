@@ -23,7 +23,7 @@ SAMPLES_FILE = "per_sample.csv"  # results/<run>/: one row per (model, seed, ben
 PIPELINE_FILE = "model_index.json"  # a diffusers folder's index: a base model or a saved StableMTL pipeline
 STATS_FILE = "train_stats.json"  # a training folder's: the device and peak memory of its last training call
 REFERENCE = "reference"  # results/reference/<preset>/: the committed reference runs (no command writes there)
-README_PAPER = "README.md, section 'The paper preset'"
+PAPER_DOC = "docs/paper.md"  # the paper preset: the weights, the real datasets, preparing them
 
 
 def project_root() -> Path:

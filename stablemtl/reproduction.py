@@ -5,7 +5,7 @@ Per model and benchmark (the headline metric of each), the run's value of each s
 committed value of the same seed and with the spread of the committed seeds:
 
 - ``identical``: the same number, as on the machine that wrote the reference (same CPU threads and
-  package versions give the same bits: README, "Reproducibility");
+  package versions give the same bits: docs/reproducibility.md);
 - ``equal within 1e-4``: relative difference at most ``TOLERANCE`` (float rounding: a run on this
   machine and the committed run differed by at most 2.9e-5 relative over all 300 metrics of the first
   seed, 173 of them identical);

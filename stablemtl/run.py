@@ -27,11 +27,14 @@ resumes from its checkpoint there (``stablemtl.train.train_stage``). The runner 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
@@ -44,13 +47,14 @@ from stablemtl.data.sources import META_FILE, SOURCES
 from stablemtl.evaluate import PROTOCOL_VERSION
 from stablemtl.guard import InputError, RunLock, StageError, claim
 from stablemtl.model.base import BUILD_VERSION, is_built_base
-from stablemtl.paths import DONE_FILE, KINDS, METRICS_FILE, PIPELINE_FILE, README_PAPER, project_root
+from stablemtl.paths import DONE_FILE, KINDS, METRICS_FILE, PIPELINE_FILE, PAPER_DOC, project_root
 from stablemtl.presets import yaml_numbers
+from stablemtl.progress import ENV, Relay
 from stablemtl.report import format_target_check, target_check
 from stablemtl.reproduction import compare_with_reference
 from stablemtl.results import read_metrics
 from stablemtl.schema import check_parameters
-from stablemtl.stages import (STAGES, Study, context, inputs, is_training_folder, require, stage_name,
+from stablemtl.stages import (STAGES, Study, check_inputs, context, inputs, is_training_folder, stage_name,
                               train_config)
 from stablemtl.train_config import SAME_RESULT, TrainConfig
 
@@ -241,9 +245,9 @@ def _check_inputs(study: Study, stages: list[str], knobs: dict) -> None:
             except (ValueError, TypeError) as err:
                 raise BadInput(f"stage {stage}: {err} (the preset's train section and -p)") from None
     selected = {s[:2] for s in stages}
-    needed = sorted({r for s in stages for r in reads(s, knobs[s])} - selected)
     try:
-        require(study, *needed)
+        for stage in stages:
+            check_inputs(study, stage, knobs[stage].get("models"), ahead=selected)
     except StageError as err:
         raise BadInput(str(err)) from err
     if not study.procedural:
@@ -292,9 +296,10 @@ def _execute(study: Study, stage: str, knobs: dict, manifest: Manifest, progress
                     started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(notebook_dir() / f"{stage}.ipynb"), str(output), parameters=given,
-                                   cwd=str(project_root()), kernel_name="python3", progress_bar=progress,
-                                   log_output=False, report_mode=False)
+        with _kernel_session(progress) as manager:
+            papermill.execute_notebook(str(notebook_dir() / f"{stage}.ipynb"), str(output), parameters=given,
+                                       cwd=str(project_root()), kernel_name="python3", progress_bar=progress,
+                                       log_output=False, report_mode=False, kernel_manager_class=manager)
     except PapermillExecutionError as err:
         manifest.record(stage, status="failed", wall_s=round(time.perf_counter() - start, 1),
                         error=f"{err.ename}: {err.evalue}", cell=err.exec_count)
@@ -303,6 +308,40 @@ def _execute(study: Study, stage: str, knobs: dict, manifest: Manifest, progress
                        f"({source[0] if source else ''}...):\n  {err.ename}: {err.evalue}\n"
                        f"the executed notebook with the full traceback: {output}") from None
     return round(time.perf_counter() - start, 1)
+
+
+@contextlib.contextmanager
+def _kernel_session(progress: bool):
+    """What one notebook's kernel gets, in a private temporary folder removed afterwards: its sockets
+    (IPC on Linux and macOS: no TCP port opened, and no "running over TCP without encryption" warning)
+    and, with ``progress``, the file its bars report to (``stablemtl.progress``), drawn on this terminal
+    while it runs. Yields the kernel manager class for papermill."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum, Unicode
+
+    with tempfile.TemporaryDirectory(prefix="stablemtl-kernel-") as folder:
+        manager = AsyncKernelManager
+        if os.name == "posix":
+            class _IpcKernelManager(AsyncKernelManager):
+                transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
+                ip = Unicode(str(Path(folder) / "ipc"))
+
+            manager = _IpcKernelManager
+        if not progress:
+            yield manager
+            return
+        path = Path(folder) / "bars.jsonl"
+        path.touch()
+        before = os.environ.get(ENV)
+        os.environ[ENV] = str(path)  # the kernel inherits this process's environment
+        try:
+            with Relay(path):
+                yield manager
+        finally:
+            if before is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = before
 
 
 def _git_commit(root: Path) -> str | None:
@@ -420,7 +459,7 @@ def _check_paper_inputs(study: Study, stages: list[str]) -> None:
         missing.append(f"Stable Diffusion 2 weights: {study.base_dir / PIPELINE_FILE} is missing (BASE_CKPT_DIR)")
     if missing:
         raise BadInput("the paper preset needs real data and weights:\n  " + "\n  ".join(missing)
-                       + f"\nsee {README_PAPER}")
+                       + f"\nsee {PAPER_DOC}")
 
 
 def summary(study: Study) -> str:

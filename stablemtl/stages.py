@@ -51,7 +51,7 @@ from stablemtl.evaluate import evaluate
 from stablemtl.guard import InputError, StageError, check_name, claim, is_own
 from stablemtl.model.base import build_tiny_base, load_base, paper_base_dir
 from stablemtl.model.pipeline import MODEL_FILE, saved_normals
-from stablemtl.paths import (KINDS, METRICS_FILE, MODELS, PIPELINE_FILE, RANDOM_INIT, README_PAPER, REFERENCES,
+from stablemtl.paths import (KINDS, METRICS_FILE, MODELS, PIPELINE_FILE, RANDOM_INIT, PAPER_DOC, REFERENCES,
                              REFERENCE, SINGLE_TASK, TRAIN_LOG, project_root)
 from stablemtl.presets import DEFAULT_SEED, load_preset
 from stablemtl.results import set_aside_stale_rows, seed_text
@@ -215,7 +215,7 @@ def context(preset="demo", run_name=None) -> Study:
             data_root = os.environ["PREPROCESSED_DIR"]
         else:
             raise StageError(f"preset {name!r} reads the real datasets: set PREPROCESSED_DIR to the folder "
-                             f"holding them; see {README_PAPER}")
+                             f"holding them; see {PAPER_DOC}")
     base_dir = os.environ.get("BASE_DIR")
     if not base_dir:
         if procedural:
@@ -224,8 +224,8 @@ def context(preset="demo", run_name=None) -> Study:
             try:
                 base_dir = paper_base_dir()
             except Exception as err:  # noqa: BLE001 - re-raised with the way out
-                raise StageError(f"{err}; see {README_PAPER}") from err
-    pin_cpu_threads(procedural)  # the same thread count on every machine: README, "Reproducibility"
+                raise StageError(f"{err}; see {PAPER_DOC}") from err
+    pin_cpu_threads(procedural)  # the same thread count on every machine: docs/reproducibility.md
     return Study(config, run, results / run, outputs / run, Path(data_root), Path(base_dir))
 
 
@@ -253,9 +253,23 @@ def require(study: Study, *stages: str) -> None:
                              f"preset ({study.name}) and run name first")
 
 
-def check_inputs(study: Study, stage: str, models=None) -> None:
-    """Every stage that ``stage`` reads (``inputs``) has finished, else a ``StageError`` naming it."""
-    require(study, *inputs(stage, models))
+def check_inputs(study: Study, stage: str, models=None, ahead=()) -> None:
+    """Every stage that ``stage`` reads (``inputs``), except those that run ``ahead`` of it in the same
+    call, has finished, else a ``StageError`` naming it (for stage 05, with the ``models`` that would
+    leave its unfinished trainings out)."""
+    ahead = {k[:2] for k in ahead}
+    needed = [k for k in inputs(stage, models) if k not in ahead]
+    try:
+        require(study, *needed)
+    except StageError as err:
+        unfinished = [k for k in needed if k in MADE_BY
+                      and not all(p.exists() for p in outputs(study, stage_name(k)))]
+        if stage_name(stage)[:2] != "05" or not unfinished:
+            raise
+        left_out = {m for k in unfinished for m in MADE_BY[k]}
+        rest = [m for m in (models or MODELS) if m not in left_out]
+        raise StageError(f"{err}; or evaluate without the models of stage {', '.join(unfinished)}: "
+                         f"-p \"models=[{','.join(rest)}]\"") from None
 
 
 # --------------------------------------------------------------------------- stages 01 and 02
@@ -273,7 +287,7 @@ def prepare_data(study: Study, progress: bool = True) -> dict:
             problems.append(f"  {name}: {err}")
     if problems:
         raise StageError(f"the real datasets under {study.data_root} are incomplete:\n" + "\n".join(problems)
-                         + f"\nsee {README_PAPER} for how to download and preprocess each dataset")
+                         + f"\nsee {PAPER_DOC} for how to download and preprocess each dataset")
     return roots
 
 

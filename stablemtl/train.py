@@ -62,6 +62,7 @@ from stablemtl.model.base import load_base
 from stablemtl.model.pipeline import load_model, save_model
 from stablemtl.model.streams import MultiStream, SingleStream
 from stablemtl.paths import STATS_FILE, TRAIN_LOG
+from stablemtl.progress import bar as progress_bar
 from stablemtl.tasks import FLOW_TASKS
 from stablemtl.train_config import TrainConfig, training_identity
 
@@ -485,8 +486,6 @@ class Trainer:
 
     def train(self, until: int | None = None) -> dict:
         """Train to ``config.iterations`` (or ``until``) steps; returns a summary."""
-        from tqdm.auto import tqdm
-
         cfg = self.config
         stop = cfg.iterations if until is None else min(until, cfg.iterations)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -498,7 +497,7 @@ class Trainer:
                 raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from err
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
         self.ddp_model.train()
-        bar = tqdm(total=stop, initial=self.step, desc=f"train {cfg.kind}", unit="step",
+        bar = progress_bar(total=stop, initial=self.step, desc=f"train {cfg.kind}", unit="step",
                    disable=not (self.progress and self.accelerator.is_main_process))
         rows, losses = [], []
         with contextlib.closing(self._batches(stop)) as batches:  # closing it stops any worker processes

@@ -55,13 +55,13 @@ def smoke_study(tmp_path_factory):
 
 def pytest_addoption(parser):
     parser.addoption("--rebuild-base", action="store_true",
-                     help="also run the tests marked rebuild (the demo base built from scratch: about 12 minutes)")
+                     help="also run the tests marked rebuild (the demo base built from scratch: about 10 minutes)")
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--rebuild-base"):
         return
-    skip = pytest.mark.skip(reason="builds the demo base from scratch (about 12 min); run with --rebuild-base")
+    skip = pytest.mark.skip(reason="builds the demo base from scratch (about 10 min); run with --rebuild-base")
     for item in items:
         if "rebuild" in item.keywords:
             item.add_marker(skip)

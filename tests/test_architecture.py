@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stablemtl"
 # each module's floor; a module imports only modules of its floor or below (docs/architecture.md)
 FLOORS = {
     0: ("stablemtl", "stablemtl.options", "stablemtl.guard", "stablemtl.presets", "stablemtl.paths",
-        "stablemtl.devices"),
+        "stablemtl.devices", "stablemtl.progress"),
     1: ("stablemtl.metrics", "stablemtl.tasks", "stablemtl.benchmarks"),
     2: ("stablemtl.data",),  # and every stablemtl.data.* module
     3: ("stablemtl.model",),  # and every stablemtl.model.* module
@@ -112,7 +112,7 @@ def test_package_imports_sit_at_the_top_except_a_light_module_importing_a_heavy_
 
 def test_the_light_modules_import_no_torch():
     light = ["stablemtl.cli", "stablemtl.schema", "stablemtl.report", "stablemtl.results", "stablemtl.benchmarks",
-             "stablemtl.paths", "stablemtl.presets", "stablemtl.metrics"]
+             "stablemtl.paths", "stablemtl.presets", "stablemtl.metrics", "stablemtl.progress"]
     assert [m for m in light if heavy(m)] == []
     probe = ("import sys\n" + "".join(f"import {m}\n" for m in light)
              + f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")

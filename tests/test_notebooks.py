@@ -247,7 +247,7 @@ def test_the_paper_preset_names_missing_data_and_weights(tmp_path, monkeypatch):
     (tmp_path / "ckpt" / "stable-diffusion-2").mkdir(parents=True)
     (tmp_path / "ckpt" / "stable-diffusion-2" / "model_index.json").write_text("{}")
 
-    with pytest.raises(StageError, match=r"(?s)real datasets under .*hypersim.*README"):
+    with pytest.raises(StageError, match=r"(?s)real datasets under .*hypersim.*docs/paper.md"):
         stages.prepare_data(stages.context("paper"))
 
 

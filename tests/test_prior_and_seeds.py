@@ -87,7 +87,7 @@ def test_the_committed_demo_base_is_the_demo_presets_and_is_copied_not_rebuilt(t
         assert (mine / file.relative_to(committed)).read_bytes() == file.read_bytes()
 
 
-# a rebuild from scratch takes about 12 minutes on 2 cores: run it with `pytest --rebuild-base`
+# a rebuild from scratch takes about 10 minutes on 2 cores (docs/running.md, "Measured times"): run it with `pytest --rebuild-base`
 REBUILD_TOLERANCE = {"psnr_db": 0.5, "ceiling_relative": 0.15, "prior_loss_relative": 0.15}
 
 

@@ -274,6 +274,14 @@ def test_target_check_passes_and_fails_on_each_condition_alone():
     # a model without rows fails (a)
     status, passed, _ = _check([r for r in world(0.55, 0.7) if r["model"] != "single_stream"])
     assert not passed and status["a"] is False
+    # a run of fewer tasks: a benchmark without rows is named as such, not as one the model lost
+    rows = [r for r in cases["a"] if not (r["model"] in R.KINDS and r["benchmark"] == "mid_albedo")]
+    status, passed, text = _check(rows)
+    assert not passed and status["a"] is False and status["b"] is False
+    line = next(x for x in text.splitlines() if x.startswith("(a) "))
+    assert line.endswith("(multi_stream seed 2: kitti_flow; single_stream: no rows on mid_albedo; "
+                         "multi_stream: no rows on mid_albedo)"), line
+    assert "(b) " in text and "(a benchmark lacks one of the two)" in text
 
 
 def test_target_check_of_one_run_without_seeds_is_the_previous_check():

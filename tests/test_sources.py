@@ -223,7 +223,7 @@ def test_vkitti_optical_flow_is_cropped_and_jittered_as_the_release_trains(roots
 
 
 def test_bad_input_is_named(roots, tmp_path):
-    with pytest.raises(DatasetLayoutError, match="does not exist.*README"):
+    with pytest.raises(DatasetLayoutError, match="does not exist.*docs/paper.md"):
         sources.Hypersim(tmp_path / "nowhere", "train")
     with pytest.raises(DatasetLayoutError, match="no split list 'val'.*data_split"):
         sources.Hypersim(roots["hypersim"], "val")

@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from stablemtl.guard import die_with_parent
+from stablemtl.progress import bar as progress_bar
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
@@ -91,8 +92,6 @@ def run_resumable(jobs: list[tuple[str, dict]], work: Callable[[dict], dict], ou
     configuration starts afresh); ``summary``, the file that describes a finished run, is removed
     before any work. ``workers`` processes (default: every CPU), a progress bar named ``desc``.
     """
-    from tqdm.auto import tqdm
-
     out.mkdir(parents=True, exist_ok=True)
     summary.unlink(missing_ok=True)  # a summary always describes a finished run
     digest = _config_hash(config)
@@ -101,7 +100,7 @@ def run_resumable(jobs: list[tuple[str, dict]], work: Callable[[dict], dict], ou
     records = {key: previous[key] for key, _ in jobs if key in previous and _complete(out, previous[key], inputs[key])}
     todo = [(key, {k: v for k, v in job.items() if k != "inputs"}) for key, job in jobs if key not in records]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    bar = tqdm(total=len(jobs), initial=len(records), desc=desc, unit="frame", disable=not progress, leave=False)
+    bar = progress_bar(total=len(jobs), initial=len(records), desc=desc, unit="frame", disable=not progress, leave=False)
     try:
         with open(journal, "a") as log:
             for record, (key, _) in zip(ordered_map(work, [job for _, job in todo], workers), todo):

@@ -33,6 +33,7 @@ from stablemtl.data.splits import (CITYSCAPES_LIST, DIODE_LIST, HYPERSIM_LISTS, 
 from stablemtl.guard import claim
 from stablemtl.metrics import IGNORE_INDEX
 from stablemtl.presets import DEFAULT_SEED, load_preset
+from stablemtl.progress import bar as progress_bar
 
 WORLD_VERSION = 4  # bump when the renderer or a writer changes what is written
 
@@ -270,8 +271,6 @@ def write_mini_dataset(root, dataset: str, spec: dict, seed: int = DEFAULT_SEED,
                        progress: bool = True) -> Path:
     """Write one mini dataset under ``root``, replacing an earlier miniature there; returns its directory.
     (``stablemtl run`` skips stage 01 when the data was written with the same parameters.)"""
-    from tqdm.auto import tqdm
-
     if dataset not in MINI_SCENES:
         raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(MINI_SCENES)}")
     final = Path(root) / SOURCES[dataset].root_hint
@@ -284,7 +283,7 @@ def write_mini_dataset(root, dataset: str, spec: dict, seed: int = DEFAULT_SEED,
     tmp.mkdir(parents=True)
     jobs = [(dataset, str(tmp), i, spec, seed) for i in range(sample_count(dataset, spec))]
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc=f"mini {dataset}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(jobs), desc=f"mini {dataset}", unit="img", disable=not progress, leave=False)
     lists: dict[str, list[str]] = {}
     samples = {}
     try:

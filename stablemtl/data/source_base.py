@@ -24,7 +24,7 @@ from stablemtl.presets import DEFAULT_SEED
 from stablemtl.tasks import ALBEDO_MIN, FLOW_TASKS, get_task
 
 META_FILE = "stablemtl_dataset.json"
-README_DATA = "README.md, section 'Real datasets'"
+DATA_DOC = "docs/paper.md, section 'Real datasets'"
 
 
 class Source(Dataset):
@@ -52,7 +52,7 @@ class Source(Dataset):
         if not root.is_dir():
             raise DatasetLayoutError(
                 f"{type(self).__name__}: dataset root {root} does not exist; expected {self.layout} "
-                f"(usually $PREPROCESSED_DIR/{self.root_hint}); see {README_DATA} for how to obtain it, "
+                f"(usually $PREPROCESSED_DIR/{self.root_hint}); see {DATA_DOC} for how to obtain it, "
                 f"or write the procedural miniature with stablemtl.data.mini.write_mini_datasets"
             )
         self.root = root
@@ -113,7 +113,7 @@ class Source(Dataset):
             f"{type(self).__name__}: no split list {split!r}; looked for "
             + ", ".join(str(p) for p in candidates)
             + f" (the dataset is expected as {self.layout}). Build the list from the dataset with "
-            f"stablemtl.data.splits.build_split('{self.name}', root) or see {README_DATA}"
+            f"stablemtl.data.splits.build_split('{self.name}', root) or see {DATA_DOC}"
         )
 
     def _read_split(self, split: str) -> list[tuple[str, ...]]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from stablemtl.data import synthetic
+from stablemtl.progress import bar as progress_bar
 
 # SD2's noise schedule and parameterisation (stabilityai/stable-diffusion-2, scheduler/scheduler_config.json)
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -98,8 +99,6 @@ def pretrain_prior(unet, vae, text_encoder, tokenizer, cfg: dict, seed: int, pro
 
     ``cfg`` (a preset's ``model.base``): ``prior_images`` renders at ``vae_size``, ``prior_steps``
     Adam steps of ``prior_batch`` latents at ``prior_lr`` (cosine decay), random horizontal flips."""
-    from tqdm.auto import tqdm
-
     scheduler = make_scheduler()
     images, prompts = _renders(int(cfg["prior_images"]), tuple(cfg["vae_size"]), seed)
     z = _latents(vae, images)
@@ -110,7 +109,7 @@ def pretrain_prior(unet, vae, text_encoder, tokenizer, cfg: dict, seed: int, pro
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     unet.train()
     losses = []
-    bar = tqdm(range(steps), desc="pretraining the tiny UNet as a diffusion prior", disable=not progress,
+    bar = progress_bar(range(steps), desc="pretraining the tiny UNet as a diffusion prior", disable=not progress,
                leave=False)
     for step in bar:
         pick = torch.randint(len(z), (batch,), generator=g)

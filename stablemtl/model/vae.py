@@ -18,6 +18,7 @@ import torch
 
 from stablemtl import metrics
 from stablemtl.data import synthetic
+from stablemtl.progress import bar as progress_bar
 from stablemtl.tasks import FLOW_TASKS, TASK_NAMES, albedo_valid_mask, get_task, to_grey
 
 
@@ -71,8 +72,6 @@ def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
 
 def pretrain_vae(vae, cfg: dict, seed: int, progress: bool = True) -> dict:
     """Train the VAE as an autoencoder of RGB and task encodings (L1 + MSE, a small KL term)."""
-    from tqdm.auto import tqdm
-
     size = tuple(cfg["vae_size"])
     items = render_encodings(cfg["vae_images"], size, seed)
     names = ["rgb"] + list(TASK_NAMES)
@@ -83,7 +82,7 @@ def pretrain_vae(vae, cfg: dict, seed: int, progress: bool = True) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     vae.train()
     losses = []
-    bar = tqdm(range(steps), desc="pretraining the tiny VAE", disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc="pretraining the tiny VAE", disable=not progress, leave=False)
     for step in bar:
         picks = []
         for k in range(cfg["vae_batch"]):
