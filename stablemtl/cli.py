@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train and evaluate N seeds (the preset's seed and the next ones); tables show mean "
                         "and std over them (default: the preset's study.seeds, 1 for demo)")
     p.add_argument("--force", action="store_true", help="rerun the selected stages even when complete")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the parameters, the preset, the folders and the inputs of the selected stages, "
+                        "print which stages would run, and stop (nothing is written)")
     p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="which stages of a run are done, stale or missing; what `run` would do",

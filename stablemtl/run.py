@@ -397,9 +397,10 @@ def stage_knobs(study: Study, preset, declared: dict, parameters: dict) -> dict:
 
 
 def run_study(preset: str = "demo", only=None, parameters: dict | None = None, run_name: str | None = None,
-              force: bool = False, progress: bool = True, log=print) -> Study:
+              force: bool = False, progress: bool = True, log=print, dry_run: bool = False) -> Study:
     """Execute the selected stages' notebooks; returns the run's ``Study``. Raises ``RunError`` with the
-    failing notebook and cell."""
+    failing notebook and cell. ``dry_run``: every check that comes before the first stage (parameters,
+    preset, folders, the inputs of the selected stages), then which stages would run; nothing is written."""
     stages = select_stages(only)
     declared, parameters = check_run_parameters(stages, dict(parameters or {}))
     try:
@@ -409,6 +410,10 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
     knobs = stage_knobs(study, preset, declared, parameters)
     _check_folders(study, stages)
     _check_inputs(study, stages, knobs)
+    if dry_run:
+        for i, (stage, runs) in enumerate(plan(study, stages, knobs, force).items(), 1):
+            log(f"[{i}/{len(stages)}] {stage}: " + ("would run" if runs else "done, would be skipped"))
+        return study
     try:
         claim(study.results_dir, "results", is_results_folder, log=log)
         lock = RunLock(study.results_dir, log=log).acquire()
@@ -419,6 +424,19 @@ def run_study(preset: str = "demo", only=None, parameters: dict | None = None, r
     finally:
         lock.release()
     return study
+
+
+def plan(study: Study, stages: list[str], knobs: dict, force: bool = False) -> dict[str, bool]:
+    """Which of ``stages`` a run would execute: those not done with their current hash (all with
+    ``force``), and those reading a stage that runs before them."""
+    running, out = set(), {}
+    for stage in stages:
+        upstream = [r for r in reads(stage, knobs[stage]) if r in running]
+        out[stage] = force or bool(upstream) or read_done(study, stage).get("hash") != stage_hash(study, stage,
+                                                                                                  knobs[stage])
+        if out[stage]:
+            running.add(stage[:2])
+    return out
 
 
 def _run_stages(study: Study, stages: list[str], knobs: dict, parameters: dict, force: bool, progress: bool,
@@ -484,10 +502,13 @@ def main(args) -> int:
             parameters["seeds"] = args.seeds
         start = time.perf_counter()
         study = run_study(args.preset, only=args.only, parameters=parameters, run_name=args.run_name,
-                          force=args.force, progress=not args.quiet)
+                          force=args.force, progress=not args.quiet, dry_run=getattr(args, "dry_run", False))
     except RunError as err:
         print(f"stablemtl run: {err}", file=sys.stderr)
         return err.code
+    if getattr(args, "dry_run", False):
+        print(f"dry run of run {study.run_name!r} (preset {study.name}): the checks passed; nothing was run")
+        return 0
     print(f"\nfinished in {time.perf_counter() - start:.0f} s\n")
     print(summary(study))
     compared = compare_with_reference(study.results_dir, study.run_name, study.preset, parameters)
