@@ -266,8 +266,9 @@ class Manifest:
                           "seed": parameters.get("seed", study.preset.get("seed")),
                           "git_commit": _git_commit(project_root()), "versions": _versions(),
                           "platform": platform.platform(),
-                          "directories": {"data": str(study.data_root), "base": str(study.base_dir),
-                                          "outputs": str(study.output_dir), "results": str(study.results_dir)}})
+                          "directories": {k: _in_project(v) for k, v in (
+                              ("data", study.data_root), ("base", study.base_dir), ("outputs", study.output_dir),
+                              ("results", study.results_dir))}})
         self.data.setdefault("stages", {})
 
     def record(self, stage: str, **values) -> None:
@@ -282,6 +283,15 @@ class Manifest:
     def finish(self, wall_s: float) -> None:
         self.data["last_run_wall_s"] = wall_s
         _write_json(self.path, self.data)
+
+
+def _in_project(path: Path) -> str:
+    """``path`` relative to the project when it lies inside it (a moved or cloned project reads the same),
+    else absolute."""
+    try:
+        return Path(path).resolve().relative_to(project_root()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def _execute(study: Study, stage: str, knobs: dict, manifest: Manifest, progress: bool) -> float:

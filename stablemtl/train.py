@@ -444,7 +444,9 @@ class Trainer:
         source = self.sources.get((task, dataset)) if dataset is not None else None
         image_keys = None
         if cache and source is not None and not source.jitters():
-            image_keys = [("rgb", dataset, *k) for k in batch["keys"]]
+            # the task too: each (task, dataset) source numbers the images of its own split list, and two
+            # tasks' lists of one dataset differ with real data (vKITTI scene flow has fewer lines than depth)
+            image_keys = [("rgb", task, dataset, *k) for k in batch["keys"]]
         z = self._encode_cached(batch["rgb"].to(device) * 2 - 1, image_keys)
         z_next = encode_frozen(frozen, batch["rgb_next"].to(device) * 2 - 1) if task in FLOW_TASKS else None
         target, valid = batch[f"{task}_target"].to(device), batch[f"{task}_valid"].to(device)

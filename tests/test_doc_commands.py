@@ -14,8 +14,9 @@ The commands are the lines of the ```bash blocks of README.md, notebooks/README.
 - ``rehearse``, ``prepare``, ``convert-release`` and ``base --rebuild`` need minutes, downloads or the
   release's files: ``--help``.
 - ``predict`` runs on two images of the smoke data, with the model the smoke run trained.
-- papermill runs its notebook; pytest collects with the given arguments; ``jupyter lab`` prints its
-  version; ``./setup.sh`` is what CI runs (``.ci/run``), its arguments are checked.
+- papermill runs its notebook; ``jupyter lab`` prints its version; pytest's markers, options and paths
+  exist; ``./setup.sh`` is what CI runs (``.ci/run``), its arguments are checked; a script of
+  ``experiments/`` (minutes per seed) answers ``--help`` with the options the docs give it.
 
 A command none of these covers fails ``test_every_documented_command_is_covered``.
 """
@@ -99,6 +100,8 @@ def kind(c: Command) -> str:
         return "stablemtl"
     if program == ".venv/bin/python" and c.argv[1:3] == ["-m", "pytest"]:
         return "pytest"
+    if program == ".venv/bin/python" and c.argv[1:2] and c.argv[1].startswith("experiments/"):
+        return "experiment"
     if program == ".venv/bin/papermill":
         return "papermill"
     if program == ".venv/bin/jupyter" and c.argv[1:2] == ["lab"]:
@@ -219,6 +222,11 @@ def test_documented_command_runs(c, project, tmp_path, monkeypatch, capsys):
         return
     if what == "pytest":
         assert _pytest_arguments_exist(argv[3:]) == [], c.text
+        return
+    if what == "experiment":  # minutes per seed: its options are checked by its own parser
+        done = _run([sys.executable, str(ROOT / argv[1]), "--help"], env, folder)
+        assert done.returncode == 0 and all(w.split("=")[0] in done.stdout for w in argv[2:] if w.startswith("--")), \
+            f"{c.where}: {c.text}\n{done.stdout}{done.stderr}"
         return
     if what in ("jupyter", "papermill"):
         if what == "jupyter":

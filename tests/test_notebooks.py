@@ -57,6 +57,8 @@ def test_smoke_study_runs_every_notebook(smoke_study):
     assert [manifest["stages"][s]["status"] for s in stages.STAGES] == ["done"] * len(stages.STAGES)
     assert manifest["seed"] == 2024 and manifest["preset_name"] == "smoke"
     assert set(manifest["data_split_hashes"]) >= {"hypersim", "vkitti", "mid"}
+    assert manifest["directories"] == {"data": "data/smoke", "base": "outputs/smoke/base", "outputs": "outputs/smoke",
+                                       "results": "results/smoke"}  # inside the project: relative to it
     for stage in stages.STAGES:
         executed = nbformat.read(str(study.results_dir / "notebooks" / f"{stage}.ipynb"), as_version=4)
         code = [c for c in executed.cells if c.cell_type == "code"]

@@ -240,6 +240,20 @@ def test_cached_latents_give_the_same_loss(setup, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_latent_cache_keeps_each_tasks_images_apart(setup, tmp_path):
+    """Sample i of the depth list and sample i of the normal list of one dataset are different images when
+    the lists differ (real Hypersim, vKITTI): an image latent is cached per task, never shared by index."""
+    trainer = T.Trainer(config(setup, tmp_path, tasks=["depth", "normal"], cache_latents=True), progress=False)
+    with torch.no_grad():
+        for task in ("depth", "normal"):
+            source = trainer.sources[(task, "hypersim")]
+            trainer.loss(T.collate([source[i] for i in range(2)], task), task, "hypersim")
+    images = sorted(k[:4] for k in trainer.latent_cache if k[0] == "rgb")
+    assert images == [("rgb", "depth", "hypersim", 0), ("rgb", "depth", "hypersim", 1),
+                      ("rgb", "normal", "hypersim", 0), ("rgb", "normal", "hypersim", 1)]
+
+
+@pytest.mark.slow
 def test_module_entry_trains_from_a_json_config_as_accelerate_launch_runs_it(setup, tmp_path):
     """``python -m stablemtl.train --config run.json`` (what notebooks 03/04 launch on several GPUs)
     trains the configuration and saves the model, matching the in-process run."""
