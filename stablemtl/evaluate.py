@@ -62,7 +62,7 @@ from stablemtl.data.sources import SOURCES
 from stablemtl.model.fingerprint import model_fingerprint, module_fingerprint
 from stablemtl.model.pipeline import StableMTLPipeline, load_model
 from stablemtl.model.vae import vae_roundtrip
-from stablemtl.paths import METRICS_FILE, SAMPLES_FILE
+from stablemtl.paths import METRICS_FILE, SAMPLES_FILE, in_project
 from stablemtl.progress import bar as progress_bar
 from stablemtl.results import (METRIC_FIELDS, SAMPLE_FIELDS, TIMING_FILE, CsvRows, edited_results,
                                read_or_set_aside, seed_text, value_text, write_hashes)
@@ -130,7 +130,8 @@ def vae_ceiling_prediction(sample: dict, task: str, frozen) -> torch.Tensor:
 
 def _cache_key(b: Benchmark, weights: str | None, source, size, normals: str, flow_scoring: str) -> dict:
     """What the cached predictions of a benchmark depend on; ``None`` weights: nothing to compare."""
-    return {"weights": weights, "data": str(source.root.resolve()), "split": str(getattr(source, "split_file", "")),
+    split = getattr(source, "split_file", "")
+    return {"weights": weights, "data": in_project(source.root), "split": in_project(split) if split else "",
             "resolution": list(size), "normals": normals, "protocol": PROTOCOL_VERSION,
             "flow_scoring": flow_scoring if b.native_units else None}
 

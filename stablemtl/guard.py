@@ -42,6 +42,37 @@ class InputError(ValueError):
     the message names it, what is allowed and the fix. The command line exits with status 2."""
 
 
+class DiskFullError(OSError):
+    """A write that did not fit on its disk: the message names the file, what it needed and what was free."""
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+def check_free_space(folder, needed: int, what: str) -> None:
+    """Refuse, before writing, ``what`` (about ``needed`` bytes) into ``folder`` when its disk has less free."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskFullError(f"not enough disk space for {what} in {folder}: it needs about {_mib(needed)}, "
+                            f"{_mib(free)} are free there; free some space (or move the folder: OUTPUT_DIR, "
+                            f"RESULTS_DIR) and run the same command again")
+
+
+def disk_full(path, written: int, what: str = "the file") -> DiskFullError:
+    """The error for a write of ``path`` that ran out of space after ``written`` bytes (its partial file
+    already removed by the caller)."""
+    import shutil
+
+    folder = Path(path).parent
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return DiskFullError(f"the disk is full: writing {what} {path} stopped after {_mib(written)} with "
+                         f"{_mib(free)} free; the partial file was removed; free some space (or move the "
+                         f"folder: OUTPUT_DIR, RESULTS_DIR) and run the same command again")
+
+
 def check_name(value, what: str, where: str = "") -> str:
     """``value`` when it is a safe folder name (letters, digits, ``_ . -``, not starting with ``.``/``-``,
     no ``..``); otherwise an ``InputError`` naming ``what`` and ``where`` it came from."""

@@ -32,3 +32,13 @@ def project_root() -> Path:
         return Path(os.environ["STABLEMTL_PROJECT"]).resolve()
     cwd = Path.cwd().resolve()
     return cwd.parent if cwd.name == "notebooks" else cwd
+
+
+def in_project(path) -> str:
+    """``path`` relative to the project (``project_root``) when it lies inside it, else absolute: what the
+    stage records, the manifest and the prediction cache keep, so a moved or copied project reads the same."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(project_root()).as_posix()
+    except ValueError:
+        return str(path)

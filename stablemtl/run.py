@@ -47,12 +47,12 @@ from stablemtl.data.sources import META_FILE, SOURCES
 from stablemtl.evaluate import PROTOCOL_VERSION
 from stablemtl.guard import InputError, RunLock, StageError, claim
 from stablemtl.model.base import BUILD_VERSION, is_built_base
-from stablemtl.paths import DONE_FILE, KINDS, METRICS_FILE, PIPELINE_FILE, PAPER_DOC, project_root
+from stablemtl.paths import DONE_FILE, KINDS, METRICS_FILE, PAPER_DOC, PIPELINE_FILE, in_project, project_root
 from stablemtl.presets import yaml_numbers
 from stablemtl.progress import ENV, Relay
 from stablemtl.report import format_target_check, target_check
 from stablemtl.reproduction import compare_with_reference
-from stablemtl.results import read_metrics
+from stablemtl.results import edited_results, read_metrics
 from stablemtl.schema import check_parameters
 from stablemtl.stages import (STAGES, Study, check_inputs, context, inputs, is_training_folder, stage_name,
                               train_config)
@@ -135,27 +135,32 @@ def reads(stage: str, knobs: dict) -> tuple[str, ...]:
     return inputs(stage, knobs.get("models"))
 
 
+FOLDER_FIELDS = ("base", "init", "data_root", "output_dir")  # TrainConfig fields that name folders
+
+
 def stage_key(study: Study, stage: str, knobs: dict) -> dict:
     """What ``stage``'s outputs depend on, besides the stages it reads: its notebook's knobs and the
-    preset sections, folders and format versions it uses."""
+    preset sections, folders (relative to the project when inside it: a moved project keeps its
+    finished stages) and format versions it uses."""
     preset, key = study.preset, stage[:2]
     out = {"knobs": {k: v for k, v in knobs.items() if k not in RUNNER_PARAMETERS}, "seed": preset.get("seed")}
     if key in ("03", "04", "05"):  # which seeds, ablation and baselines the stages train and evaluate
         out["study"] = preset.get("study")
     if key == "01":
-        out.update(data=preset.get("data"), root=str(study.data_root), world=WORLD_VERSION)
+        out.update(data=preset.get("data"), root=in_project(study.data_root), world=WORLD_VERSION)
     elif key == "02":
-        out.update(base=(preset.get("model") or {}).get("base"), dir=str(study.base_dir), build=BUILD_VERSION)
+        out.update(base=(preset.get("model") or {}).get("base"), dir=in_project(study.base_dir), build=BUILD_VERSION)
     elif key in ("03", "04"):
         names = {f.name for f in fields(TrainConfig)}
         try:
             config = train_config(study, "single_stream" if key == "03" else "multi_stream",
                                   **{k: v for k, v in out["knobs"].items() if k in names})
-            out["config"] = {k: v for k, v in asdict(config).items() if k not in SAME_RESULT}
+            out["config"] = {k: in_project(v) if k in FOLDER_FIELDS and v else v
+                             for k, v in asdict(config).items() if k not in SAME_RESULT}
         except (ValueError, TypeError) as err:  # the notebook reports it, with its cell
             out["config"] = f"invalid: {err}"
     elif key == "05":
-        out.update(resolution=(preset.get("evaluate") or {}).get("resolution"), data=str(study.data_root),
+        out.update(resolution=(preset.get("evaluate") or {}).get("resolution"), data=in_project(study.data_root),
                    protocol=PROTOCOL_VERSION)
     return out
 
@@ -266,7 +271,7 @@ class Manifest:
                           "seed": parameters.get("seed", study.preset.get("seed")),
                           "git_commit": _git_commit(project_root()), "versions": _versions(),
                           "platform": platform.platform(),
-                          "directories": {k: _in_project(v) for k, v in (
+                          "directories": {k: in_project(v) for k, v in (
                               ("data", study.data_root), ("base", study.base_dir), ("outputs", study.output_dir),
                               ("results", study.results_dir))}})
         self.data.setdefault("stages", {})
@@ -283,15 +288,6 @@ class Manifest:
     def finish(self, wall_s: float) -> None:
         self.data["last_run_wall_s"] = wall_s
         _write_json(self.path, self.data)
-
-
-def _in_project(path: Path) -> str:
-    """``path`` relative to the project when it lies inside it (a moved or cloned project reads the same),
-    else absolute."""
-    try:
-        return Path(path).resolve().relative_to(project_root()).as_posix()
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 def _execute(study: Study, stage: str, knobs: dict, manifest: Manifest, progress: bool) -> float:
@@ -497,6 +493,8 @@ def summary(study: Study) -> str:
         if (study.results_dir / name).exists():
             lines.append(f"  {study.results_dir / name}")
     if (study.results_dir / METRICS_FILE).is_file():
+        # checked on every call, also when every stage was skipped (the report's own check runs in stage 06)
+        lines += [f"warning: {message}" for message in edited_results(study.results_dir)]
         rows = [r for r in read_metrics(study.results_dir) if r["run"] == study.run_name]
         lines += ["", format_target_check(*target_check(rows))]
     return "\n".join(lines)

@@ -1,43 +1,39 @@
 """Training of the single-stream and multi-stream models (docs/method.md, "Training"), under accelerate.
 
-One plain configuration (``TrainConfig``; presets supply the numbers) drives
-one loop that runs as one CPU process or as ``accelerate launch`` across GPUs:
+One plain configuration (``TrainConfig``; presets supply the numbers) drives one loop that runs as one CPU
+process or as ``accelerate launch`` across GPUs:
 
-- each optimizer step trains one task, round-robin (``stablemtl.data.mixing``);
-  its micro-batches (gradient accumulation) share the task, each micro-batch
-  comes from one dataset drawn with the release's probabilities; gradients are
-  zeroed between steps, so tasks never mix in one update;
-- loss: MSE between predicted and target latents over valid latent elements,
-  a latent pixel being valid when its whole VAE window is (``~maxpool(~valid)``);
-- Adam (lr 1e-4, no weight decay), the release's linear warm-up (factor
-  step / warmup, 0 at the first step) then exponential decay towards 0.01x,
-  gradient-norm clipping at 5.0, fp32 by default;
-- targets as the release builds them: each sample augmented and encoded at its
-  file's resolution, then resized; invalid pixels keep their raw annotation
-  and only the loss mask leaves them out; normals as the files store them
-  (``target_order``, ``invalid_targets``, ``normals``: ``stablemtl.options``);
-- each draw of a sample gets the flips, crop and jitter of its stream's epoch,
-  so an image is augmented anew every epoch, reproducibly from the seed;
-- ``checkpoint/latest`` every ``checkpoint_every`` steps and backups
-  ``checkpoint/iter_XXXXXX``: trainable weights (safetensors), optimizer,
-  LR scheduler, sampler and RNG states, written into a partial folder and
-  renamed, so a kill during the write never leaves a broken ``latest``; a run
-  resumes from ``latest`` automatically and continues exactly (bitwise on CPU);
+- each optimizer step trains one task, round-robin (``stablemtl.data.mixing``); its micro-batches (gradient
+  accumulation) share the task, each micro-batch comes from one dataset drawn with the release's probabilities;
+  gradients are zeroed between steps, so tasks never mix in one update;
+- loss: MSE between predicted and target latents over valid latent elements, a latent pixel being valid when its
+  whole VAE window is (``~maxpool(~valid)``);
+- Adam (lr 1e-4, no weight decay), the release's linear warm-up (factor step / warmup, 0 at the first step) then
+  exponential decay towards 0.01x, gradient-norm clipping at 5.0, fp32 by default;
+- targets as the release builds them: each sample augmented and encoded at its file's resolution, then resized;
+  invalid pixels keep their raw annotation and only the loss mask leaves them out; normals as the files store
+  them (``target_order``, ``invalid_targets``, ``normals``: ``stablemtl.options``);
+- each draw of a sample gets the flips, crop and jitter of its stream's epoch, so an image is augmented anew
+  every epoch, reproducibly from the seed;
+- ``checkpoint/latest`` every ``checkpoint_every`` steps and backups ``checkpoint/iter_XXXXXX``: trainable
+  weights (safetensors), optimizer, LR scheduler, sampler and RNG states, written into a partial folder and
+  renamed, so a kill during the write never leaves a broken ``latest``; a run resumes from ``latest``
+  automatically and continues exactly (bitwise on CPU);
 - ``train_log.csv``: step, task, dataset, loss, lr, seconds per step, data time.
-- ``num_workers`` DataLoader worker processes (pinned memory with CUDA) read and prefetch exactly
-  the micro-batches of the synchronous path (0, the default), in order; the sampler advances only as
-  micro-batches are consumed, so checkpoints and resumes are the same with and without workers;
-- ``mixed_precision="bf16"``: the trainable weights stay float32 (the optimizer's master copy) and
-  the model's forward runs under ``torch.autocast`` (the trainer's own, exactly where accelerate would
-  put it, so that one process can train in float32 and then in bfloat16: accelerate keeps one precision
-  per process and has no public way to change it), while the modules a training never updates (the VAE, the text encoder, a
-  multi stream's auxiliary UNet) compute with bfloat16 copies (``half_frozen``); the prompts are
-  embedded in float32 first and ``save_model`` writes the float32 originals, so a saved model's
-  frozen parts are the base's, bit for bit. ``"fp16"`` (accelerate's autocast and gradient scaler)
-  keeps the frozen parts in float32 (the SD VAE overflows in float16);
+- ``num_workers`` DataLoader worker processes (pinned memory with CUDA) read and prefetch exactly the
+  micro-batches of the synchronous path (0, the default), in order; the sampler advances only as micro-batches
+  are consumed, so checkpoints and resumes are the same with and without workers;
+- ``mixed_precision="bf16"``: the trainable weights stay float32 (the optimizer's master copy) and the model's
+  forward runs under ``torch.autocast`` (the trainer's own, exactly where accelerate would put it, so that one
+  process can train in float32 and then in bfloat16: accelerate keeps one precision per process and has no
+  public way to change it), while the modules a training never updates (the VAE, the text encoder, a multi
+  stream's auxiliary UNet) compute with bfloat16 copies (``half_frozen``); the prompts are embedded in float32
+  first and ``save_model`` writes the float32 originals, so a saved model's frozen parts are the base's, bit for
+  bit. ``"fp16"`` (accelerate's autocast and gradient scaler) keeps the frozen parts in float32 (the SD VAE
+  overflows in float16);
 - memory: ``gradient_checkpointing`` of the trainable UNet, ``optimizer`` ``"adam_fused"`` (CUDA) or
-  ``"adam8bit"`` (bitsandbytes); the optimizer is part of a checkpoint's identity, workers and
-  checkpointing may change on resume (``RESUMABLE_CHANGES``).
+  ``"adam8bit"`` (bitsandbytes); the optimizer is part of a checkpoint's identity, workers and checkpointing may
+  change on resume (``RESUMABLE_CHANGES``).
 """
 
 from __future__ import annotations
@@ -54,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from stablemtl.data.formats import set_aside_corrupt, write_bytes
+from stablemtl.data.formats import folder_bytes, partial_folder, set_aside_corrupt, write_bytes
 from stablemtl.data.mixing import TaskMixingSampler, micro_batch_loader
 from stablemtl.data.sources import SOURCES
 from stablemtl.devices import peak_memory
@@ -278,15 +274,17 @@ class Trainer:
         latest = root / "latest"
         if self.accelerator.is_main_process:
             tmp, previous = root / ".latest.partial", root / ".latest.previous"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(self._trainable_state(), str(tmp / "weights.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "states.pt")
-            (tmp / "sampler.json").write_text(json.dumps(self.sampler.state_dict()))
-            # the marker goes last: a folder without it is never loaded
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config),
-                                                        "identity": self.identity}, indent=1))
+            # about the weights and Adam's two moments in float32 (after the first: the last checkpoint's size)
+            needed = folder_bytes(latest) or 3 * sum(4 * p.numel() for p in self.model.trainable_parameters())
+            with partial_folder(tmp, needed, f"the checkpoint of step {self.step}"):
+                save_file(self._trainable_state(), str(tmp / "weights.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save({"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()},
+                           tmp / "states.pt")
+                (tmp / "sampler.json").write_text(json.dumps(self.sampler.state_dict()))
+                # the marker goes last: a folder without it is never loaded
+                (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config),
+                                                            "identity": self.identity}, indent=1))
             if latest.exists():
                 shutil.rmtree(previous, ignore_errors=True)
                 os.replace(latest, previous)

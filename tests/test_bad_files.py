@@ -377,3 +377,23 @@ def test_no_readable_checkpoint_is_an_error_naming_the_files_never_a_silent_rest
     assert f"move or delete {ckpt}" in str(err.value)
     with pytest.raises(T.CheckpointError):  # and on every rerun, until the user decides
         trainer()
+
+
+def test_the_run_summary_warns_of_an_edited_metrics_csv_when_every_stage_is_skipped(tmp_path, monkeypatch):
+    """`stablemtl run` prints the target check from metrics.csv at its end even when it ran nothing; the
+    check against the recorded hashes happens there too, not only in stage 06."""
+    from stablemtl import run, stages
+
+    monkeypatch.setenv("STABLEMTL_PROJECT", str(tmp_path))
+    study = stages.context("demo", "demo")
+    study.results_dir.mkdir(parents=True)
+    for name in ("metrics.csv", results.HASH_FILE):
+        shutil.copy(DEMO / name, study.results_dir / name)
+    assert "warning" not in run.summary(study)
+    metrics = study.results_dir / "metrics.csv"
+    edited = metrics.read_text().replace("optical_flow,epe,6.081260985616232,", "optical_flow,epe,7.5,", 1)
+    assert edited != metrics.read_text()
+    metrics.write_text(edited)
+    text = run.summary(study)
+    assert f"warning: {metrics} was changed after evaluate wrote it" in text
+    assert text.index("warning") < text.index("(a) ")  # before the numbers it warns about

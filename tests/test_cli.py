@@ -222,3 +222,26 @@ def test_status_agrees_with_a_smoke_run(smoke_study, capsys, monkeypatch):
     assert lines[-1] == ("next `stablemtl run --preset smoke --run-name half` runs 03, 04, 05, 06 and skips 01, 02 "
                          "(done)")
     assert _tree(project) == before
+
+
+def test_a_folder_that_cannot_be_written_and_a_full_disk_are_named(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from stablemtl import cli
+    from stablemtl.guard import DiskFullError
+
+    def read_only(args):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "results" / "demo"))
+
+    monkeypatch.setattr(cli, "cmd_status", read_only)
+    assert cli.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert f"stablemtl status: cannot write {tmp_path / 'results' / 'demo'}: Read-only file system" in err
+    assert "Traceback" not in err
+
+    def full(args):
+        raise DiskFullError("the disk is full: writing the file x.npz stopped after 1.0 MiB with 0.0 MiB free")
+
+    monkeypatch.setattr(cli, "cmd_status", full)
+    assert cli.main(["status"]) == 1
+    assert "stablemtl status: the disk is full: writing the file x.npz" in capsys.readouterr().err

@@ -265,6 +265,44 @@ def test_corrupt_and_truncated_files_name_the_file(tmp_path):
         F.read_hdf5(tmp_path / "bad.h5")
 
 
+def test_readers_refuse_what_breaks_their_contract_naming_the_file(tmp_path):
+    """What a library would return silently (an empty image, byte strings, integer normals) or raise
+    about without naming the file (a group, a damaged archive, a non-text calibration file)."""
+    (tmp_path / "empty.pfm").write_bytes(b"Pf\n0 0\n-1.0\n")
+    with pytest.raises(F.FormatError, match=r"empty.pfm: the PFM header says 0 x 0 pixels"):
+        F.read_pfm(tmp_path / "empty.pfm")
+
+    import h5py
+
+    with h5py.File(tmp_path / "strings.h5", "w") as f:
+        f.create_dataset("dataset", data=np.array([b"a", b"bc"]))
+        f.create_group("group").create_dataset("inner", data=np.ones(2))
+    with pytest.raises(F.FormatError, match=r"strings.h5: HDF5 dataset 'dataset' holds \|S2 values.*expected "):
+        F.read_hdf5(tmp_path / "strings.h5")
+    with pytest.raises(F.FormatError, match=r"strings.h5: 'group' is an HDF5 group \(holding \['inner'\]\)"):
+        F.read_hdf5(tmp_path / "strings.h5", key="group")
+
+    np.save(tmp_path / "int_normals.npy", np.ones((4, 4, 3), np.int64))
+    with pytest.raises(F.FormatError, match=r"int_normals.npy: the array holds int64 .*expected floating-point"):
+        A.read_normal_npy(tmp_path / "int_normals.npy")
+    assert A.read_normal_npy(F.write_npy(tmp_path / "f64.npy", np.ones((4, 4, 3)))).dtype == np.float32  # a float
+    np.save(tmp_path / "text.npy", np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(F.FormatError, match=r"text.npy: the array holds <U1 values"):
+        A.read_mask_npy(tmp_path / "text.npy")
+    np.save(tmp_path / "none.npy", np.zeros((0, 3), np.float32))
+    with pytest.raises(F.FormatError, match=r"none.npy: the array is empty \(shape \(0, 3\)\)"):
+        F.read_npy(tmp_path / "none.npy")
+
+    F.write_npz(tmp_path / "pc.npz", pc1=np.ones((5, 3), np.float32))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "pc.npz").read_bytes()[:40])
+    with pytest.raises(F.FormatError, match=r"cut.npz: cannot read as .npz \(BadZipFile"):
+        F.read_npz(tmp_path / "cut.npz", "pc1")
+
+    (tmp_path / "calib.txt").write_bytes(b"P0: 1 2 3\n\xff\xfe binary\n")
+    with pytest.raises(F.FormatError, match=r"calib.txt: not a KITTI calibration text file \(byte 10 is not UTF-8"):
+        A.read_kitti_calib(tmp_path / "calib.txt")
+
+
 def test_wrong_bit_depth_or_channels_are_explained(tmp_path):
     F.write_rgb(tmp_path / "rgb.png", np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(F.FormatError, match=r"rgb.png: expected a KITTI 16-bit depth PNG .*16-bit, 1 channel.*"
@@ -309,3 +347,43 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         F.atomic_write(path, dies_halfway)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from stablemtl.guard import DiskFullError
+
+    def fill_up(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=rf"the disk is full: writing the file {tmp_path / 'a.npy'} stopped "
+                                            r"after 0.0 MiB .*the partial file was removed"):
+        F.atomic_write(tmp_path / "a.npy", fill_up)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+    def torch_like(tmp):  # a library that wraps the OSError in its own error
+        try:
+            fill_up(tmp)
+        except OSError as err:
+            raise RuntimeError("file write failed") from err
+
+    with pytest.raises(DiskFullError):
+        F.atomic_write(tmp_path / "b.pt", torch_like)
+
+    folder = tmp_path / "checkpoint" / ".latest.partial"
+    with pytest.raises(DiskFullError, match=r"writing the checkpoint of step 7 .*\.latest\.partial stopped after"):
+        with F.partial_folder(folder, 10, "the checkpoint of step 7"):
+            fill_up(folder / "optimizer.pt")
+    assert not folder.exists()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2 ** 30, 2 ** 30 - 2 ** 20, 2 ** 20))
+    with pytest.raises(DiskFullError, match=r"not enough disk space for the checkpoint of step 8 in .*checkpoint: "
+                                            r"it needs about 3.0 MiB, 1.0 MiB are free there"):
+        with F.partial_folder(folder, 3 * 2 ** 20, "the checkpoint of step 8"):
+            raise AssertionError("nothing is written when the space is known to be missing")
+    assert not folder.exists()

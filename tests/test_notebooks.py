@@ -268,6 +268,23 @@ def test_paper_preset_carries_the_reference_numbers():
 
 
 @pytest.mark.slow
+def test_a_moved_project_skips_every_finished_stage(smoke_study, tmp_path, monkeypatch):
+    """The stage records, the manifest and the prediction cache keep folders relative to the project: a
+    finished project moved (or copied, or cloned with its outputs) elsewhere runs nothing again."""
+    _, project, _ = smoke_study
+    moved = tmp_path / "elsewhere" / "project"
+    shutil.copytree(project, moved, symlinks=True)
+    monkeypatch.setenv("STABLEMTL_PROJECT", str(moved))
+    lines: list[str] = []
+    study = run_study("smoke", progress=False, log=lines.append)
+    assert [line.split(": ", 1)[1] for line in lines if line.startswith("[")] == \
+        ["done, skipped (same parameters and inputs; --force reruns it)"] * len(stages.STAGES), lines
+    assert study.results_dir == moved / "results" / "smoke"
+    done = json.loads((study.stage_dir("03") / "done.json").read_text())
+    assert str(project) not in json.dumps(done)
+
+
+@pytest.mark.slow
 def test_cli_run_rejects_bad_input_with_exit_status(in_project):
     script = Path(sys.executable).with_name("stablemtl")
     bad = subprocess.run([str(script), "run", "--preset", "smoke", "-p", "iteratons=3"], capture_output=True,

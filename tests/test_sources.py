@@ -241,6 +241,28 @@ def test_bad_input_is_named(roots, tmp_path):
         mini.write_mini_dataset(tmp_path, "cityscapes", {"count": 1, "size": [16, 32]})
 
 
+def test_an_empty_split_list_and_a_mistyped_geometry_are_named_with_their_file(roots, tmp_path):
+    import shutil
+
+    from stablemtl.data.formats import FormatError
+
+    root = tmp_path / "kitti_flow"
+    shutil.copytree(roots["kitti_flow"], root)
+    ds = sources.KittiFlow(root)
+    assert root in ds.split_file.parents  # the copy's own list, never the repository's
+    ds.split_file.write_text("")
+    with pytest.raises(DatasetLayoutError, match=rf"the split list {ds.split_file} is empty \(no sample of split"):
+        sources.KittiFlow(root)
+    meta = root / "stablemtl_dataset.json"
+    record = json.loads(meta.read_text())
+    for geometry, expected in (("kb_crop", "a list of 2 numbers"), ([1, 2], "an object of fields"),
+                               ({"baseline": "0.54"}, "a number")):
+        record["geometry"] = {"kb_crop": "352x1216"} if geometry == "kb_crop" else geometry
+        meta.write_text(json.dumps(record))
+        with pytest.raises(FormatError, match=rf"{meta}: .*expected {expected}"):
+            sources.KittiFlow(root)
+
+
 def test_generation_replaces_an_earlier_miniature_and_a_killed_partial_one(tmp_path):
     spec = {"count": 2, "size": [16, 32]}
     root = mini.write_mini_dataset(tmp_path, "cityscapes", spec, workers=1, progress=False)

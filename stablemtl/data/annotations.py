@@ -105,8 +105,13 @@ def write_kitti_disparity(path, disparity, valid=None) -> Path:
 def read_kitti_calib(path) -> dict:
     """A KITTI calibration text file (``key: v1 v2 ...``): numeric rows as float64 arrays, others as text."""
     path = existing_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{path}: not a KITTI calibration text file (byte {err.start} is not UTF-8 text; "
+                          f"expected lines 'key: v1 v2 ...')") from None
     calib = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         key, sep, value = line.partition(":")
@@ -247,12 +252,12 @@ def write_hypersim_depth(path, depth) -> Path:
 
 def read_normal_npy(path) -> np.ndarray:
     """Camera-frame normals ``[H, W, 3]`` float32 (Hypersim preprocessed, vKITTI estimated)."""
-    return read_npy(path, ndim=3, channels=3).astype(np.float32)
+    return read_npy(path, ndim=3, channels=3, kinds="f").astype(np.float32)
 
 
-def _read_npy_hw(path, what: str) -> np.ndarray:
-    """A ``[H, W]`` (or ``[H, W, 1]``) ``.npy`` array as ``[H, W]``."""
-    array = read_npy(path)
+def _read_npy_hw(path, what: str, kinds: str = "biuf") -> np.ndarray:
+    """A ``[H, W]`` (or ``[H, W, 1]``) ``.npy`` array of ``kinds`` as ``[H, W]``."""
+    array = read_npy(path, kinds=kinds)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim != 2:
@@ -267,7 +272,7 @@ def read_mask_npy(path) -> np.ndarray:
 
 def read_diode_depth(path) -> np.ndarray:
     """DIODE ``*_depth.npy`` (``[H, W, 1]`` metres) as float32 ``[H, W]``."""
-    return _read_npy_hw(path, "a DIODE depth map").astype(np.float32)
+    return _read_npy_hw(path, "a DIODE depth map", kinds="f").astype(np.float32)
 
 
 def write_diode_depth(path, depth) -> Path:
@@ -289,7 +294,7 @@ DIODE_NORMAL_FLIP = np.array([-1.0, 1.0, 1.0], dtype=np.float32)
 def read_diode_normal(path) -> tuple[np.ndarray, np.ndarray]:
     """DIODE ``*_normal.npy`` -> normals in the kit's convention ``(-nx, ny, nz)`` and the mask
     of pixels whose stored normal has length in (0.5, 1.5); non-finite normals are invalid."""
-    raw = read_npy(path, ndim=3, channels=3).astype(np.float32)
+    raw = read_npy(path, ndim=3, channels=3, kinds="f").astype(np.float32)
     with np.errstate(invalid="ignore"):
         norm = np.linalg.norm(raw, axis=-1)
         valid = (norm > 0.5) & (norm < 1.5)

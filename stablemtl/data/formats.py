@@ -24,13 +24,18 @@ entry, a state file) so that the next run recomputes it instead of failing again
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from stablemtl.guard import check_free_space, disk_full
 
 
 class FormatError(ValueError):
@@ -57,11 +62,52 @@ def atomic_write(path, write) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600, else: a file as open() would create it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if out_of_space(err):
+            raise disk_full(path, written) from None
         raise
     return path
+
+
+def out_of_space(err: BaseException) -> bool:
+    """An ``OSError`` ENOSPC, or a library's error that wraps one (torch's serialisation says only
+    'file write failed')."""
+    import errno
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def partial_folder(tmp: Path, needed: int, what: str):
+    """``tmp`` made afresh for writing ``what`` (about ``needed`` bytes) into it; refused first when its
+    disk has less free space, and removed when the writing fails, with a ``DiskFullError`` naming it when
+    the disk filled up."""
+    tmp = Path(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        check_free_space(tmp.parent, needed, what)
+        yield tmp
+    except BaseException as err:
+        written = folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder never stays
+        if out_of_space(err):
+            raise disk_full(tmp, written, what) from None
+        raise
+
+
+def folder_bytes(folder) -> int:
+    """The size of the files under ``folder`` (0 when it does not exist)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -222,6 +268,9 @@ def read_pfm(path) -> np.ndarray:
     kind, width, height, scale = header.groups()
     channels = 3 if kind == b"PF" else 1
     width, height, scale = int(width), int(height), float(scale)
+    if width == 0 or height == 0:
+        raise FormatError(f"{path}: the PFM header says {width} x {height} pixels: an empty image "
+                          f"(expected at least 1 x 1)")
     count = width * height * channels
     body = data[header.end():]
     if len(body) != 4 * count:
@@ -283,9 +332,13 @@ def read_hdf5(path, key: str = "dataset") -> np.ndarray:
         with h5py.File(path, "r") as f:
             if key not in f:
                 raise FormatError(f"{path}: HDF5 file has no dataset {key!r} (has {sorted(f.keys())})")
-            return f[key][()]
+            if not isinstance(f[key], h5py.Dataset):
+                raise FormatError(f"{path}: {key!r} is an HDF5 group (holding {sorted(f[key].keys())}), not a "
+                                  f"dataset of numbers")
+            array = f[key][()]
     except OSError as err:
         raise FormatError(f"{path}: cannot read as HDF5 ({err})") from None
+    return check_numbers(np.asarray(array), path, f"HDF5 dataset {key!r}")
 
 
 def write_hdf5(path, array, key: str = "dataset") -> Path:
@@ -300,13 +353,29 @@ def write_hdf5(path, array, key: str = "dataset") -> Path:
 
 # --------------------------------------------------------------------------- npy, npz and JSON
 
-def read_npy(path, ndim: int | None = None, channels: int | None = None) -> np.ndarray:
-    """A ``.npy`` array (never unpickles); checks ``ndim`` and the trailing channel count if given."""
+KIND_NAMES = {"b": "booleans", "i": "integers", "u": "unsigned integers", "f": "floating-point numbers"}
+
+
+def check_numbers(array: np.ndarray, path, what: str, kinds: str = "biuf") -> np.ndarray:
+    """``array`` when it is non-empty and its dtype is of ``kinds`` (numpy kind letters), else a
+    ``FormatError`` naming ``path``, what it holds and what was expected."""
+    if array.dtype.kind not in kinds:
+        expected = " or ".join(KIND_NAMES[k] for k in kinds)
+        raise FormatError(f"{path}: {what} holds {array.dtype} values ({array.dtype.kind!r}); expected {expected}")
+    if array.size == 0:
+        raise FormatError(f"{path}: {what} is empty (shape {array.shape})")
+    return array
+
+
+def read_npy(path, ndim: int | None = None, channels: int | None = None, kinds: str = "biuf") -> np.ndarray:
+    """A ``.npy`` array (never unpickles) of numbers of ``kinds`` (numpy kind letters: ``"f"`` floats
+    only), non-empty; checks ``ndim`` and the trailing channel count if given."""
     path = existing_file(path)
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise FormatError(f"{path}: cannot read as .npy ({err})") from None
+    check_numbers(array, path, "the array", kinds)
     if ndim is not None and array.ndim != ndim:
         raise FormatError(f"{path}: expected a {ndim}-D array, got shape {array.shape}")
     if channels is not None and array.shape[-1] != channels:
@@ -339,9 +408,10 @@ def read_npz(path, key: str) -> np.ndarray:
         with np.load(path, allow_pickle=False) as archive:
             if key not in archive.files:
                 raise FormatError(f"{path}: no array {key!r} in the archive (it holds {archive.files})")
-            return archive[key]
-    except (ValueError, OSError, EOFError) as err:
-        raise FormatError(f"{path}: cannot read as .npz ({err})") from None
+            return check_numbers(archive[key], path, f"array {key!r}")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise FormatError(f"{path}: cannot read as .npz ({type(err).__name__}: {err}; a truncated or "
+                          f"damaged archive)") from None
 
 
 def write_npz(path, **arrays) -> Path:

@@ -81,12 +81,41 @@ class Source(Dataset):
         self.seed = seed
         self.epoch = 0
         self.meta = self._read_meta()
-        self.geometry = {**type(self).geometry, **self.meta.get("geometry", {})}
+        self.geometry = {**type(self).geometry, **self._checked_geometry()}
         self.entries = self._read_split(split)
+        if not self.entries:
+            raise DatasetLayoutError(f"{type(self).__name__}: the split list {self.split_file} is empty (no "
+                                     f"sample of split {split!r}); list the samples in it, one per line, or "
+                                     f"rebuild it with stablemtl.data.splits.build_split('{self.name}', root)")
 
     # ----------------------------------------------------------------- split and layout
     def _read_meta(self) -> dict:
         return formats.read_json_if_present(self.root / META_FILE)
+
+    def _checked_geometry(self) -> dict:
+        """The ``geometry`` of the dataset's ``stablemtl_dataset.json``, each field of the type of the
+        class's default (a number, or a list of as many numbers; a field without a default: a number, a
+        list of numbers or an object of numbers), else a ``FormatError`` naming the file."""
+        found = self.meta.get("geometry", {})
+        where = self.root / META_FILE
+        if not isinstance(found, dict):
+            raise formats.FormatError(f"{where}: 'geometry' is {type(found).__name__} {found!r}; expected an "
+                                      f"object of fields such as {type(self).geometry}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        for key, value in found.items():
+            default = type(self).geometry.get(key)
+            if default is None:  # a field of the files (size, annotation_scale: a number per task, ...)
+                ok = number(value) or isinstance(value, list) and all(map(number, value)) or \
+                    isinstance(value, dict) and all(map(number, value.values()))
+            elif isinstance(default, list):
+                ok = isinstance(value, list) and len(value) == len(default) and all(map(number, value))
+            else:
+                ok = number(value)
+            if not ok:
+                expected = f"a list of {len(default)} numbers" if isinstance(default, list) else "a number"
+                raise formats.FormatError(f"{where}: geometry field {key!r} is {value!r}; expected {expected} "
+                                          f"(the class's default: {default!r})")
+        return found
 
     def split_paths(self, split: str, file: str | None = None) -> list[Path]:
         """Where a split list is looked for, in order: a path given as ``split``, the dataset's

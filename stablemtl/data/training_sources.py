@@ -219,7 +219,8 @@ class FlyingThings3D(Source):
             out["optical_flow"], out["optical_flow_valid"] = crop(flow), crop(valid)
         if "scene_flow" in self.tasks:
             pc1 = formats.read_npz(self.path(f"{folder}/pc/{number:07d}.npz"), "pc1").reshape(-1, 3)
-            sf = formats.read_npy(self.path(f"{folder}/flow_3d/{number:07d}.npy"), ndim=2, channels=3)
+            sf = formats.read_npy(self.path(f"{folder}/flow_3d/{number:07d}.npy"), ndim=2, channels=3,
+                                  kinds="f")
             if len(sf) != len(pc1):
                 raise formats.FormatError(f"{folder}/flow_3d/{number:07d}.npy has {len(sf)} vectors for {len(pc1)} points")
             scene_flow = np.zeros((ch, cw, 3), np.float32)
