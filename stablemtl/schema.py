@@ -174,6 +174,19 @@ def check_parameters(values: dict, declared: dict[str, dict], runner: tuple = ()
     return out
 
 
+def check_notebook_parameters(namespace: dict) -> dict:
+    """In a notebook, right after its ``parameters`` cell (``namespace``: its ``globals()``): every
+    parameter it holds checked against ``SPECS`` with ``stablemtl run``'s messages, and normalised in
+    place (``tasks="depth"`` -> ``["depth"]``), so that papermill run directly (``-p``, which passes any
+    value) or an edited cell fails here, naming the parameter, not cells later. Returns the values."""
+    out = {}
+    for key, spec in SPECS.items():
+        if key in namespace and not key.startswith("_"):
+            out[key] = spec.check(f"parameter {key}", namespace[key], "in the notebook's parameters")
+    namespace.update(out)
+    return out
+
+
 def train_specs() -> dict[str, Spec]:
     """The preset ``train`` fields: ``TrainConfig``'s, typed by ``SPECS`` or by their defaults."""
     from stablemtl.train_config import TrainConfig

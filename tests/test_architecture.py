@@ -138,3 +138,8 @@ def test_every_notebook_checks_its_inputs_through_the_stage_graph():
         assert "stages.require(" not in code and "paths." not in code, stage.name
         if stage.reads:
             assert f'stages.check_inputs(study, "{key}"' in code, stage.name
+        # its parameters, checked as `stablemtl run` checks them, before anything uses them
+        cells = [c.source for c in nb.cells if c.cell_type == "code"]
+        assert "parameters" in nb.cells[[c.cell_type for c in nb.cells].index("code")].metadata.get("tags", [])
+        assert cells[1].index("schema.check_notebook_parameters(globals())") < cells[1].index("stages.context("), \
+            stage.name

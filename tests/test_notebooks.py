@@ -285,6 +285,23 @@ def test_a_moved_project_skips_every_finished_stage(smoke_study, tmp_path, monke
 
 
 @pytest.mark.slow
+def test_papermill_run_directly_checks_the_parameters_as_stablemtl_run_does(tmp_path, monkeypatch):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    monkeypatch.setenv("STABLEMTL_PROJECT", str(tmp_path))  # it stops before reading anything there
+
+    with pytest.raises(PapermillExecutionError) as caught:
+        papermill.execute_notebook(str(notebook_dir() / "03_train_single_stream.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"preset": "smoke", "iterations": "many"}, progress_bar=False,
+                                   cwd=str(tmp_path), kernel_name="python3")
+    assert caught.value.ename == "InputError"
+    assert caught.value.evalue == ("parameter iterations='many' (in the notebook's parameters): expected an integer "
+                                   ">= 1, or null (the default)")
+    assert caught.value.exec_count == 3  # after the parameters and the injected ones: before any work
+
+
+@pytest.mark.slow
 def test_cli_run_rejects_bad_input_with_exit_status(in_project):
     script = Path(sys.executable).with_name("stablemtl")
     bad = subprocess.run([str(script), "run", "--preset", "smoke", "-p", "iteratons=3"], capture_output=True,
