@@ -123,7 +123,10 @@ def test_a_kill_during_the_save_leaves_a_loadable_latest(setup, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         trainer.train(until=4)
     monkeypatch.setattr(torch, "save", real_save)
-    assert (tmp_path / "checkpoint/.latest.partial").exists()  # the half-written one, never loaded
+    partial = tmp_path / "checkpoint/.latest.partial"
+    assert not partial.exists()  # an interrupted write removes its partial folder
+    partial.mkdir()  # what a hard kill (no cleanup) leaves: a half-written one, never loaded
+    (partial / "weights.safetensors").write_bytes(b"half")
     resumed = T.Trainer(config(setup, tmp_path), progress=False)
     assert resumed.step == 2
     resumed.train()
