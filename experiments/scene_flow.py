@@ -80,7 +80,7 @@ def scene_flow_attention(model, study, images: int = 8) -> dict[str, list[float]
         weights: dict = {}
         model.predict_latents(z, z_next, ["scene_flow"], attention_weights=weights)
         for site, probs in weights.items():
-            p = torch.stack(probs).mean(dim=(0, 1, 2, 3)) if isinstance(probs, list) else probs.mean(dim=(0, 1, 2))
+            p = torch.stack(probs).mean(dim=(0, 1, 2, 3))  # one [T, B, N, Ta] per call -> [Ta]
             sums[site] = sums.get(site, 0) + p / min(images, len(source))
     model.train(was_training)
     return {site: [round(float(v), 5) for v in p] for site, p in sums.items()}
@@ -100,7 +100,8 @@ def run_seed(study, seed: int, out: Path, report) -> None:
     trainer = Trainer(config, progress=False)
     attention = {}
     for k in CURVE:
-        trainer.train(until=k) if k else None
+        if k:
+            trainer.train(until=k)
         report(f"multi@{k}", seed, evaluate_variant(trainer.model, f"multi@{k}", seed, study, out))
         attention[k] = scene_flow_attention(trainer.model, study)
         aux = trainer.model.aux_tasks_for(["scene_flow"])
