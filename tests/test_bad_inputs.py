@@ -290,6 +290,50 @@ def test_ctrl_c_records_the_stage_and_releases_the_lock(project, monkeypatch):
     assert manifest["stages"]["01_prepare_data"]["status"] == "interrupted" and not (folder / guard.LOCK).exists()
 
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT to this process is a POSIX test")
+def test_ctrl_c_in_a_running_cell_kills_the_kernel_without_a_traceback(tmp_path, capfd):
+    """A real kernel in a long cell, then SIGINT to the runner's process (what Ctrl-C sends): the kernel
+    and its process group die at once, KeyboardInterrupt comes out of the session (the runner turns it
+    into exit 130), and neither the kernel nor papermill prints a traceback (issue #30)."""
+    import threading
+
+    import nbformat
+    import papermill
+
+    started = tmp_path / "started"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        f"import os, time\nopen({str(started)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = tmp_path / "sleep.ipynb"
+    nbformat.write(nb, source)
+
+    def press_ctrl_c():
+        for _ in range(600):
+            if started.exists() and started.read_text():
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    begun = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with run._kernel_session(progress=False) as manager:
+            papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                       progress_bar=False, kernel_manager_class=manager)
+    assert time.perf_counter() - begun < 60  # not the cell's 120 s
+    kernel = int(started.read_text())
+    for _ in range(50):
+        if not guard.pid_alive(kernel):
+            break
+        time.sleep(0.1)
+    assert not guard.pid_alive(kernel)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "ZMQError" not in err and "Kernel died" not in err, err[-2000:]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 # --------------------------------------------------------------------------- worker processes
 
 _POOL = """
