@@ -21,7 +21,6 @@ bars, ``--out`` the output folder of that command, ``--device`` ``auto|cpu|cuda[
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 import stablemtl
 from stablemtl import metrics
 from stablemtl.data.convert.common import RAW_TREES
-from stablemtl.guard import LOCK, DiskFullError, InputError, StageError, pid_alive
+from stablemtl.guard import LOCK, InputError, exit_status, pid_alive
 from stablemtl.paths import DONE_FILE
 from stablemtl.presets import available_presets
 from stablemtl.rehearse import add_rehearse_parser
@@ -476,27 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (InputError, StageError, ValueError) as err:  # a bad input: named, no traceback, status 2
-        if not isinstance(err, (InputError, StageError)) and "preset" not in str(err):
-            raise
-        print(f"stablemtl {args.command}: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"stablemtl {args.command}: interrupted; what was written stays (a training keeps its last "
-              f"checkpoint); run the command again to continue", file=sys.stderr)
-        return 130
-    except OSError as err:  # the environment: a folder that cannot be written, a full disk
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            print(f"stablemtl {args.command}: cannot write {err.filename or 'a file'}: {err.strerror} (a read-only "
-                  f"or protected folder); give the command a writable place (--out, or OUTPUT_DIR, RESULTS_DIR, "
-                  f"DATA_DIR) or fix the folder's permissions", file=sys.stderr)
-            return 2
-        if err.errno in (errno.ENOSPC, errno.EDQUOT) or isinstance(err, DiskFullError):
-            print(f"stablemtl {args.command}: {err}", file=sys.stderr)
-            return 1
-        raise
+    return exit_status(f"stablemtl {args.command}", lambda: args.func(args),
+                       bad_input=lambda err: "preset" in str(err))  # presets.load_preset's ValueErrors
 
 
 if __name__ == "__main__":

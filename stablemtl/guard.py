@@ -73,6 +73,39 @@ def disk_full(path, written: int, what: str = "the file") -> DiskFullError:
                          f"folder: OUTPUT_DIR, RESULTS_DIR) and run the same command again")
 
 
+def exit_status(prog: str, call: Callable[[], int], bad_input: Callable[[BaseException], bool] | None = None,
+                writable: str = "--out, or OUTPUT_DIR, RESULTS_DIR, DATA_DIR") -> int:
+    """Run a command's ``call()`` and turn the kit's named failures into one line on stderr and an exit
+    status, with no traceback: a bad input (``InputError``, ``StageError``, or what ``bad_input`` accepts)
+    2; Ctrl-C 130; a folder that cannot be written 2 (``writable``: how to give the command another place);
+    a full disk 1. Anything else is a bug: its traceback is shown."""
+    import errno
+
+    def say(text: str) -> None:
+        print(f"{prog}: {text}", file=sys.stderr)
+
+    try:
+        return call()
+    except (InputError, StageError, ValueError) as err:
+        if not isinstance(err, (InputError, StageError)) and not (bad_input and bad_input(err)):
+            raise
+        say(str(err))
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted; what was written stays (a training keeps its last checkpoint); run the command "
+            "again to continue")
+        return 130
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            say(f"cannot write {err.filename or 'a file'}: {err.strerror} (a read-only or protected folder); give "
+                f"the command a writable place ({writable}) or fix the folder's permissions")
+            return 2
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) or isinstance(err, DiskFullError):
+            say(str(err))
+            return 1
+        raise
+
+
 def check_name(value, what: str, where: str = "") -> str:
     """``value`` when it is a safe folder name (letters, digits, ``_ . -``, not starting with ``.``/``-``,
     no ``..``); otherwise an ``InputError`` naming ``what`` and ``where`` it came from."""

@@ -27,16 +27,11 @@ resumes from its checkpoint there (``stablemtl.train.train_stage``). The runner 
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import json
-import os
 import platform
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
@@ -48,10 +43,10 @@ from stablemtl.data.mini import WORLD_VERSION, is_mini_root
 from stablemtl.data.sources import META_FILE, SOURCES
 from stablemtl.evaluate import PROTOCOL_VERSION
 from stablemtl.guard import InputError, RunLock, StageError, claim
+from stablemtl.kernel import session as kernel_session
 from stablemtl.model.base import BUILD_VERSION, is_built_base
 from stablemtl.paths import DONE_FILE, KINDS, METRICS_FILE, PAPER_DOC, PIPELINE_FILE, in_project, project_root
 from stablemtl.presets import yaml_numbers
-from stablemtl.progress import ENV, Relay
 from stablemtl.report import format_target_check, target_check
 from stablemtl.reproduction import compare_with_reference
 from stablemtl.results import edited_results, read_metrics
@@ -304,7 +299,7 @@ def _execute(study: Study, stage: str, knobs: dict, manifest: Manifest, progress
                     started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     start = time.perf_counter()
     try:
-        with _kernel_session(progress) as manager:
+        with kernel_session(progress) as manager:
             papermill.execute_notebook(str(notebook_dir() / f"{stage}.ipynb"), str(output), parameters=given,
                                        cwd=str(project_root()), kernel_name="python3", progress_bar=progress,
                                        log_output=False, report_mode=False, kernel_manager_class=manager)
@@ -316,121 +311,6 @@ def _execute(study: Study, stage: str, knobs: dict, manifest: Manifest, progress
                        f"({source[0] if source else ''}...):\n  {err.ename}: {err.evalue}\n"
                        f"the executed notebook with the full traceback: {output}") from None
     return round(time.perf_counter() - start, 1)
-
-
-@contextlib.contextmanager
-def _kernel_session(progress: bool):
-    """What one notebook's kernel gets, in a private temporary folder removed afterwards: its sockets
-    (IPC on Linux and macOS: no TCP port opened, and no "running over TCP without encryption" warning)
-    and, with ``progress``, the file its bars report to (``stablemtl.progress``), drawn on this terminal
-    while it runs. Yields the kernel manager class for papermill.
-
-    Ctrl-C (SIGINT) while inside kills the kernel's process group at once and raises KeyboardInterrupt
-    here once papermill has seen the kernel die: raised inside papermill's event loop instead, it left
-    the kernel shutting down politely while its cell's reply was still on the way, and both printed
-    tracebacks. Every write of the kit is atomic (``formats.atomic_write``, ``formats.partial_folder``),
-    so the kill loses nothing that was finished."""
-    import logging
-
-    from jupyter_client.manager import AsyncKernelManager
-    from traitlets import CaselessStrEnum, Unicode
-
-    kernels, interrupted = [], []
-
-    class _Manager(AsyncKernelManager):
-        async def start_kernel(self, **kw):
-            await super().start_kernel(**kw)
-            kernels.append(self)
-            if interrupted:
-                _kill(self)
-
-        async def shutdown_kernel(self, now: bool = False, restart: bool = False):
-            await super().shutdown_kernel(now=now or bool(interrupted), restart=restart)
-
-    def on_interrupt() -> bool:
-        """Kill the running kernel; False (so KeyboardInterrupt is raised at once) when there is none
-        or on a second Ctrl-C."""
-        interrupted.append(True)
-        return len(interrupted) == 1 and sum(_kill(k) for k in kernels) > 0
-
-    quiet = logging.getLogger("papermill")  # its "Kernel died while waiting for execute reply"
-
-    def unless_interrupted(record) -> bool:
-        return not interrupted
-
-    with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="stablemtl-kernel-"))
-        manager = _Manager
-        if os.name == "posix":
-            class _IpcKernelManager(_Manager):
-                transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
-                ip = Unicode(str(Path(folder) / "ipc"))
-
-            manager = _IpcKernelManager
-        if progress:
-            path = Path(folder) / "bars.jsonl"
-            path.touch()
-            stack.enter_context(_environment(ENV, str(path)))  # the kernel inherits this process's environment
-            stack.enter_context(Relay(path))
-        stack.enter_context(_on_sigint(on_interrupt))
-        quiet.addFilter(unless_interrupted)
-        stack.callback(quiet.removeFilter, unless_interrupted)
-        try:
-            yield manager
-        except Exception:
-            if interrupted:
-                raise KeyboardInterrupt from None
-            raise
-
-
-def _kill(manager) -> bool:
-    """SIGKILL a started kernel and its process group (its data-loader workers); False if it has none."""
-    provisioner = getattr(manager, "provisioner", None)
-    process = getattr(provisioner, "process", None)
-    if process is None or process.poll() is not None:
-        return False
-    pgid = getattr(provisioner, "pgid", None)
-    try:
-        if pgid and hasattr(os, "killpg"):
-            os.killpg(pgid, signal.SIGKILL)
-        else:
-            process.kill()
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
-@contextlib.contextmanager
-def _on_sigint(handle):
-    """While inside, SIGINT calls ``handle()``; when that returns False, SIGINT does what it did before
-    (by default raising KeyboardInterrupt). Only in the main thread, and not where SIGINT is ignored."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
-        yield
-        return
-
-    def note(signum, frame):
-        if not handle():
-            (previous if callable(previous) else signal.default_int_handler)(signum, frame)
-
-    signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _git_commit(root: Path) -> str | None:

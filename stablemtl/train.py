@@ -54,13 +54,14 @@ from stablemtl.data.formats import folder_bytes, partial_folder, set_aside_corru
 from stablemtl.data.mixing import TaskMixingSampler, micro_batch_loader
 from stablemtl.data.sources import SOURCES
 from stablemtl.devices import peak_memory
+from stablemtl.guard import exit_status
 from stablemtl.model.base import load_base
 from stablemtl.model.pipeline import load_model, save_model
 from stablemtl.model.streams import MultiStream, SingleStream
 from stablemtl.paths import STATS_FILE, TRAIN_LOG
 from stablemtl.progress import bar as progress_bar
 from stablemtl.tasks import FLOW_TASKS
-from stablemtl.train_config import TrainConfig, training_identity
+from stablemtl.train_config import TrainConfig, read_config, training_identity
 
 LOG_FIELDS = ("step", "task", "dataset", "loss", "lr", "step_s", "data_s")
 class CheckpointMismatch(ValueError):
@@ -584,12 +585,12 @@ def main(argv=None) -> int:
     parser.add_argument("--until", type=int, default=None, help="stop at this step (resumable)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    path = Path(args.config)
-    if not path.is_file():
-        parser.error(f"no training configuration at {path}")
-    trainer = train(json.loads(path.read_text()), until=args.until, progress=not args.no_progress)
-    trainer.save_model()
-    return 0
+
+    def run() -> int:
+        train(read_config(args.config), until=args.until, progress=not args.no_progress).save_model()
+        return 0
+
+    return exit_status(parser.prog, run, writable="the configuration's output_dir")
 
 
 if __name__ == "__main__":

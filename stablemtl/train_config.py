@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from stablemtl import options
 from stablemtl.data.mixing import TASK_DATASET_PROBS
 from stablemtl.data.sources import SOURCES
-from stablemtl.guard import StageError
+from stablemtl.guard import InputError, StageError
 from stablemtl.model.base import base_configs
 from stablemtl.model.fingerprint import weights_fingerprint
 from stablemtl.model.pipeline import MODEL_FILE
@@ -100,6 +101,7 @@ class TrainConfig:
 
     def validate(self, num_processes: int = 1) -> None:
         """Fail before any work starts, naming the bad value."""
+        self._check_types()
         if self.kind not in KINDS:
             raise ValueError(f"unknown model kind {self.kind!r}; valid: {', '.join(KINDS)}")
         if not self.tasks:
@@ -137,6 +139,22 @@ class TrainConfig:
             raise FileNotFoundError(f"data root {self.data_root!r} does not exist (write the mini datasets with "
                                     f"stablemtl.data.mini.write_mini_datasets or set PREPROCESSED_DIR)")
 
+    def _check_types(self) -> None:
+        """Each field of the type its annotation names (a JSON configuration can hold anything)."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
+                 "dict": (dict,)}
+        for f in fields(self):
+            value, names = getattr(self, f.name), [n.strip() for n in str(f.type).split("|")]
+            if value is None and "None" in names:
+                continue
+            allowed = tuple(t for n in names if n != "None" for t in kinds[n])
+            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+                words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                         "list": "a list", "dict": "a mapping", "None": "null"}
+                raise ValueError(f"training option {f.name}={value!r}: expected {' or '.join(map(words.get, names))}")
+        if not all(isinstance(task, str) for task in self.tasks):
+            raise ValueError(f"training option tasks={self.tasks!r}: expected a list of task names")
+
     def _validate_memory_and_data(self) -> None:
         for name, low in (("num_workers", 0), ("prefetch_factor", 1)):
             value = getattr(self, name)
@@ -155,6 +173,31 @@ class TrainConfig:
                                  "which is not installed; or use optimizer 'adam'")
 
 
+
+
+def read_config(path) -> TrainConfig:
+    """The training configuration in JSON file ``path`` (``dataclasses.asdict`` of a ``TrainConfig``: what
+    ``python -m stablemtl.train --config`` reads), validated for ``$WORLD_SIZE`` processes (what
+    ``accelerate launch`` sets); an ``InputError`` naming the file and what is wrong with it otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no training configuration at {path}: expected a JSON file of TrainConfig fields "
+                         f"(notebooks 03 and 04 write one as config.json in the training's folder)")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a training configuration is a JSON file "
+                         f"of TrainConfig fields") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: expected a JSON object of TrainConfig fields, found a {type(values).__name__}")
+    try:
+        config = TrainConfig.from_dict(values)
+        config.validate(int(os.environ.get("WORLD_SIZE") or 1))
+    except (ValueError, FileNotFoundError) as err:
+        raise InputError(f"{path}: {err}") from None
+    return config
 
 
 def training_identity(config: TrainConfig) -> dict:

@@ -21,7 +21,7 @@ FLOORS = {
     4: ("stablemtl.results", "stablemtl.train_config", "stablemtl.train", "stablemtl.evaluate", "stablemtl.predict"),
     5: ("stablemtl.stages", "stablemtl.schema", "stablemtl.comparisons", "stablemtl.report", "stablemtl.reproduction",
         "stablemtl.figures", "stablemtl.views", "stablemtl.browse"),
-    6: ("stablemtl.run", "stablemtl.rehearse", "stablemtl.rehearse_report", "stablemtl.watch", "stablemtl.cli"),
+    6: ("stablemtl.run", "stablemtl.kernel", "stablemtl.rehearse", "stablemtl.rehearse_report", "stablemtl.watch", "stablemtl.cli"),
 }
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")  # what a light module never imports at its top
 MAX_LINES = 600

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stablemtl import guard, run
+from stablemtl import guard, kernel, run
 from stablemtl.cli import main
 from stablemtl.guard import MARKER, InputError, RunLock, check_name, claim
 from stablemtl.schema import SPECS, check_parameters
@@ -319,16 +319,16 @@ def test_ctrl_c_in_a_running_cell_kills_the_kernel_without_a_traceback(tmp_path,
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     begun = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        with run._kernel_session(progress=False) as manager:
+        with kernel.session(progress=False) as manager:
             papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                        progress_bar=False, kernel_manager_class=manager)
     assert time.perf_counter() - begun < 60  # not the cell's 120 s
-    kernel = int(started.read_text())
+    pid = int(started.read_text())
     for _ in range(50):
-        if not guard.pid_alive(kernel):
+        if not guard.pid_alive(pid):
             break
         time.sleep(0.1)
-    assert not guard.pid_alive(kernel)
+    assert not guard.pid_alive(pid)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "ZMQError" not in err and "Kernel died" not in err, err[-2000:]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
@@ -384,3 +384,63 @@ def test_worker_processes_die_with_their_parent(script):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+# --------------------------------------------------------------------------- python -m stablemtl.train
+
+def _default_config(**changes) -> str:
+    import dataclasses
+
+    from stablemtl.train_config import TrainConfig
+
+    return json.dumps(dict(dataclasses.asdict(TrainConfig()), **changes))
+
+
+@pytest.mark.parametrize("text, named", [
+    ('{"kind": "single_stream",', "not valid JSON at line 1, column 26"),
+    ("[1, 2]", "expected a JSON object of TrainConfig fields, found a list"),
+    (b'{"kind": "\xe9"}', "not UTF-8 text (byte 10)"),
+    (_default_config(colour=1), "unknown training option(s) ['colour']"),
+    (_default_config(kind="triple"), "unknown model kind 'triple'"),
+    (_default_config(iterations="many"), "training option iterations='many': expected an integer"),
+    (_default_config(tasks=5), "training option tasks=5: expected a list"),
+    (_default_config(tasks=[1]), "training option tasks=[1]: expected a list of task names"),
+    (_default_config(keep_backups=True), "training option keep_backups=True: expected an integer or null"),
+    (_default_config(base="/nowhere"), "base model directory '/nowhere' does not exist"),
+], ids=["syntax", "list", "not_utf8", "unknown", "kind", "type", "tasks_type", "task_type", "bool_for_int", "base"])
+def test_train_module_names_a_bad_configuration_without_a_traceback(tmp_path, capsys, text, named):
+    """``python -m stablemtl.train --config F`` (what ``accelerate launch`` runs): a bad configuration is one
+    line naming the file and the fault, exit 2 (issue #30)."""
+    from stablemtl import train
+
+    path = tmp_path / "run.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert train.main(["--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m stablemtl.train: {path}: ") and named in err and "Traceback" not in err
+
+
+def test_train_module_names_a_missing_file_ctrl_c_and_an_unwritable_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from stablemtl import train
+
+    assert train.main(["--config", str(tmp_path / "none.json")]) == 2
+    assert f"no training configuration at {tmp_path / 'none.json'}" in capsys.readouterr().err
+    path = tmp_path / "run.json"
+    path.write_text(_default_config())
+    monkeypatch.setattr(train, "read_config", lambda _path: object())
+    for fault, code, named in [(KeyboardInterrupt(), 130, "interrupted; what was written stays"),
+                               (PermissionError(errno.EROFS, "Read-only file system", "/ro/run"), 2,
+                                "cannot write /ro/run: Read-only file system (a read-only or protected folder); give "
+                                "the command a writable place (the configuration's output_dir)")]:
+        def failing(*_args, **_kwargs):
+            raise fault
+
+        monkeypatch.setattr(train, "train", failing)
+        assert train.main(["--config", str(path)]) == code
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err
+    monkeypatch.setattr(train, "train", lambda *_a, **_k: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        train.main(["--config", str(path)])
