@@ -187,6 +187,29 @@ def test_a_depth_mask_of_another_size_names_both_files(tree):
         source[0]
 
 
+
+def test_an_image_too_small_for_the_protocol_names_the_file_and_the_minimum(tree):
+    """A 1 x 1 image (with a label of its size) is refused naming the file and the minimum: one latent cell
+    of the VAE (8 x 8) at least, and the dataset's crops where it has them (issue #30)."""
+    source = Cityscapes(tree / "cityscapes")
+    image = tree / "cityscapes" / source.entries[0][0]
+    label = tree / "cityscapes" / Cityscapes.label_path(source.entries[0][0])
+    A.write_cityscapes_label_ids(label, A.read_cityscapes_label_ids(label)[:1, :1])
+    F.write_rgb(image, F.read_rgb(image)[:1, :1])
+    with pytest.raises(F.FormatError, match=rf"line 1 of .*{image} is 1x1, smaller than the 8x8 the cityscapes "
+                                            rf"protocol needs \(one latent cell of the VAE"):
+        source[0]
+    assert Cityscapes(tree / "cityscapes", resolution=(32, 64))[1]["semantic"].shape == (1, 32, 64)  # others load
+    root = tree / "diode" / "diode_val"
+    meta = json.loads((root / "stablemtl_dataset.json").read_text())
+    h, w = DIODE(root, tasks=["depth"])[0]["rgb"].shape[-2:]
+    meta.setdefault("geometry", {})["crop"] = [h + 1, w]
+    (root / "stablemtl_dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(F.FormatError, match=rf"is {h}x{w}, smaller than the {h + 1}x{w} the diode protocol needs "
+                                            rf"\(its centre crop of {h + 1}x{w}\)"):
+        DIODE(root, tasks=["depth"])[0]
+
+
 # --------------------------------------------------------------------------- the pipeline's inputs
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from stablemtl.data.formats import FormatError
+
 KB_CROP = (352, 1216)  # KITTI's benchmark crop (height, width) of its 375 x 1242 frames
 
 
@@ -15,7 +17,7 @@ def kb_crop(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
     """Top-left corner of the KITTI benchmark crop: bottom rows, centred columns."""
     ch, cw = crop
     if height < ch or width < cw:
-        raise ValueError(f"image {height}x{width} is smaller than the KITTI benchmark crop {ch}x{cw}")
+        raise FormatError(f"image {height}x{width} is smaller than the KITTI benchmark crop {ch}x{cw}")
     return height - ch, (width - cw) // 2
 
 
@@ -36,7 +38,7 @@ def eigen_crop_mask(full_height: int, full_width: int, crop: tuple[int, int] = K
 def center_crop(height: int, width: int, crop_hw) -> tuple[int, int]:
     ch, cw = crop_hw
     if height < ch or width < cw:
-        raise ValueError(f"image {height}x{width} is smaller than the centre crop {ch}x{cw}")
+        raise FormatError(f"image {height}x{width} is smaller than the centre crop {ch}x{cw}")
     return (height - ch) // 2, (width - cw) // 2
 
 
