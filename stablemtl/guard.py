@@ -33,11 +33,19 @@ LOCK = ".stablemtl.lock"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
-class StageError(RuntimeError):
+class _Named:
+    """An error whose message names the input and the fix: in a notebook (IPython, papermill) it shows
+    as that one line, without the traceback of the kit's code."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class StageError(_Named, RuntimeError):
     """A stage's input is missing or unusable; the message says what and how to make it."""
 
 
-class InputError(ValueError):
+class InputError(_Named, ValueError):
     """A bad input (a name, a parameter, a preset field, a folder the kit does not own, a busy run);
     the message names it, what is allowed and the fix. The command line exits with status 2."""
 

@@ -299,6 +299,8 @@ def test_papermill_run_directly_checks_the_parameters_as_stablemtl_run_does(tmp_
     assert caught.value.evalue == ("parameter iterations='many' (in the notebook's parameters): expected an integer "
                                    ">= 1, or null (the default)")
     assert caught.value.exec_count == 3  # after the parameters and the injected ones: before any work
+    # the cell shows the message alone, not the traceback of the kit's code (guard._Named)
+    assert caught.value.traceback == [f"InputError: {caught.value.evalue}"]
 
 
 @pytest.mark.slow
