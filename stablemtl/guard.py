@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -87,8 +88,6 @@ def exit_status(prog: str, call: Callable[[], int], bad_input: Callable[[BaseExc
     status, with no traceback: a bad input (``InputError``, ``StageError``, or what ``bad_input`` accepts)
     2; Ctrl-C 130; a folder that cannot be written 2 (``writable``: how to give the command another place);
     a full disk 1. Anything else is a bug: its traceback is shown."""
-    import errno
-
     def say(text: str) -> None:
         print(f"{prog}: {text}", file=sys.stderr)
 
@@ -105,8 +104,7 @@ def exit_status(prog: str, call: Callable[[], int], bad_input: Callable[[BaseExc
         return 130
     except OSError as err:
         if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            say(f"cannot write {err.filename or 'a file'}: {err.strerror} (a read-only or protected folder); give "
-                f"the command a writable place ({writable}) or fix the folder's permissions")
+            say(_unwritable(err, writable))
             return 2
         if err.errno in (errno.ENOSPC, errno.EDQUOT) or isinstance(err, DiskFullError):
             say(str(err))
@@ -174,9 +172,21 @@ def claim(folder, kind: str, recognise: Callable[[Path], bool] | None = None, lo
         log(f"note: {folder} holds an earlier stablemtl {kind} without a {MARKER} marker; adopted it")
     if not create:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    write_marker(folder, kind)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_marker(folder, kind)
+    except PermissionError as err:  # EACCES, EPERM; and a read-only disk (EROFS):
+        raise InputError(_unwritable(err, "DATA_DIR, BASE_DIR, OUTPUT_DIR, RESULTS_DIR")) from None
+    except OSError as err:
+        if err.errno != errno.EROFS:
+            raise
+        raise InputError(_unwritable(err, "DATA_DIR, BASE_DIR, OUTPUT_DIR, RESULTS_DIR")) from None
     return folder
+
+
+def _unwritable(err: OSError, writable: str) -> str:
+    return (f"cannot write {err.filename or 'a file'}: {err.strerror} (a read-only or protected folder); give the "
+            f"command a writable place ({writable}) or fix the folder's permissions")
 
 
 def is_own(folder) -> bool:

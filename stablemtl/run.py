@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -216,8 +217,8 @@ def is_results_folder(folder: Path) -> bool:
 
 
 def _check_folders(study: Study, stages: list[str]) -> None:
-    """The folders the selected stages write must be new, empty or the kit's (``guard.claim``), checked
-    before any stage starts; ``--force`` does not change this."""
+    """The folders the selected stages write must be new, empty or the kit's (``guard.claim``) and
+    writable, checked before any stage starts; ``--force`` does not change this."""
     folders = [(study.results_dir, "results", is_results_folder)]
     keys = {s[:2] for s in stages}
     if study.procedural and "01" in keys:
@@ -234,6 +235,11 @@ def _check_folders(study: Study, stages: list[str]) -> None:
             claim(folder, kind, recognise, create=False)
     except InputError as err:
         raise BadInput(str(err)) from None
+    for folder, _, _ in folders:  # a read-only place fails here, not in a notebook after minutes of work
+        there = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if there is not None and not os.access(there, os.W_OK):
+            raise BadInput(f"cannot write {folder}: {there} is read-only or not writable for this user; give the "
+                           f"run a writable place (OUTPUT_DIR, RESULTS_DIR, DATA_DIR) or fix the folder's permissions")
 
 
 def _check_inputs(study: Study, stages: list[str], knobs: dict) -> None:

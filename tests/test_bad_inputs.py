@@ -4,6 +4,7 @@ errors, run locks, and worker processes that die with their parent. Fast: no not
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -110,6 +111,35 @@ def test_a_foreign_training_folder_is_refused_before_any_stage(project, capsys):
     assert code == 2 and str(folder) in err and "training" in err
     assert os.listdir(folder) == ["weights.bin"]
 
+
+
+def test_a_read_only_output_folder_is_refused_before_any_stage(project, capsys, monkeypatch):
+    """OUTPUT_DIR on a read-only disk (os.access says so: a read-only mount, or another user's folder)
+    stops the run before stage 01, naming the folder, exit 2; before, stage 02 failed in a notebook."""
+    read_only = project / "ro"
+    read_only.mkdir()
+    monkeypatch.setenv("OUTPUT_DIR", str(read_only / "outputs"))
+    access = os.access
+    monkeypatch.setattr(run.os, "access", lambda path, mode: Path(path) != read_only and access(path, mode))
+    code, err = cli(capsys, "run", "--preset", "smoke", "--quiet")
+    assert code == 2 and f"cannot write {read_only / 'outputs' / 'smoke' / 'base'}: {read_only} is " \
+                          f"read-only or not writable" in err
+    assert not (project / "results").exists() and not (project / "data").exists()  # nothing written
+
+
+@pytest.mark.parametrize("error", [errno.EROFS, errno.EACCES])
+def test_a_folder_that_cannot_be_created_is_named_where_a_notebook_creates_it(tmp_path, monkeypatch, error):
+    """``guard.claim`` creates every folder the kit writes (in a notebook too, where the runner's check
+    above cannot see a read-only pseudo-filesystem): its failure is an InputError naming the folder."""
+    target = tmp_path / "outputs" / "smoke" / "base"
+
+    def refused(self, *args, **kwargs):
+        raise (PermissionError if error == errno.EACCES else OSError)(error, os.strerror(error), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(InputError, match=rf"cannot write {target}: {os.strerror(error)} \(a read-only or protected "
+                                         rf"folder\); give the command a writable place \(DATA_DIR, BASE_DIR"):
+        claim(target, "base")
 
 def test_data_replaces_only_its_own_outputs(project, capsys):
     code, _ = cli(capsys, "data", "--preset", "smoke", "--root", "mini")
