@@ -20,7 +20,7 @@ from stablemtl import report
 from stablemtl.data import annotations as A
 from stablemtl.data import formats as F
 from stablemtl.data import mini
-from stablemtl.data.sources import DIODE, Cityscapes
+from stablemtl.data.sources import DIODE, Cityscapes, VirtualKITTI2
 
 DEMO = Path(__file__).resolve().parents[1] / "results" / "reference" / "demo"
 EVAL_RES = {"mid_albedo": (32, 48), "mid_shading": (32, 48)}
@@ -189,25 +189,31 @@ def test_a_depth_mask_of_another_size_names_both_files(tree):
 
 
 def test_an_image_too_small_for_the_protocol_names_the_file_and_the_minimum(tree):
-    """A 1 x 1 image (with a label of its size) is refused naming the file and the minimum: one latent cell
-    of the VAE (8 x 8) at least, and the dataset's crops where it has them (issue #30)."""
-    source = Cityscapes(tree / "cityscapes")
+    """An image smaller than the protocol can take (Cityscapes halves it first; a crop of the dataset) is
+    refused naming the sample's split line, the image's size and the minimum (issue #30); before, a
+    1 x 1 Cityscapes image stopped in torch's resize. Any image at least that large is resized to the
+    protocol's resolution."""
+    source = Cityscapes(tree / "cityscapes", resolution=(32, 64))
     image = tree / "cityscapes" / source.entries[0][0]
     label = tree / "cityscapes" / Cityscapes.label_path(source.entries[0][0])
-    A.write_cityscapes_label_ids(label, A.read_cityscapes_label_ids(label)[:1, :1])
-    F.write_rgb(image, F.read_rgb(image)[:1, :1])
-    with pytest.raises(F.FormatError, match=rf"line 1 of .*{image} is 1x1, smaller than the 8x8 the cityscapes "
-                                            rf"protocol needs \(one latent cell of the VAE"):
+    ids, rgb = A.read_cityscapes_label_ids(label), F.read_rgb(image)
+    A.write_cityscapes_label_ids(label, ids[:1, :1])
+    F.write_rgb(image, rgb[:1, :1])
+    with pytest.raises(F.FormatError, match=rf"Cityscapes sample 0 \(line 1 of .*{source.entries[0][0]}.*\): image 1x1 "
+                                            rf"is smaller than 2x2: the Cityscapes protocol halves the image first"):
         source[0]
-    assert Cityscapes(tree / "cityscapes", resolution=(32, 64))[1]["semantic"].shape == (1, 32, 64)  # others load
-    root = tree / "diode" / "diode_val"
+    A.write_cityscapes_label_ids(label, ids[:2, :2])
+    F.write_rgb(image, rgb[:2, :2])
+    assert source[0]["semantic"].shape == (1, 32, 64)
+    root = tree / "vkitti_v2"
     meta = json.loads((root / "stablemtl_dataset.json").read_text())
-    h, w = DIODE(root, tasks=["depth"])[0]["rgb"].shape[-2:]
-    meta.setdefault("geometry", {})["crop"] = [h + 1, w]
+    h, w = VirtualKITTI2(root, tasks=["optical_flow"])[0]["rgb"].shape[-2:]
+    meta.setdefault("geometry", {})["train_crop"] = [h + 1, w]
     (root / "stablemtl_dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(F.FormatError, match=rf"is {h}x{w}, smaller than the {h + 1}x{w} the diode protocol needs "
-                                            rf"\(its centre crop of {h + 1}x{w}\)"):
-        DIODE(root, tasks=["depth"])[0]
+    source = VirtualKITTI2(root, tasks=["optical_flow"], augment=True)  # the task it crops
+    with pytest.raises(F.FormatError, match=rf"VirtualKITTI2 sample 0 \(.*{source.entries[0][0]}.*\): image {h}x{w} "
+                                            rf"is smaller than the training crop {h + 1}x{w}"):
+        source[0]
 
 
 # --------------------------------------------------------------------------- the pipeline's inputs

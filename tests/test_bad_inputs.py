@@ -346,12 +346,18 @@ def test_ctrl_c_in_a_running_cell_kills_the_kernel_without_a_traceback(tmp_path,
             time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # as in a terminal: a test run in the background of a shell (as CI may be) inherits SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     begun = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        with kernel.session(progress=False) as manager:
-            papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), kernel_name="python3",
-                                       progress_bar=False, kernel_manager_class=manager)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with kernel.session(progress=False) as manager:
+                papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                           progress_bar=False, kernel_manager_class=manager)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert time.perf_counter() - begun < 60  # not the cell's 120 s
     pid = int(started.read_text())
     for _ in range(50):
@@ -361,7 +367,6 @@ def test_ctrl_c_in_a_running_cell_kills_the_kernel_without_a_traceback(tmp_path,
     assert not guard.pid_alive(pid)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "ZMQError" not in err and "Kernel died" not in err, err[-2000:]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 # --------------------------------------------------------------------------- worker processes

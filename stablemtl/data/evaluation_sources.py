@@ -40,6 +40,9 @@ class Cityscapes(Source):
 
     def _resize(self, sample: dict, size: tuple[int, int]) -> dict:
         h, w = sample["rgb"].shape[-2:]
+        if h < 2 or w < 2:
+            raise formats.FormatError(f"image {h}x{w} is smaller than 2x2: the Cityscapes protocol halves the image "
+                                      f"first (1024 x 2048 -> 512 x 1024)")
         halved = super()._resize(sample, (h // 2, w // 2))  # PIL's nearest halving = nearest-exact
         return super()._resize(halved, size)
 

@@ -24,8 +24,6 @@ from stablemtl.presets import DEFAULT_SEED
 from stablemtl.tasks import ALBEDO_MIN, FLOW_TASKS, get_task
 
 META_FILE = "stablemtl_dataset.json"
-MIN_SIDE = 8  # the VAE downsamples by 8: a smaller image is less than one latent cell
-CROPS = {"kb_crop": "the KITTI benchmark crop", "crop": "its centre crop", "train_crop": "its training crop"}
 DATA_DOC = "docs/paper.md, section 'Real datasets'"
 
 
@@ -180,20 +178,20 @@ class Source(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"{type(self).__name__}: index {index} out of range (n={len(self)})")
         entry = self.entries[index]
-        try:
+        try:  # an image smaller than the protocol's crops or halving (formats.FormatError) included
             raw = self._load(entry)
             self._check_sizes(raw)
+            sample = self._to_tensors(raw)
+            sample["flip"] = (False, False)  # (horizontal, vertical), set by the augmentation
+            sample["crop"] = None  # (top, left) of a training crop, set by the augmentation
+            if self.augment:  # at the file's resolution, as the release
+                sample = self._augment(sample, index, int(epoch))
+            if self.encode_targets and self.target_order == "normalise_then_resize":
+                self._encode_targets(sample)
+            if self.resolution is not None:
+                sample = self._resize(sample, self.resolution)
         except (FileNotFoundError, formats.FormatError) as err:
             raise type(err)(f"{type(self).__name__} sample {index} ({self._where(entry)}): {err}") from None
-        sample = self._to_tensors(raw)
-        sample["flip"] = (False, False)  # (horizontal, vertical), set by the augmentation
-        sample["crop"] = None  # (top, left) of a training crop, set by the augmentation
-        if self.augment:  # at the file's resolution, as the release
-            sample = self._augment(sample, index, int(epoch))
-        if self.encode_targets and self.target_order == "normalise_then_resize":
-            self._encode_targets(sample)
-        if self.resolution is not None:
-            sample = self._resize(sample, self.resolution)
         if self.encode_targets and self.target_order == "resize_then_normalise":
             self._encode_targets(sample)
         sample.update(dataset=self.name, id=entry[0], index=index,
@@ -212,11 +210,6 @@ class Source(Dataset):
         (``{task: factor}``, annotation size = image size x factor), and that relation is then required."""
         files = raw.pop("files", {})
         h, w = np.shape(raw["rgb"])[:2]
-        (need_h, need_w), why = self.min_size()
-        if h < need_h or w < need_w:
-            raise formats.FormatError(
-                f"{self.path(files.get('rgb', '?'))} is {h}x{w}, smaller than the {need_h}x{need_w} the {self.name} "
-                f"protocol needs ({why}); a truncated or wrongly exported image? Prepare the dataset again")
         scales = self.geometry.get("annotation_scale", {})
         for key in ("rgb_next", *self.tasks, *(f"{t}_valid" for t in self.tasks)):
             if key not in raw:
@@ -232,17 +225,6 @@ class Source(Dataset):
                     f"{h}x{w}{relation}; the {self.name} layout has them the same size. A stale or "
                     f"resized copy? If the dataset stores its annotations at another scale, declare it in "
                     f"{self.root / META_FILE} as geometry.annotation_scale")
-
-    def min_size(self) -> tuple[tuple[int, int], str]:
-        """The smallest image (height, width) the protocol can use, and why: one latent cell of the VAE
-        (``MIN_SIDE``), and the crops of the dataset's geometry (``CROPS``) that it takes."""
-        sizes = [((MIN_SIDE, MIN_SIDE), f"one latent cell of the VAE, which downsamples by {MIN_SIDE}")]
-        for key, what in CROPS.items():
-            crop = self.geometry.get(key)
-            if isinstance(crop, list) and len(crop) == 2:
-                sizes.append(((int(crop[0]), int(crop[1])), f"{what} of {int(crop[0])}x{int(crop[1])}"))
-        need = (max(hw[0] for hw, _ in sizes), max(hw[1] for hw, _ in sizes))
-        return need, "; ".join(why for hw, why in sizes if hw[0] == need[0] or hw[1] == need[1])
 
     def _encode_targets(self, sample: dict) -> None:
         """Replace each task's annotation by its target ``<task>_target`` (and the target's mask)."""
@@ -288,7 +270,8 @@ class Source(Dataset):
             ch, cw = self.geometry["train_crop"]
             h, w = sample["rgb"].shape[-2:]
             if ch > h or cw > w:
-                raise ValueError(f"{type(self).__name__}: training crop {ch}x{cw} is larger than the image {h}x{w}")
+                raise formats.FormatError(f"image {h}x{w} is smaller than the training crop {ch}x{cw} (geometry "
+                                          f"train_crop of {self.root / META_FILE} or of the class)")
             top = int(torch.randint(h - ch + 1, (), generator=g))
             left = int(torch.randint(w - cw + 1, (), generator=g))
             transforms.crop(sample, top, left, ch, cw)
