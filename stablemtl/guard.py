@@ -175,10 +175,8 @@ def claim(folder, kind: str, recognise: Callable[[Path], bool] | None = None, lo
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_marker(folder, kind)
-    except PermissionError as err:  # EACCES, EPERM; and a read-only disk (EROFS):
-        raise InputError(_unwritable(err, "DATA_DIR, BASE_DIR, OUTPUT_DIR, RESULTS_DIR")) from None
-    except OSError as err:
-        if err.errno != errno.EROFS:
+    except OSError as err:  # a read-only disk or a protected folder
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         raise InputError(_unwritable(err, "DATA_DIR, BASE_DIR, OUTPUT_DIR, RESULTS_DIR")) from None
     return folder
