@@ -141,27 +141,22 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Each field of the type its annotation names (a JSON configuration can hold anything)."""
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
-                 "dict": (dict,)}
+        kinds = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+                 "str": ((str,), "a string"), "list": ((list,), "a list"), "dict": ((dict,), "a mapping"),
+                 "None": ((type(None),), "null")}
         for f in fields(self):
             value, names = getattr(self, f.name), [n.strip() for n in str(f.type).split("|")]
-            if value is None and "None" in names:
-                continue
-            allowed = tuple(t for n in names if n != "None" for t in kinds[n])
+            allowed = tuple(t for n in names for t in kinds[n][0])
             if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-                words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                         "list": "a list", "dict": "a mapping", "None": "null"}
-                raise ValueError(f"training option {f.name}={value!r}: expected {' or '.join(map(words.get, names))}")
+                expected = " or ".join(kinds[n][1] for n in names)
+                raise ValueError(f"training option {f.name}={value!r}: expected {expected}")
         if not all(isinstance(task, str) for task in self.tasks):
             raise ValueError(f"training option tasks={self.tasks!r}: expected a list of task names")
 
     def _validate_memory_and_data(self) -> None:
-        for name, low in (("num_workers", 0), ("prefetch_factor", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        for name, low in (("num_workers", 0), ("prefetch_factor", 1)):  # integers (``_check_types``)
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {self.optimizer!r}")
         if self.optimizer == "adam_fused" and not torch.cuda.is_available():
@@ -182,7 +177,7 @@ def read_config(path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no training configuration at {path}: expected a JSON file of TrainConfig fields "
-                         f"(notebooks 03 and 04 write one as config.json in the training's folder)")
+                         f"(a training on several GPUs writes one as config.json in its folder)")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:

@@ -297,6 +297,9 @@ def test_readers_refuse_what_breaks_their_contract_naming_the_file(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "pc.npz").read_bytes()[:40])
     with pytest.raises(F.FormatError, match=r"cut.npz: cannot read as .npz \(BadZipFile"):
         F.read_npz(tmp_path / "cut.npz", "pc1")
+    with pytest.raises(F.FormatError) as missing:  # a readable archive is not called damaged
+        F.read_npz(tmp_path / "pc.npz", "pc2")
+    assert str(missing.value) == f"{tmp_path / 'pc.npz'}: no array 'pc2' in the archive (it holds ['pc1'])"
 
     (tmp_path / "calib.txt").write_bytes(b"P0: 1 2 3\n\xff\xfe binary\n")
     with pytest.raises(F.FormatError, match=r"calib.txt: not a KITTI calibration text file \(byte 10 is not UTF-8"):

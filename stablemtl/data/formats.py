@@ -409,6 +409,8 @@ def read_npz(path, key: str) -> np.ndarray:
             if key not in archive.files:
                 raise FormatError(f"{path}: no array {key!r} in the archive (it holds {archive.files})")
             return check_numbers(archive[key], path, f"array {key!r}")
+    except FormatError:  # a readable archive without the array, or not of numbers: said as it is
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise FormatError(f"{path}: cannot read as .npz ({type(err).__name__}: {err}; a truncated or "
                           f"damaged archive)") from None
